@@ -1,0 +1,67 @@
+"""Example feature definitions for the ad domain: plain Feast, copied into the feature repo.
+
+The streams engine reads these StreamFeatureViews from the Feast registry and computes them on Faust.
+Topic names are logical; driftloop adds the configured prefix. Offline paths are relative to the repo.
+"""
+
+from datetime import timedelta
+
+from feast import Entity, FeatureService, Field, FileSource, KafkaSource, StreamFeatureView
+from feast.aggregation import Aggregation
+from feast.data_format import DeltaFormat, JsonFormat
+from feast.types import Float64, Int64, String
+
+user = Entity(name="user", join_keys=["user_id"], description="The person an ad is shown to.")
+
+impressions = KafkaSource(
+    name="impressions",
+    topic="events.impressions",
+    kafka_bootstrap_servers="embedded",
+    timestamp_field="event_timestamp",
+    message_format=JsonFormat(schema_json="user_id string, bid double, position int, ts bigint"),
+    batch_source=FileSource(name="impressions_bronze", path="../offline/bronze_impressions",
+                            file_format=DeltaFormat(), timestamp_field="event_timestamp"),
+    watermark_delay_threshold=timedelta(seconds=5),
+)
+
+clicks = KafkaSource(
+    name="clicks",
+    topic="events.clicks",
+    kafka_bootstrap_servers="embedded",
+    timestamp_field="event_timestamp",
+    message_format=JsonFormat(schema_json="user_id string, impression_id string, ts bigint"),
+    batch_source=FileSource(name="clicks_bronze", path="../offline/bronze_clicks",
+                            file_format=DeltaFormat(), timestamp_field="event_timestamp"),
+    watermark_delay_threshold=timedelta(seconds=5),
+)
+
+user_impressions = StreamFeatureView(
+    name="user_impressions",
+    entities=[user],
+    ttl=timedelta(hours=1),
+    source=impressions,
+    timestamp_field="event_timestamp",
+    aggregations=[
+        Aggregation(column="bid", function="count", time_window=timedelta(minutes=1), name="impressions_1m"),
+        Aggregation(column="bid", function="mean", time_window=timedelta(minutes=1), name="mean_bid_1m"),
+    ],
+    schema=[Field(name="user_id", dtype=String), Field(name="impressions_1m", dtype=Int64),
+            Field(name="mean_bid_1m", dtype=Float64)],
+    online=True,
+)
+
+user_clicks = StreamFeatureView(
+    name="user_clicks",
+    entities=[user],
+    ttl=timedelta(hours=1),
+    source=clicks,
+    timestamp_field="event_timestamp",
+    aggregations=[
+        Aggregation(column="impression_id", function="count", time_window=timedelta(minutes=5),
+                    name="clicks_5m"),
+    ],
+    schema=[Field(name="user_id", dtype=String), Field(name="clicks_5m", dtype=Int64)],
+    online=True,
+)
+
+ctr_features = FeatureService(name="ctr_v1", features=[user_impressions, user_clicks])

@@ -1,0 +1,117 @@
+"""The one Kafka client configuration factory, with settings that are safe on the embedded broker.
+
+Tansu (ARCHITECTURE.md) holds every fetch for its max wait and assigns a group after about half the
+session timeout, so consumers use a short fetch wait and a 6 s session. Producers use the murmur2
+partitioner so confluent-kafka and aiokafka (Faust) put one key in the same partition.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, Message, Producer
+
+from driftloop.infra.contracts import Event
+from driftloop.infra.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SESSION_TIMEOUT_MS = 6000
+HEARTBEAT_MS = 1000
+FETCH_WAIT_MS = 50
+
+
+def bootstrap(settings: Settings) -> str:
+    if not settings.bootstrap_servers:
+        raise RuntimeError(
+            "No Kafka broker configured: set DRIFTLOOP_BOOTSTRAP_SERVERS or start the embedded stack "
+            "with `driftloop up` (which sets it for its workers)."
+        )
+    return settings.bootstrap_servers
+
+
+def producer_config(settings: Settings, **extra: Any) -> dict[str, Any]:
+    return {
+        "bootstrap.servers": bootstrap(settings),
+        "partitioner": "murmur2_random",
+        "enable.idempotence": False,
+        "acks": "all",
+        "linger.ms": 5,
+        "compression.type": "none",
+        "message.max.bytes": 1_000_000,
+        **extra,
+    }
+
+
+def consumer_config(settings: Settings, group_id: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "bootstrap.servers": bootstrap(settings),
+        "group.id": group_id,
+        "enable.auto.commit": False,
+        "auto.offset.reset": "earliest",
+        "session.timeout.ms": SESSION_TIMEOUT_MS,
+        "heartbeat.interval.ms": HEARTBEAT_MS,
+        "fetch.wait.max.ms": FETCH_WAIT_MS,
+        "partition.assignment.strategy": "range",
+        **extra,
+    }
+
+
+def make_producer(settings: Settings, **extra: Any) -> Producer:
+    return Producer(producer_config(settings, **extra))
+
+
+def make_consumer(settings: Settings, group_id: str, topics: Iterable[str], **extra: Any) -> Consumer:
+    """A consumer subscribed to logical topic names (the prefix is added here)."""
+    c = Consumer(consumer_config(settings, group_id, **extra))
+    c.subscribe([settings.topic(t) for t in topics])
+    return c
+
+
+def faust_broker_settings(settings: Settings) -> dict[str, Any]:
+    """Keyword settings for ``faust.App`` that match the Kafka clients above."""
+    return {
+        "broker": "kafka://" + bootstrap(settings).replace(",", ";kafka://"),
+        "broker_session_timeout": SESSION_TIMEOUT_MS / 1000,
+        "broker_heartbeat_interval": HEARTBEAT_MS / 1000,
+        "broker_request_timeout": 30,
+        "broker_commit_every": 5000,
+        "broker_commit_interval": 1.0,
+        "consumer_auto_offset_reset": "earliest",
+        "producer_partitioner": None,
+        "producer_acks": -1,
+        "topic_partitions": settings.partitions,
+        "topic_replication_factor": settings.replication_factor,
+    }
+
+
+def produce_event(producer: Producer, settings: Settings, topic: str, event: Event, key: str) -> None:
+    """Produce one contract record to a logical topic, waiting for queue room if needed."""
+    value = event.to_bytes()
+    while True:
+        try:
+            producer.produce(settings.topic(topic), key=key.encode(), value=value)
+            return
+        except BufferError:
+            producer.poll(0.05)
+
+
+def good_messages(messages: list[Message]) -> list[Message]:
+    """Drop partition-EOF markers; raise on real consumer errors."""
+    out = []
+    for m in messages:
+        err = m.error()
+        if err is None:
+            out.append(m)
+        elif err.code() != KafkaError._PARTITION_EOF:
+            log.warning("consumer error: %s", err)
+    return out
+
+
+def flush_or_raise(producer: Producer, timeout: float = 30.0) -> None:
+    """Wait until every queued record is acknowledged by the broker."""
+    left = producer.flush(timeout)
+    if left:
+        raise RuntimeError(f"{left} records not acknowledged by the broker within {timeout}s")

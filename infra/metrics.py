@@ -1,0 +1,32 @@
+"""Prometheus metrics: one registry per process, served on the worker's metrics port."""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
+
+EVENTS_IN = Counter("driftloop_events_in_total", "Records consumed", ["component", "topic"])
+DLQ = Counter("driftloop_dlq_total", "Records sent to the dead-letter topic", ["reason"])
+ROWS_WRITTEN = Counter("driftloop_rows_written_total", "Rows written per sink", ["sink"])
+BATCH_SIZE = Histogram("driftloop_batch_size", "Records per processed batch", ["component"],
+                       buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000))
+FRESHNESS = Histogram("driftloop_feature_freshness_seconds", "Event time to online write",
+                      buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10))
+PREDICTIONS = Counter("driftloop_predictions_total", "Predictions published", ["model_version"])
+PREDICTION_LATENCY = Histogram("driftloop_prediction_latency_seconds", "Event time to prediction",
+                               buckets=(0.01, 0.05, 0.1, 0.2, 0.5, 1, 2, 5))
+SERVING_VERSION = Gauge("driftloop_serving_model_version", "Model version being served", ["model"])
+SWAPS = Counter("driftloop_model_swaps_total", "Hot swaps done", ["model"])
+DRIFT_SHARE = Gauge("driftloop_drift_share", "Share of drifted columns in the last window", ["model"])
+RETRAIN_REQUESTS = Counter("driftloop_retrain_requests_total", "Retrain requests", ["reason"])
+TRAINING_RUNS = Counter("driftloop_training_runs_total", "Training jobs finished", ["outcome"])
+
+
+def serve_metrics(port: int) -> None:
+    """Expose /metrics on ``port`` (0 = disabled)."""
+    if port:
+        start_http_server(port, addr="127.0.0.1")
+        log.info("metrics on http://127.0.0.1:%d/metrics", port)

@@ -1,0 +1,89 @@
+"""Settings for every driftloop process: environment variables prefixed ``DRIFTLOOP_``."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """One place for every knob; defaults run the embedded one-machine stack."""
+
+    model_config = SettingsConfigDict(env_prefix="DRIFTLOOP_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Field(Path(".driftloop"), description="All local state lives under this folder.")
+    bootstrap_servers: str | None = Field(None, description="Kafka brokers; unset = embedded Tansu.")
+    topic_prefix: str = "dl."
+    partitions: int = Field(4, ge=1)
+    replication_factor: int = Field(1, ge=1)
+
+    model_name: str = "ctr"
+    mlflow_tracking_uri: str | None = Field(None, description="Unset = sqlite under data_dir.")
+    ray_address: str | None = Field(None, description="Unset = local ray.init().")
+
+    label_window_s: float = Field(5.0, gt=0, description="A click within this many seconds makes label 1.")
+    serving_batch_size: int = Field(500, ge=1)
+    serving_linger_s: float = Field(0.05, ge=0)
+    drift_window: int = Field(1500, ge=50, description="Predictions per drift window.")
+    drift_share_threshold: float = Field(0.5, gt=0, le=1)
+    drift_cooldown_s: float = Field(120.0, ge=0)
+    min_labels_first_model: int = Field(3000, ge=100)
+    min_labels_retrain: int = Field(3000, ge=100)
+    train_max_rows: int = Field(20000, ge=100)
+    retrain_wait_s: float = Field(180.0, gt=0, description="How long a request may wait for fresh labels.")
+
+    metrics_port: int = Field(0, ge=0, description="Prometheus port of this worker; 0 = none.")
+    webhook_port: int = Field(0, ge=0, description="Drift alert webhook port; 0 = pick a free one.")
+    log_level: str = "INFO"
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _prefix_ok(cls, v: str) -> str:
+        if any(c.isspace() for c in v):
+            raise ValueError("topic_prefix must not contain whitespace")
+        return v
+
+    @cached_property
+    def root(self) -> Path:
+        """Absolute data directory, created on first use."""
+        p = self.data_dir.expanduser().resolve()
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+
+    @property
+    def offline_dir(self) -> Path:
+        return self.root / "offline"
+
+    @property
+    def feature_repo_dir(self) -> Path:
+        return self.root / "feature_repo"
+
+    @property
+    def run_dir(self) -> Path:
+        p = self.root / "run"
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+
+    @property
+    def stack_file(self) -> Path:
+        return self.root / "stack.json"
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.mlflow_tracking_uri or f"sqlite:///{self.root / 'mlflow.db'}"
+
+    @property
+    def artifact_root(self) -> str:
+        return (self.root / "mlartifacts").as_uri()
+
+    def topic(self, name: str) -> str:
+        """Full topic name for a logical one, e.g. ``topic("labels") -> "dl.labels"``."""
+        return f"{self.topic_prefix}{name}"
+
+
+def get_settings(**overrides: object) -> Settings:
+    """Fresh settings from the environment, with explicit overrides on top."""
+    return Settings(**overrides)  # type: ignore[arg-type]
