@@ -6,12 +6,12 @@ Topic names are logical; driftloop adds the configured prefix. Offline paths are
 
 from datetime import timedelta
 
-from feast import Entity, FeatureService, Field, FileSource, KafkaSource, StreamFeatureView
+from feast import Entity, FeatureService, Field, FileSource, KafkaSource, StreamFeatureView, ValueType
 from feast.aggregation import Aggregation
 from feast.data_format import DeltaFormat, JsonFormat
 from feast.types import Float64, Int64, String
 
-user = Entity(name="user", join_keys=["user_id"], description="The person an ad is shown to.")
+user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.STRING, description="The person an ad is shown to.")
 
 impressions = KafkaSource(
     name="impressions",

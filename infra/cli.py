@@ -1,0 +1,170 @@
+"""The ``driftloop`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+
+from driftloop.infra.logsetup import setup_logging
+from driftloop.infra.settings import Settings, get_settings
+
+WORKERS = ("streams", "serving", "drift", "retrain")
+
+
+def _settings_from_stack(s: Settings) -> Settings:
+    """Use the running embedded stack's broker when none is configured."""
+    if s.bootstrap_servers or not s.stack_file.exists():
+        return s
+    stack = json.loads(s.stack_file.read_text())
+    return s.model_copy(update={"bootstrap_servers": stack["bootstrap_servers"],
+                                "mlflow_tracking_uri": s.mlflow_tracking_uri or stack.get("mlflow_uri")})
+
+
+def cmd_worker(a: argparse.Namespace, s: Settings) -> int:
+    from driftloop.infra.metrics import serve_metrics
+
+    if a.name != "streams":
+        serve_metrics(s.metrics_port)
+    if a.name == "streams":
+        from driftloop.streams.app import run
+    elif a.name == "serving":
+        from driftloop.serving.worker import run
+    elif a.name == "drift":
+        from driftloop.drift.monitor import run
+    else:
+        from driftloop.retrain.controller import run
+    run(s)
+    return 0
+
+
+def cmd_produce(a: argparse.Namespace, s: Settings) -> int:
+    from driftloop.infra.producer import produce
+
+    gen = produce(_settings_from_stack(s), rate=a.rate, count=a.count, duration=a.duration, seed=a.seed,
+                  drift_at=a.drift_at)
+    print(f"produced {gen.produced} impressions and {gen.clicks} clicks")
+    return 0
+
+
+def cmd_tail(a: argparse.Namespace, s: Settings) -> int:
+    from driftloop.infra.kafka import good_messages, make_consumer
+
+    s = _settings_from_stack(s)
+    c = make_consumer(s, f"tail-{os.getpid()}-{time.time_ns()}", [a.topic],
+                      **{"auto.offset.reset": "earliest" if a.from_beginning else "latest"})
+    n = 0
+    deadline = time.monotonic() + a.timeout if a.timeout else None
+    try:
+        while (a.max is None or n < a.max) and (deadline is None or time.monotonic() < deadline):
+            for m in good_messages(c.consume(100, 0.2)):
+                headers = {k: v.decode(errors="replace") for k, v in (m.headers() or [])}
+                value = (m.value() or b"").decode(errors="replace")
+                print(json.dumps({"partition": m.partition(), "offset": m.offset(), "headers": headers})
+                      if headers else "", value, flush=True)
+                n += 1
+                if a.max is not None and n >= a.max:
+                    break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        c.close()
+    return 0
+
+
+def cmd_apply(a: argparse.Namespace, s: Settings) -> int:
+    from driftloop.features.repo import apply, load_definitions
+
+    store = apply(s)
+    names = [type(o).__name__ + ":" + getattr(o, "name", "?") for o in load_definitions(s.feature_repo_dir)]
+    print(f"applied to {store.repo_path}: " + ", ".join(names))
+    return 0
+
+
+def cmd_up(a: argparse.Namespace, s: Settings) -> int:
+    from driftloop.infra.supervisor import Stack, start_detached
+
+    if a.detach:
+        info = start_detached(s, timeout=a.timeout)
+        print(json.dumps(info, indent=2))
+        return 0
+    stack = Stack(s)
+    stack.start(timeout=a.timeout)
+    print(json.dumps(stack.info, indent=2), flush=True)
+    stack.run_forever()
+    return 0
+
+
+def cmd_down(a: argparse.Namespace, s: Settings) -> int:
+    from driftloop.infra.supervisor import stop_stack
+
+    return 0 if stop_stack(s, timeout=a.timeout) else 1
+
+
+def cmd_demo(a: argparse.Namespace, s: Settings) -> int:
+    from driftloop.infra.demo import run_demo
+
+    return 0 if run_demo(s, rate=a.rate, timeout=a.timeout) else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="driftloop", description=__doc__)
+    p.add_argument("--data-dir", help="state folder (default .driftloop, env DRIFTLOOP_DATA_DIR)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    w = sub.add_parser("worker", help="run one worker in the foreground")
+    w.add_argument("name", choices=WORKERS)
+    w.set_defaults(fn=cmd_worker)
+
+    pr = sub.add_parser("produce", help="publish synthetic impressions and clicks")
+    pr.add_argument("--rate", type=float, default=500.0, help="impressions per second")
+    g = pr.add_mutually_exclusive_group(required=True)
+    g.add_argument("--count", type=int)
+    g.add_argument("--duration", type=float, help="seconds")
+    pr.add_argument("--seed", type=int, default=7)
+    pr.add_argument("--drift-at", type=int, default=None, help="drift from the N-th impression on")
+    pr.set_defaults(fn=cmd_produce)
+
+    t = sub.add_parser("tail", help="print records of a topic (logical name, e.g. predictions)")
+    t.add_argument("topic")
+    t.add_argument("--from-beginning", action="store_true")
+    t.add_argument("--max", type=int, default=None, help="stop after N records")
+    t.add_argument("--timeout", type=float, default=None, help="stop after N seconds")
+    t.set_defaults(fn=cmd_tail)
+
+    ap = sub.add_parser("apply", help="apply the Feast feature repo in the data directory")
+    ap.set_defaults(fn=cmd_apply)
+
+    up = sub.add_parser("up", help="start the embedded stack (broker + workers)")
+    up.add_argument("--detach", "-d", action="store_true", help="return once the stack is ready")
+    up.add_argument("--timeout", type=float, default=180.0)
+    up.set_defaults(fn=cmd_up)
+
+    dn = sub.add_parser("down", help="stop the embedded stack")
+    dn.add_argument("--timeout", type=float, default=30.0)
+    dn.set_defaults(fn=cmd_down)
+
+    d = sub.add_parser("demo", help="run the end-to-end loop with a drift in the middle")
+    d.add_argument("--rate", type=float, default=400.0)
+    d.add_argument("--timeout", type=float, default=540.0)
+    d.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = {"data_dir": args.data_dir} if args.data_dir else {}
+    settings = get_settings(**overrides)
+    setup_logging(settings.log_level, component=getattr(args, "name", None) or args.cmd)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143)) if args.cmd in ("produce", "tail") else None
+    try:
+        return args.fn(args, settings)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
