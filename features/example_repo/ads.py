@@ -11,7 +11,8 @@ from feast.aggregation import Aggregation
 from feast.data_format import DeltaFormat, JsonFormat
 from feast.types import Float64, Int64, String
 
-user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.STRING, description="The person an ad is shown to.")
+user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.STRING,
+              description="The person an ad is shown to.")
 
 impressions = KafkaSource(
     name="impressions",

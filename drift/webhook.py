@@ -1,0 +1,54 @@
+"""The drift alert webhook: external monitors POST JSON alerts that become retraining requests.
+
+``POST /alerts`` with ``{"model_name": "...", "reason": "...", ...}`` → 202 ``{"request_id": ...}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import orjson
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 256 * 1024
+
+
+def start_webhook(port: int, on_alert: Callable[[dict[str, Any]], str]) -> ThreadingHTTPServer:
+    """Serve on 127.0.0.1:port in a daemon thread; ``on_alert`` returns the request id."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def _reply(self, code: int, body: dict[str, Any]) -> None:
+            data = orjson.dumps(body)
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_POST(self) -> None:  # noqa: N802
+            if self.path.rstrip("/") != "/alerts":
+                return self._reply(404, {"error": "POST /alerts"})
+            n = int(self.headers.get("Content-Length") or 0)
+            if n <= 0 or n > MAX_BODY:
+                return self._reply(400, {"error": f"body must be 1..{MAX_BODY} bytes of JSON"})
+            try:
+                alert = orjson.loads(self.rfile.read(n))
+                if not isinstance(alert, dict):
+                    raise ValueError("alert must be a JSON object")
+                rid = on_alert(alert)
+            except ValueError as e:
+                return self._reply(400, {"error": str(e)})
+            self._reply(202, {"request_id": rid})
+
+        def log_message(self, fmt: str, *args: Any) -> None:
+            log.info("webhook: " + fmt, *args)
+
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    log.info("drift alert webhook on http://127.0.0.1:%d/alerts", server.server_address[1])
+    return server

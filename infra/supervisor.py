@@ -1,0 +1,222 @@
+"""The embedded stack behind ``driftloop up``: broker, topics, feature repo, and each worker as a
+supervised child process (restarted with backoff if it crashes). ``<data-dir>/stack.json`` is written
+once everything is ready and removed on stop."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from driftloop.features.repo import apply
+from driftloop.infra.broker import EmbeddedBroker, free_port
+from driftloop.infra.settings import Settings
+from driftloop.infra.topics import ensure_topics
+
+log = logging.getLogger(__name__)
+
+WORKERS = ("streams", "serving", "drift", "retrain")
+MAX_BACKOFF_S = 30.0
+
+
+@dataclass
+class Child:
+    name: str
+    env: dict[str, str]
+    log_file: Path
+    proc: subprocess.Popen | None = None
+    restarts: int = 0
+    next_start: float = 0.0
+    started_at: float = field(default=0.0)
+
+    def start(self) -> None:
+        out = open(self.log_file, "ab")  # noqa: SIM115 - the child owns it
+        self.proc = subprocess.Popen([sys.executable, "-m", "driftloop.infra.cli", "worker", self.name],
+                                     env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.started_at = time.monotonic()
+        log.info("started %s (pid %d)", self.name, self.proc.pid)
+
+    def signal_group(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The settings as DRIFTLOOP_* variables, so children see exactly what the parent sees."""
+    env = dict(os.environ)
+    for k, v in settings.model_dump().items():
+        if v is not None:
+            env[f"DRIFTLOOP_{k.upper()}"] = str(settings.root if k == "data_dir" else v)
+    return env
+
+
+class Stack:
+    def __init__(self, settings: Settings, workers: tuple[str, ...] = WORKERS):
+        self.s = settings
+        self.workers = workers
+        self.broker: EmbeddedBroker | None = None
+        self.children: list[Child] = []
+        self.info: dict[str, Any] = {}
+        self.stopping = False
+
+    def start(self, timeout: float = 180.0) -> dict[str, Any]:
+        if self.s.stack_file.exists():
+            pid = json.loads(self.s.stack_file.read_text()).get("supervisor_pid")
+            if pid and _alive(pid):
+                raise RuntimeError(f"a stack is already running (supervisor pid {pid}); `driftloop down` first")
+            self.s.stack_file.unlink()
+        logs = self.s.root / "logs"
+        logs.mkdir(exist_ok=True)
+        if not self.s.bootstrap_servers:
+            self.broker = EmbeddedBroker(log_file=logs / "broker.log").start()
+            self.s = self.s.model_copy(update={"bootstrap_servers": self.broker.bootstrap_servers})
+        ensure_topics(self.s)
+        apply(self.s)
+        for f in self.s.run_dir.glob("*.ready"):
+            f.unlink()
+        webhook_port = self.s.webhook_port or free_port()
+        metrics_ports = {}
+        for name in self.workers:
+            metrics_ports[name] = free_port()
+            s = self.s.model_copy(update={"metrics_port": metrics_ports[name], "webhook_port": webhook_port})
+            self.children.append(Child(name, settings_env(s), logs / f"{name}.log"))
+        for c in self.children:
+            c.start()
+        deadline = time.monotonic() + timeout
+        while not all((self.s.run_dir / f"{c.name}.ready").exists() for c in self.children):
+            self.supervise_once()
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError(f"workers not ready after {timeout}s; see {logs}")
+            time.sleep(0.2)
+        self.info = {
+            "bootstrap_servers": self.s.bootstrap_servers,
+            "embedded_broker": self.broker is not None,
+            "mlflow_uri": self.s.tracking_uri,
+            "webhook_url": f"http://127.0.0.1:{webhook_port}/alerts",
+            "metrics_ports": metrics_ports,
+            "workers": {c.name: c.proc.pid for c in self.children if c.proc},
+            "supervisor_pid": os.getpid(),
+            "data_dir": str(self.s.root),
+            "topic_prefix": self.s.topic_prefix,
+        }
+        self.s.stack_file.write_text(json.dumps(self.info, indent=2))
+        log.info("stack ready: %s", self.s.stack_file)
+        return self.info
+
+    def supervise_once(self) -> None:
+        """Restart crashed workers with exponential backoff."""
+        now = time.monotonic()
+        for c in self.children:
+            if self.stopping or c.proc is None or c.proc.poll() is None:
+                continue
+            if c.next_start == 0.0:
+                if now - c.started_at > 60:
+                    c.restarts = 0
+                delay = min(MAX_BACKOFF_S, 2.0 ** c.restarts)
+                c.next_start = now + delay
+                log.warning("%s exited with %s; restarting in %.0fs", c.name, c.proc.returncode, delay)
+            elif now >= c.next_start:
+                c.restarts += 1
+                c.next_start = 0.0
+                c.start()
+                if self.info:
+                    self.info["workers"][c.name] = c.proc.pid  # type: ignore[union-attr]
+                    self.s.stack_file.write_text(json.dumps(self.info, indent=2))
+
+    def run_forever(self) -> None:
+        def _stop(*_: object) -> None:
+            self.stopping = True
+
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGINT, _stop)
+        try:
+            while not self.stopping:
+                self.supervise_once()
+                time.sleep(0.5)
+        finally:
+            self.stop()
+
+    def stop(self, grace: float = 15.0) -> None:
+        self.stopping = True
+        for c in self.children:
+            c.signal_group(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for c in self.children:
+            if c.proc is None:
+                continue
+            try:
+                c.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in %.0fs: SIGKILL", c.name, grace)
+            c.signal_group(signal.SIGKILL)
+            c.proc.wait()
+        if self.broker:
+            self.broker.stop()
+        if self.s.stack_file.exists() and json.loads(self.s.stack_file.read_text()).get("supervisor_pid") == os.getpid():
+            self.s.stack_file.unlink()
+        log.info("stack stopped")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def start_detached(settings: Settings, timeout: float = 180.0) -> dict[str, Any]:
+    """Start ``driftloop up`` in the background and return stack.json once it is ready."""
+    logs = settings.root / "logs"
+    logs.mkdir(exist_ok=True)
+    if settings.stack_file.exists():
+        settings.stack_file.unlink()
+    out = open(logs / "supervisor.log", "ab")  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-m", "driftloop.infra.cli", "up", "--timeout", str(timeout)],
+                            env=settings_env(settings), stdout=out, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + timeout + 15
+    while time.monotonic() < deadline:
+        if settings.stack_file.exists():
+            return json.loads(settings.stack_file.read_text())
+        if proc.poll() is not None:
+            raise RuntimeError(f"driftloop up exited with {proc.returncode}; see {logs / 'supervisor.log'}")
+        time.sleep(0.3)
+    raise TimeoutError(f"stack not ready after {timeout}s; see {logs}")
+
+
+def stop_stack(settings: Settings, timeout: float = 30.0) -> bool:
+    """Stop a stack started by ``driftloop up``: SIGTERM its supervisor and wait for every worker."""
+    if not settings.stack_file.exists():
+        print(f"no stack running ({settings.stack_file} not found)")
+        return True
+    info = json.loads(settings.stack_file.read_text())
+    pids = [info["supervisor_pid"], *info.get("workers", {}).values()]
+    if _alive(info["supervisor_pid"]):
+        os.kill(info["supervisor_pid"], signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for p in pids:
+        if _alive(p):
+            try:
+                os.killpg(p, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                os.kill(p, signal.SIGKILL)
+    if settings.stack_file.exists():
+        settings.stack_file.unlink()
+    print("stack stopped")
+    return True

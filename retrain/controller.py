@@ -1,0 +1,178 @@
+"""The retraining controller: ``retrain.requests`` → training set → Ray job → MLflow → gate → alias.
+
+A challenger is promoted (alias ``champion`` moved, ``models.promoted`` published) only when its log
+loss on the newest 20 % of the training window beats the champion's on the same rows; otherwise
+``models.rejected`` says why. With no champion, it publishes a ``bootstrap`` request itself once
+enough labelled events exist. A request's offset is committed after its outcome is published.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+from pydantic import ValidationError
+
+from driftloop.features.training import build_training_set, count_labels
+from driftloop.features.vectors import FEATURE_COLUMNS, to_matrix
+from driftloop.infra import models
+from driftloop.infra.contracts import ModelPromoted, ModelRejected, RetrainRequest, now_us
+from driftloop.infra.kafka import flush_or_raise, good_messages, make_consumer, make_producer, produce_event
+from driftloop.infra.metrics import TRAINING_RUNS
+from driftloop.infra.settings import Settings
+from driftloop.infra.worker import StopFlag, mark_ready
+from driftloop.retrain.launcher import Launcher, RayLauncher
+from driftloop.retrain.model import ClickMLP, log_loss, to_onnx
+
+log = logging.getLogger(__name__)
+
+HOLDOUT_SHARE = 0.2
+MIN_ROWS = 200
+
+
+class Controller:
+    def __init__(self, settings: Settings, launcher: Launcher):
+        self.s = settings
+        self.launcher = launcher
+        self.producer = make_producer(settings)
+        self.last_promotion_us = 0
+
+    def wait_for_labels(self, since_ts: int | None, need: int, stop: StopFlag | None = None) -> int:
+        deadline = time.monotonic() + self.s.retrain_wait_s
+        n = count_labels(self.s.offline_dir, since_ts)
+        while n < need and time.monotonic() < deadline and not stop:
+            time.sleep(2.0)
+            n = count_labels(self.s.offline_dir, since_ts)
+        return n
+
+    def handle(self, req: RetrainRequest, stop: StopFlag | None = None) -> ModelPromoted | ModelRejected | None:
+        name = self.s.model_name
+        if req.ts < self.last_promotion_us:
+            log.info("request %s predates the last promotion: superseded", req.request_id)
+            return None
+        timeline = {"request": req.ts, "handled": now_us()}
+        need = self.s.min_labels_first_model if req.reason == "bootstrap" else self.s.min_labels_retrain
+        self.wait_for_labels(req.since_ts, need, stop)
+        df, versions = build_training_set(self.s.offline_dir, req.since_ts, self.s.train_max_rows)
+        if len(df) < MIN_ROWS:
+            return self._reject(req, None, None, {"rows": f"{len(df)} labelled rows < {MIN_ROWS}"})
+        cut = int(len(df) * (1 - HOLDOUT_SHARE))
+        train, hold = df.iloc[:cut], df.iloc[cut:]
+        x_tr, y_tr = to_matrix(train), train["label"].to_numpy(np.float32)
+        x_ho, y_ho = to_matrix(hold), hold["label"].to_numpy(np.float32)
+
+        timeline["job_submitted"] = now_us()
+        result = self.launcher.run(x_tr, y_tr, {"epochs": 40})
+        timeline["job_started"], timeline["job_finished"] = result.started_us, result.finished_us
+        model = ClickMLP(len(FEATURE_COLUMNS))
+        model.load_state_dict(torch.load(__import__("io").BytesIO(result.state_dict)))
+        model.eval()
+        with torch.no_grad():
+            p_new = model(torch.from_numpy(x_ho)).numpy().reshape(-1)
+        onnx_bytes = to_onnx(model, len(FEATURE_COLUMNS))
+        metrics = {"holdout_logloss": log_loss(y_ho, p_new), "train_logloss": result.history[-1],
+                   "rows": float(len(df)), "holdout_rows": float(len(hold)), "train_seconds": result.seconds}
+
+        champ_version = models.alias_version(self.s)
+        if champ_version is not None:
+            champ = models.load_scorer(self.s, champ_version, FEATURE_COLUMNS)
+            metrics["champion_holdout_logloss"] = log_loss(y_ho, champ.score(x_ho))
+
+        version, run_id = self._log(req, model, onnx_bytes, metrics, result, versions, hold, p_new)
+        timeline["registered"] = now_us()
+        TRAINING_RUNS.labels(outcome="trained").inc()
+        if champ_version is not None and metrics["holdout_logloss"] >= metrics["champion_holdout_logloss"]:
+            return self._reject(req, version, run_id, {
+                "gate": f"holdout log loss {metrics['holdout_logloss']:.4f} does not beat champion "
+                        f"v{champ_version} {metrics['champion_holdout_logloss']:.4f}"})
+        c = models.client(self.s)
+        c.set_registered_model_alias(name, models.CHAMPION, version)
+        timeline["promoted"] = now_us()
+        self.last_promotion_us = timeline["promoted"]
+        ev = ModelPromoted(model_name=name, version=version, previous_version=champ_version, run_id=run_id,
+                           metrics=metrics, reason=req.reason, request_id=req.request_id, timeline=timeline)
+        produce_event(self.producer, self.s, "models.promoted", ev, name)
+        flush_or_raise(self.producer)
+        log.info("promoted %s v%s (was %s): %s", name, version, champ_version, metrics)
+        return ev
+
+    def _log(self, req: RetrainRequest, model: ClickMLP, onnx_bytes: bytes, metrics: dict[str, float],
+             result, versions, hold, p_new) -> tuple[str, str]:  # noqa: ANN001
+        c = models.client(self.s)
+        exp = mlflow.set_experiment(self.s.model_name)
+        with mlflow.start_run(experiment_id=exp.experiment_id) as run, tempfile.TemporaryDirectory() as tmp:
+            mlflow.log_params({"reason": req.reason, "request_id": req.request_id, "since_ts": req.since_ts,
+                               "device": result.device, "features": ",".join(FEATURE_COLUMNS),
+                               **{f"delta_version.{k}": v for k, v in versions.items()}})
+            mlflow.log_metrics(metrics)
+            for i, v in enumerate(result.history):
+                mlflow.log_metric("epoch_train_logloss", v, step=i)
+            mlflow.pytorch.log_model(model, name="model", pip_requirements=["torch==2.13.0"])
+            onnx_file = Path(tmp) / "model.onnx"
+            onnx_file.write_bytes(onnx_bytes)
+            mlflow.log_artifact(str(onnx_file), artifact_path="onnx")
+            ref = hold[FEATURE_COLUMNS].copy()
+            ref["score"] = p_new
+            ref_file = Path(tmp) / "reference.parquet"
+            ref.to_parquet(ref_file)
+            mlflow.log_artifact(str(ref_file), artifact_path="reference")
+            run_id = run.info.run_id
+        mv = mlflow.register_model(f"runs:/{run_id}/model", self.s.model_name,
+                                   tags={"onnx_sha256": hashlib.sha256(onnx_bytes).hexdigest(),
+                                         "features": ",".join(FEATURE_COLUMNS)})
+        c.set_registered_model_alias(self.s.model_name, models.CHALLENGER, mv.version)
+        return str(mv.version), run_id
+
+    def _reject(self, req: RetrainRequest, version: str | None, run_id: str | None,
+                checks: dict[str, str]) -> ModelRejected:
+        TRAINING_RUNS.labels(outcome="rejected").inc()
+        ev = ModelRejected(model_name=self.s.model_name, version=version, run_id=run_id, checks=checks,
+                           request_id=req.request_id)
+        produce_event(self.producer, self.s, "models.rejected", ev, self.s.model_name)
+        flush_or_raise(self.producer)
+        log.warning("rejected %s: %s", version, checks)
+        return ev
+
+    def bootstrap_request(self) -> RetrainRequest | None:
+        """A request for the first champion, once enough labels exist."""
+        if models.alias_version(self.s) is not None:
+            return None
+        n = count_labels(self.s.offline_dir)
+        if n < self.s.min_labels_first_model:
+            return None
+        req = RetrainRequest(model_name=self.s.model_name, reason="bootstrap", evidence={"labels": n})
+        produce_event(self.producer, self.s, "retrain.requests", req, self.s.model_name)
+        flush_or_raise(self.producer)
+        return req
+
+
+def run(settings: Settings, launcher: Launcher | None = None) -> None:
+    stop = StopFlag()
+    consumer = make_consumer(settings, f"{settings.topic_prefix}retrain", ["retrain.requests"])
+    ctl = Controller(settings, launcher or RayLauncher(settings))
+    mark_ready(settings, "retrain")
+    bootstrap_sent = False
+    next_check = 0.0
+    try:
+        while not stop:
+            for m in good_messages(consumer.consume(10, 0.5)):
+                try:
+                    req = RetrainRequest.from_bytes(m.value())
+                except (ValidationError, ValueError) as e:
+                    log.warning("skipping malformed retrain request at offset %s: %s", m.offset(), e)
+                else:
+                    if req.model_name == settings.model_name:
+                        ctl.handle(req, stop)
+                consumer.commit(message=m, asynchronous=False)
+            if not bootstrap_sent and time.monotonic() >= next_check:
+                next_check = time.monotonic() + 3.0
+                bootstrap_sent = ctl.bootstrap_request() is not None
+    finally:
+        consumer.close()
+        ctl.launcher.close()
