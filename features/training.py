@@ -17,6 +17,7 @@ from driftloop.infra import delta
 
 log = logging.getLogger(__name__)
 
+NS = "datetime64[ns, UTC]"
 VIEWS = {"user_impressions": ["impressions_1m", "mean_bid_1m"], "user_clicks": ["clicks_5m"]}
 
 
@@ -44,7 +45,7 @@ def build_training_set(offline: Path, since_ts: int | None = None,
     req = pd.DataFrame([request_features(r) for r in df[["position", "bid", "device"]].to_dict("records")],
                        index=df.index)
     df = pd.concat([df[["impression_id", "user_id", "label", "ts"]], req], axis=1)
-    df["event_timestamp"] = pd.to_datetime(df["ts"], unit="us", utc=True)
+    df["event_timestamp"] = pd.to_datetime(df["ts"], unit="us", utc=True).astype(NS)
     df = df.sort_values("event_timestamp")
     for view, cols in VIEWS.items():
         feats = delta.read(offline / view, columns=["user_id", "event_timestamp", *cols])
@@ -52,7 +53,7 @@ def build_training_set(offline: Path, since_ts: int | None = None,
             for c in cols:
                 df[c] = float("nan")
             continue
-        feats["event_timestamp"] = pd.to_datetime(feats["event_timestamp"], utc=True)
+        feats["event_timestamp"] = pd.to_datetime(feats["event_timestamp"], utc=True).astype(NS)
         feats = feats.sort_values("event_timestamp")
         df = pd.merge_asof(df, feats, on="event_timestamp", by="user_id", direction="backward",
                            allow_exact_matches=False)

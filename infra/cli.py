@@ -155,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    mp_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if mp_dir and not os.path.isdir(mp_dir):  # left over from a Feast import in a parent process
+        del os.environ["PROMETHEUS_MULTIPROC_DIR"]
     args = build_parser().parse_args(argv)
     overrides = {"data_dir": args.data_dir} if args.data_dir else {}
     settings = get_settings(**overrides)

@@ -36,7 +36,7 @@ def client(settings: Settings) -> MlflowClient:
 def alias_version(settings: Settings, alias: str = CHAMPION, name: str | None = None) -> str | None:
     """The version an alias points to, or None when unset (or no such model)."""
     try:
-        return client(settings).get_model_version_by_alias(name or settings.model_name, alias).version
+        return str(client(settings).get_model_version_by_alias(name or settings.model_name, alias).version)
     except MlflowException:
         return None
 

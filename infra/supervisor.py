@@ -54,6 +54,7 @@ class Child:
 def settings_env(settings: Settings) -> dict[str, str]:
     """The settings as DRIFTLOOP_* variables, so children see exactly what the parent sees."""
     env = dict(os.environ)
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # Feast points it at a temp dir that dies with this process
     for k, v in settings.model_dump().items():
         if v is not None:
             env[f"DRIFTLOOP_{k.upper()}"] = str(settings.root if k == "data_dir" else v)

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 HOLDOUT_SHARE = 0.2
 MIN_ROWS = 200
+MIN_IMPROVEMENT = 1e-3  # log loss the challenger must gain over the champion on the same rows
 
 
 class Controller:
@@ -87,9 +88,10 @@ class Controller:
         version, run_id = self._log(req, model, onnx_bytes, metrics, result, versions, hold, p_new)
         timeline["registered"] = now_us()
         TRAINING_RUNS.labels(outcome="trained").inc()
-        if champ_version is not None and metrics["holdout_logloss"] >= metrics["champion_holdout_logloss"]:
+        if champ_version is not None and metrics["holdout_logloss"] > \
+                metrics["champion_holdout_logloss"] - MIN_IMPROVEMENT:
             return self._reject(req, version, run_id, {
-                "gate": f"holdout log loss {metrics['holdout_logloss']:.4f} does not beat champion "
+                "gate": f"holdout log loss {metrics['holdout_logloss']:.4f} does not beat champion by {MIN_IMPROVEMENT} "
                         f"v{champ_version} {metrics['champion_holdout_logloss']:.4f}"})
         c = models.client(self.s)
         c.set_registered_model_alias(name, models.CHAMPION, version)
@@ -113,7 +115,8 @@ class Controller:
             mlflow.log_metrics(metrics)
             for i, v in enumerate(result.history):
                 mlflow.log_metric("epoch_train_logloss", v, step=i)
-            mlflow.pytorch.log_model(model, name="model", pip_requirements=["torch==2.13.0"])
+            mlflow.pytorch.log_model(model, name="model", pip_requirements=["torch==2.13.0"],
+                                     input_example=hold[FEATURE_COLUMNS].to_numpy("float32")[:5])
             onnx_file = Path(tmp) / "model.onnx"
             onnx_file.write_bytes(onnx_bytes)
             mlflow.log_artifact(str(onnx_file), artifact_path="onnx")
@@ -168,7 +171,11 @@ def run(settings: Settings, launcher: Launcher | None = None) -> None:
                     log.warning("skipping malformed retrain request at offset %s: %s", m.offset(), e)
                 else:
                     if req.model_name == settings.model_name:
-                        ctl.handle(req, stop)
+                        try:
+                            ctl.handle(req, stop)
+                        except Exception as e:  # a failed job must not take the controller down
+                            log.exception("request %s failed", req.request_id)
+                            ctl._reject(req, None, None, {"error": f"{type(e).__name__}: {e}"[:500]})
                 consumer.commit(message=m, asynchronous=False)
             if not bootstrap_sent and time.monotonic() >= next_check:
                 next_check = time.monotonic() + 3.0
