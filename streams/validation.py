@@ -30,13 +30,12 @@ def parse(raw: bytes | None, contract: type[Event]) -> Event:
         raise Invalid("bad_json", str(e)) from None
     if not isinstance(data, dict):
         raise Invalid("bad_json", "value is not a JSON object")
+    version = data.get("schema_version")
+    if version != contract.SCHEMA_VERSION:
+        raise Invalid("schema_version", f"{contract.__name__} schema_version {version!r} is not "
+                                        f"{contract.SCHEMA_VERSION}")
     try:
         return contract.model_validate(data)
     except ValidationError as e:
-        first = e.errors()[0]
-        reason = "schema_version" if "schema_version" in str(first.get("msg", "")) else "invalid"
-        return _raise(reason, e)
-
-
-def _raise(reason: str, e: ValidationError) -> Event:
-    raise Invalid(reason, "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())[:500])
+        detail = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+        raise Invalid("invalid", detail[:500]) from None

@@ -26,7 +26,7 @@ from driftloop.infra.topics import ensure_topics
 from tests.helpers import read_topic, wait_for, worker
 
 N = 4000
-GARBAGE = [b"not json", b"[1,2]", b'{"schema_version": 1}', b'{"schema_version": 9, "event_id": "x"}', b"x" * 70000]
+GARBAGE = [b"not json", b"[1,2]", b'{"schema_version": 1, "bid": "x"}', b'{"schema_version": 9, "event_id": "x"}', b"x" * 70000]
 
 
 @pytest.fixture(scope="module")
@@ -147,8 +147,7 @@ def test_drift_monitor_flags_drift_and_requests_retrain(pipe: Settings, champion
         rows = ref.sample(pipe.drift_window, replace=True, random_state=int(shift * 10))
         out = []
         for r in rows.to_dict("records"):
-            f = {c: float(r[c]) + (shift * (1 + rng.random()) if c in ("bid", "position") else 0) for c in
-                 FEATURE_COLUMNS}
+            f = {c: float(r[c]) + shift * (1 + rng.random()) for c in FEATURE_COLUMNS}
             out.append(Prediction(user_id="u", model_name=pipe.model_name, model_version=champion,
                                   score=float(np.clip(r["score"] + shift / 5, 0, 1)), features=f, latency_s=0))
         return out

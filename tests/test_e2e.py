@@ -1,0 +1,75 @@
+"""End-to-end: the embedded stack from the CLI, and the demo loop."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+
+def cli(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "driftloop.infra.cli", *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _ours(data_dir: str) -> list[psutil.Process]:
+    out = []
+    for p in psutil.process_iter(["cmdline", "environ"]):
+        try:
+            env = p.info["environ"] or {}
+            if env.get("DRIFTLOOP_DATA_DIR") == data_dir and p.pid != os.getpid():
+                out.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return out
+
+
+def test_up_produce_tail_down(tmp_path):
+    data = str((tmp_path / "stack").resolve())
+    env = {**os.environ, "DRIFTLOOP_DATA_DIR": data, "DRIFTLOOP_MIN_LABELS_FIRST_MODEL": "1000"}
+    env.pop("DRIFTLOOP_BOOTSTRAP_SERVERS", None)
+    up = cli("up", "--detach", env=env)
+    assert up.returncode == 0, up.stderr[-3000:]
+    info = json.loads((tmp_path / "stack" / "stack.json").read_text())
+    assert set(info["workers"]) == {"streams", "serving", "drift", "retrain"} and info["webhook_url"]
+    try:
+        prod = cli("produce", "--rate", "500", "--duration", "30", env=env)
+        assert prod.returncode == 0, prod.stderr[-2000:]
+        deadline = time.monotonic() + 120
+        preds: list[dict] = []
+        while not preds and time.monotonic() < deadline:
+            cli("produce", "--rate", "500", "--duration", "3", env=env)
+            tail = cli("tail", "predictions", "--from-beginning", "--max", "3", "--timeout", "10", env=env)
+            preds = [json.loads(line) for line in tail.stdout.splitlines() if line.strip().startswith("{")]
+        assert len(preds) == 3 and all(p["model_name"] == "ctr" and p["model_version"] for p in preds)
+        garbage = subprocess.run(
+            [sys.executable, "-c", "from confluent_kafka import Producer; p = Producer({'bootstrap.servers': "
+             f"'{info['bootstrap_servers']}'}}); p.produce('dl.events.impressions', key=b'u', value=b'{{oops');"
+             "p.flush(10)"], capture_output=True, timeout=60)
+        assert garbage.returncode == 0
+        dlq = cli("tail", "dlq", "--from-beginning", "--max", "1", "--timeout", "30", env=env)
+        assert "bad_json" in dlq.stdout and "{oops" in dlq.stdout
+        assert psutil.pid_exists(info["workers"]["streams"])  # nothing stopped
+    finally:
+        down = cli("down", env=env, timeout=60)
+    assert down.returncode == 0
+    time.sleep(1)
+    assert not _ours(data), [p.info["cmdline"] for p in _ours(data)]
+    assert not (tmp_path / "stack" / "stack.json").exists()
+
+
+def test_demo_closes_the_loop(tmp_path):
+    env = {**os.environ, "DRIFTLOOP_DATA_DIR": str(tmp_path / "demo")}
+    env.pop("DRIFTLOOP_BOOTSTRAP_SERVERS", None)
+    r = cli("demo", env=env, timeout=600)
+    assert r.returncode == 0, (r.stdout[-4000:], r.stderr[-4000:])
+    assert "LOOP CLOSED" in r.stdout
+    html = (tmp_path / "demo" / "reports" / "demo.html").read_text()
+    assert "data:image/png;base64" in html and "serving swapped" in html
