@@ -164,8 +164,9 @@ class Stack:
             c.proc.wait()
         if self.broker:
             self.broker.stop()
-        if self.s.stack_file.exists() and json.loads(self.s.stack_file.read_text()).get("supervisor_pid") == os.getpid():
-            self.s.stack_file.unlink()
+        f = self.s.stack_file
+        if f.exists() and json.loads(f.read_text()).get("supervisor_pid") == os.getpid():
+            f.unlink()
         log.info("stack stopped")
 
 

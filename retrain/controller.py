@@ -91,8 +91,8 @@ class Controller:
         if champ_version is not None and metrics["holdout_logloss"] > \
                 metrics["champion_holdout_logloss"] - MIN_IMPROVEMENT:
             return self._reject(req, version, run_id, {
-                "gate": f"holdout log loss {metrics['holdout_logloss']:.4f} does not beat champion by {MIN_IMPROVEMENT} "
-                        f"v{champ_version} {metrics['champion_holdout_logloss']:.4f}"})
+                "gate": f"holdout log loss {metrics['holdout_logloss']:.4f} does not beat champion "
+                        f"v{champ_version} {metrics['champion_holdout_logloss']:.4f} by {MIN_IMPROVEMENT}"})
         c = models.client(self.s)
         c.set_registered_model_alias(name, models.CHAMPION, version)
         timeline["promoted"] = now_us()

@@ -26,7 +26,8 @@ from driftloop.infra.topics import ensure_topics
 from tests.helpers import read_topic, wait_for, worker
 
 N = 4000
-GARBAGE = [b"not json", b"[1,2]", b'{"schema_version": 1, "bid": "x"}', b'{"schema_version": 9, "event_id": "x"}', b"x" * 70000]
+GARBAGE = [b"not json", b"[1,2]", b'{"schema_version": 1, "bid": "x"}', b'{"schema_version": 9, "event_id": "x"}',
+           b"x" * 70000]
 
 
 @pytest.fixture(scope="module")
