@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {"data_dir": args.data_dir} if args.data_dir else {}
     settings = get_settings(**overrides)
     setup_logging(settings.log_level, component=getattr(args, "name", None) or args.cmd)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143)) if args.cmd in ("produce", "tail") else None
+    if args.cmd in ("produce", "tail"):
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         return args.fn(args, settings)
     except KeyboardInterrupt:

@@ -9,6 +9,7 @@ enough labelled events exist. A request's offset is committed after its outcome 
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import tempfile
 import time
@@ -72,7 +73,7 @@ class Controller:
         result = self.launcher.run(x_tr, y_tr, {"epochs": 40})
         timeline["job_started"], timeline["job_finished"] = result.started_us, result.finished_us
         model = ClickMLP(len(FEATURE_COLUMNS))
-        model.load_state_dict(torch.load(__import__("io").BytesIO(result.state_dict)))
+        model.load_state_dict(torch.load(io.BytesIO(result.state_dict)))
         model.eval()
         with torch.no_grad():
             p_new = model(torch.from_numpy(x_ho)).numpy().reshape(-1)
