@@ -75,10 +75,6 @@ class Settings(BaseSettings):
     def tracking_uri(self) -> str:
         return self.mlflow_tracking_uri or f"sqlite:///{self.root / 'mlflow.db'}"
 
-    @property
-    def artifact_root(self) -> str:
-        return (self.root / "mlartifacts").as_uri()
-
     def topic(self, name: str) -> str:
         """Full topic name for a logical one, e.g. ``topic("labels") -> "dl.labels"``."""
         return f"{self.topic_prefix}{name}"

@@ -43,10 +43,6 @@ class ViewSpec:
     lateness_s: float
 
     @property
-    def feature_names(self) -> list[str]:
-        return [a.name for a in self.aggs]
-
-    @property
     def horizon_s(self) -> float:
         """How much event time of state must be kept."""
         return max(a.window_s + a.bucket_s for a in self.aggs) + self.lateness_s
