@@ -1,18 +1,21 @@
-"""The streams worker: a Faust app that validates events, computes Feast stream feature views,
-joins labels, and writes the online store, the Delta offline store and the ``labels`` topic.
+"""The streams worker: a Faust app that runs the Feast stream feature views of the registry.
 
-Per batch (``take_events``): parse → dead-letter bad records → update window state → write Delta
-(idempotent by source offsets) → write online → send labels/dlq → flush; Faust commits the batch's
-offsets only after that (events are acked when the next batch is taken, the producer is flushed first).
+Per micro-batch (``take_events``): the engine (``engine.py``) validates, de-duplicates and aggregates;
+then this app writes, in order, the Delta tables (in parallel, idempotent by source offsets), the
+online store, the state records (changelog), the labels and dead letters, and flushes the producer.
+Faust acks the batch when the next one is taken and commits acked offsets, so offsets never run
+ahead of durable writes. A batch that fails stops the worker (the supervisor restarts it) rather than
+committing past it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import weakref
-from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import aiokafka
@@ -20,19 +23,18 @@ import faust
 from faust.streams import _current_event
 
 from driftloop.features.repo import open_store
-from driftloop.infra.contracts import Click, Impression, Label
+from driftloop.infra.contracts import Click, Impression
 from driftloop.infra.kafka import FETCH_WAIT_MS, faust_broker_settings
-from driftloop.infra.metrics import BATCH_SIZE, DLQ, EVENTS_IN
+from driftloop.infra.metrics import BATCH_SIZE, DLQ, EVENTS_IN, serve_metrics
 from driftloop.infra.settings import Settings
 from driftloop.streams import windows
-from driftloop.streams.labels import LabelJoiner
+from driftloop.streams.engine import BatchOutput, FeatureEngine, LabelRule, Record
 from driftloop.streams.sinks import OfflineSink, OnlineSink
-from driftloop.streams.validation import Invalid, parse
 
 log = logging.getLogger(__name__)
 
 CONTRACTS = {"events.impressions": Impression, "events.clicks": Click}
-BATCH_MAX = 5000
+BATCH_MAX = 10_000
 BATCH_WITHIN_S = 0.05
 
 
@@ -53,10 +55,8 @@ def create_app(settings: Settings) -> faust.App:
     aiokafka.AIOKafkaConsumer = _ShortFetchConsumer  # type: ignore[misc]
     store = open_store(settings)
     views = windows.specs_from_feast(store.list_stream_feature_views())
-    by_topic: dict[str, list[windows.ViewSpec]] = defaultdict(list)
-    for v in views:
-        by_topic[v.topic].append(v)
-    lateness_s = max([v.lateness_s for v in views] + [0.0])
+    log.info("stream feature views: %s", ", ".join(f"{v.name} ({v.topic})" for v in views) or "none")
+    engine = FeatureEngine(views, CONTRACTS, LabelRule(window_s=settings.label_window_s))
 
     app = faust.App(
         f"{settings.topic_prefix}streams",
@@ -70,103 +70,68 @@ def create_app(settings: Settings) -> faust.App:
     source = app.topic(*(settings.topic(t) for t in CONTRACTS), **raw)
     dlq = app.topic(settings.topic("dlq"), **raw)
     labels_topic = app.topic(settings.topic("labels"), **raw)
-    state = app.Table("feature-state", default=dict, partitions=settings.partitions)
-    pending = app.Table("label-pending", default=None, partitions=settings.partitions)
+    state = app.Table("feature-state", default=None, partitions=settings.partitions)
 
     offline = OfflineSink(settings.offline_dir, app="streams")
     online = OnlineSink(store)
-    joiner = LabelJoiner(settings.label_window_s)
-    watermarks: dict[int, int] = defaultdict(int)
+    pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sink")
+    prefix_len = len(settings.topic_prefix)
+    fresh_assignment = True
 
-    async def send_dlq(ev: Any, reason: str, detail: str) -> None:
-        m = ev.message
-        DLQ.labels(reason=reason).inc()
-        headers = [("error", detail.encode()), ("reason", reason.encode()), ("source_topic", m.topic.encode()),
-                   ("partition", str(m.partition).encode()), ("offset", str(m.offset).encode())]
-        await dlq.send(key=m.key, value=m.value, headers=headers)
+    @app.on_partitions_assigned.connect
+    async def _assigned(app: faust.App, assigned: Any, **kwargs: Any) -> None:
+        nonlocal fresh_assignment
+        fresh_assignment = True
 
     @app.agent(source)
     async def process(stream: Any) -> None:
+        nonlocal fresh_assignment
         async for events in stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S):
-            if not joiner.rebuilt:
-                joiner.rebuild(pending)
-            await _process_batch(events)
+            if fresh_assignment:
+                engine.reset(state.items())
+                fresh_assignment = False
+            try:
+                await _process_batch(events)
+            except Exception:
+                log.exception("batch of %d records failed; stopping so nothing is committed past it", len(events))
+                os._exit(70)
 
     async def _process_batch(events: list[Any]) -> None:
         BATCH_SIZE.labels(component="streams").observe(len(events))
-        now_us = time.time_ns() // 1000
-        rows: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        offsets: dict[tuple[str, int], int] = {}
-        touched: dict[str, Any] = {}
-        last_event: dict[int, Any] = {}
-        cache: dict[str, dict[str, Any]] = {}
+        records = []
         for ev in events:
             m = ev.message
-            logical = m.topic[len(settings.topic_prefix):]
-            EVENTS_IN.labels(component="streams", topic=logical).inc()
-            offsets[(m.topic, m.partition)] = max(offsets.get((m.topic, m.partition), -1), m.offset)
-            origin = {"_topic": m.topic, "_partition": m.partition, "_offset": m.offset}
-            try:
-                rec = parse(m.value, CONTRACTS[logical])
-            except Invalid as e:
-                await send_dlq(ev, e.reason, e.detail)
-                continue
-            wm = watermarks[m.partition]
-            if wm and rec.ts < wm - int(lateness_s * 1e6):
-                await send_dlq(ev, "late", f"ts {rec.ts} older than watermark {wm} - {lateness_s}s")
-                continue
-            watermarks[m.partition] = max(wm, rec.ts)
-            last_event[m.partition] = ev
-            _as_current(ev)
-            row = rec.model_dump()
-            ts_s = rec.ts / 1e6
-            for view in by_topic[logical]:
-                entity = row[view.entity_key]
-                key = f"{view.name}|{entity}"
-                st = cache.get(key)
-                if st is None:
-                    st = cache[key] = dict(state[key] or {})
-                windows.update(st, view, row, ts_s)
-                touched[key] = ev
-                rows[view.name].append({view.entity_key: entity, **windows.values(st, view, ts_s),
-                                        "event_timestamp": rec.ts, "created": now_us, **origin})
-            rows[f"bronze_{logical.split('.')[-1]}"].append(
-                {**row, "event_timestamp": rec.ts, "ingested_at": now_us, **origin})
-            if isinstance(rec, Impression):
-                joiner.on_impression(pending, rec.event_id, rec.user_id, rec.ts, m.partition)
-            else:
-                joiner.on_click(pending, rec.impression_id, rec.ts)
-
-        for key, ev in touched.items():
-            _as_current(ev)
-            view = next(v for v in views if v.name == key.split("|", 1)[0])
-            windows.prune(cache[key], view, watermarks[ev.message.partition] / 1e6)
-            state[key] = cache[key]
-
-        labels: list[Label] = []
-        for p, ev in last_event.items():
-            _as_current(ev)
-            for iid, st in joiner.due(pending, p, watermarks[p]):
-                labels.append(Label(event_id=iid, impression_id=iid, user_id=st["u"], label=st["c"], ts=st["ts"]))
-                del pending[iid]
-        if labels:
-            rows["labels"] = [{**lb.model_dump(), "event_timestamp": lb.ts, "created": now_us,
-                               "_topic": "labels", "_partition": 0, "_offset": 0} for lb in labels]
-
-        await asyncio.get_running_loop().run_in_executor(None, _write_stores, rows, offsets)
-        for lb in labels:
+            records.append(Record(m.topic[prefix_len:], m.partition, m.offset, m.key, m.value, ev))
+        out = engine.process(records, state.get)
+        for topic in {r.topic for r in records}:
+            EVENTS_IN.labels(component="streams", topic=topic).inc(sum(r.topic == topic for r in records))
+        loop = asyncio.get_running_loop()
+        writes = [loop.run_in_executor(pool, offline.write, name, cols, out.offsets)
+                  for name, cols in out.offline.items()]
+        writes.append(loop.run_in_executor(pool, _write_online, out))
+        await asyncio.gather(*writes)
+        for key, (value, r) in out.states.items():
+            _as_current(r.source)
+            state[key] = value
+        for r, reason, detail in out.dlq:
+            await _send_dlq(r, reason, detail)
+        for lb in out.labels:
             await labels_topic.send(key=lb.user_id.encode(), value=lb.to_bytes())
         await app.producer.flush()
 
-    def _write_stores(rows: dict[str, list[dict[str, Any]]], offsets: dict[tuple[str, int], int]) -> None:
-        for name, rs in rows.items():
-            offline.write(name, rs, offsets)
-        for view in views:
-            if rows.get(view.name):
-                online.write(view.name, rows[view.name], view.entity_key)
+    def _write_online(out: BatchOutput) -> None:
+        for name, rows in out.online.items():
+            online.write(name, rows)
+
+    async def _send_dlq(r: Record, reason: str, detail: str) -> None:
+        DLQ.labels(reason=reason).inc()
+        headers = [("error", detail), ("reason", reason), ("source_topic", settings.topic(r.topic)),
+                   ("partition", str(r.partition)), ("offset", str(r.offset))]
+        await dlq.send(key=r.key, value=r.value, headers=[(k, v.encode()) for k, v in headers])
 
     @app.task
     async def _ready() -> None:
+        serve_metrics(settings.metrics_port)
         (settings.run_dir / "streams.ready").write_text(str(time.time()))
 
     return app

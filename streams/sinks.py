@@ -1,10 +1,10 @@
-"""Sinks of the streams worker: Feast online store and Delta offline tables (idempotent)."""
+"""Sinks of the streams worker: Delta offline tables (idempotent) and the Feast online store (monotone)."""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,11 @@ log = logging.getLogger(__name__)
 
 
 class OfflineSink:
-    """Appends rows to one Delta table per name, skipping source offsets already committed."""
+    """Appends column batches to one Delta table per name, skipping source offsets already committed.
+
+    Each commit records the highest offset per ``{app}:{topic}:{partition}`` as a Delta app transaction;
+    rows at or below a recorded offset are dropped, so a replay after a crash never duplicates a row.
+    """
 
     def __init__(self, root: Path, app: str):
         self.root = root
@@ -28,47 +32,67 @@ class OfflineSink:
     def txn_id(self, topic: str, partition: int) -> str:
         return f"{self.app}:{topic}:{partition}"
 
-    def write(self, name: str, rows: list[dict[str, Any]], offsets: dict[tuple[str, int], int]) -> int:
-        """Rows carry ``_topic``, ``_partition``, ``_offset``; a replayed range is dropped."""
+    def write(self, name: str, cols: dict[str, list[Any]], offsets: dict[tuple[str, int], int]) -> int:
+        """``cols`` carries ``_topic``, ``_partition``, ``_offset``; ``offsets`` the batch's last offsets."""
         path = self.root / name
         ids = {self.txn_id(t, p): o for (t, p), o in offsets.items()}
         done = delta.applied_offsets(path, list(ids))
         if done:
-            rows = [r for r in rows if r["_offset"] > done.get(self.txn_id(r["_topic"], r["_partition"]), -1)]
+            keep = [i for i, (t, p, o) in enumerate(zip(cols["_topic"], cols["_partition"], cols["_offset"],
+                                                          strict=True))
+                    if t == "labels" or o > done.get(self.txn_id(t, p), -1)]
+            if len(keep) < len(cols["_offset"]):
+                cols = {k: [v[i] for i in keep] for k, v in cols.items()}
             ids = {a: o for a, o in ids.items() if o > done.get(a, -1)}
         if not ids:
             return 0
-        table = pa.Table.from_pylist(rows) if rows else None
-        if table is not None and "event_timestamp" in table.column_names:
-            table = table.set_column(table.schema.get_field_index("event_timestamp"), "event_timestamp",
-                                     table["event_timestamp"].cast(delta.TS))
-        if table is None:
-            return 0
+        table = pa.table(cols)
+        for ts_col in ("event_timestamp", "created", "ingested_at"):
+            if ts_col in table.column_names:
+                i = table.schema.get_field_index(ts_col)
+                table = table.set_column(i, ts_col, table[ts_col].cast(pa.int64()).cast(delta.TS))
         n = delta.append(path, table, ids)
         ROWS_WRITTEN.labels(sink=f"delta:{name}").inc(n)
         return n
 
 
 class OnlineSink:
-    """Writes the newest value per entity to the Feast online store, one call per view and flush."""
+    """Writes one row per entity to the Feast online store, never replacing a newer row with an older one.
+
+    Feast's stores overwrite unconditionally, so the sink reads the stored event times of the batch's
+    entities first (one read per view and flush) and drops rows older than what is stored.
+    """
 
     def __init__(self, store: FeatureStore):
         self.store = store
+        self.provider = store._get_provider()
+        self.views: dict[str, Any] = {}
 
-    def write(self, view: str, rows: Iterable[dict[str, Any]], entity_key: str) -> int:
-        latest: dict[Any, dict[str, Any]] = {}
-        for r in rows:
-            cur = latest.get(r[entity_key])
-            if cur is None or r["event_timestamp"] >= cur["event_timestamp"]:
-                latest[r[entity_key]] = r
-        if not latest:
+    def write(self, view: str, rows: list[dict[str, Any]]) -> int:
+        if not rows:
             return 0
-        df = pd.DataFrame(list(latest.values()))
+        fv = self.views.get(view)
+        if fv is None:
+            fv = self.views[view] = self.store.get_stream_feature_view(view, allow_registry_cache=True)
+        df = pd.DataFrame(rows)
         df["event_timestamp"] = pd.to_datetime(df["event_timestamp"], unit="us", utc=True)
-        self.store.write_to_online_store(view, df.drop(columns=["_topic", "_partition", "_offset"],
-                                                        errors="ignore"))
+        df["created"] = pd.to_datetime(df["created"], unit="us", utc=True)
+        data = self.provider._prep_rows_to_write_for_ingestion(feature_view=fv, df=df, field_mapping=None)
+        stored = self.provider.online_read(self.store.config, fv, [d[0] for d in data])
+        fresh = [d for d, (ts, _) in zip(data, stored, strict=True) if ts is None or _utc(d[2]) >= _utc(ts)]
+        if fresh:
+            self.provider.online_write_batch(self.store.config, fv, fresh, progress=None)
         now = time.time()
-        for ts in df["event_timestamp"]:
-            FRESHNESS.observe(max(0.0, now - ts.timestamp()))
-        ROWS_WRITTEN.labels(sink=f"online:{view}").inc(len(df))
-        return len(df)
+        for d in fresh:
+            FRESHNESS.observe(max(0.0, now - _utc(d[2])))
+        ROWS_WRITTEN.labels(sink=f"online:{view}").inc(len(fresh))
+        if len(fresh) < len(data):
+            log.info("online %s: kept %d newer stored rows", view, len(data) - len(fresh))
+        return len(fresh)
+
+
+def _utc(ts: datetime) -> float:
+    """Epoch seconds; Feast hands back naive UTC datetimes from some stores."""
+    if ts.tzinfo is None:
+        return ts.replace(tzinfo=UTC).timestamp()
+    return ts.timestamp()

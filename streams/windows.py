@@ -2,19 +2,30 @@
 
 Semantics (the offline backfill must reproduce them exactly):
 
-* Event time ``ts`` is bucketed by ``b = floor(ts / bucket)``, where ``bucket`` is the
-  aggregation's ``slide_interval`` (default 1 s).
-* The value of an aggregation with window ``W`` at event time ``t`` covers every event of the entity
-  whose bucket lies in ``(b(t) - W/bucket, b(t)]``, i.e. the last ``W`` of event time ending with the
-  bucket that holds ``t`` (events later within the same bucket are included once they arrive).
-* The online row carries ``event_timestamp = t`` of the newest event applied for that entity.
+* Event time ``ts`` is bucketed by ``b = floor(ts / slide)``, where ``slide`` is the aggregation's
+  ``slide_interval`` (Feast's default is the window itself, i.e. a tumbling window).
+* The value of an aggregation with window ``W`` at event time ``t`` covers every *accepted* event of
+  the entity whose bucket lies in ``(b(t) - ceil(W/slide), b(t)]`` and that was consumed before or with
+  the event at ``t`` (the entity's source partition order). So an offline row at ``t`` includes events of
+  ``t``'s bucket that arrived earlier, even if their time is later than ``t``; it never includes events
+  consumed later.
+* Offline: one row per accepted event and view, at the event's own time ``t`` (``event_timestamp = t``).
+* Online: one row per entity and view, the value at the newest event time applied for the entity
+  (``event_timestamp = max t``), recomputed after each micro-batch, so a late-arriving event inside the
+  lateness updates the online value without moving its timestamp backwards.
 * ``count`` counts non-null values of the column; ``sum``/``mean``/``min``/``max`` use numeric values;
   an empty window gives count 0 and null for the others.
+* An event is *late* when its time is more than the source's ``watermark_delay_threshold`` behind the
+  watermark (the highest event time seen before it on its topic-partition); late events are not applied.
+
+Aggregations of one column with the same slide share one series of buckets
+``{bucket: [n, sum, min, max]}``, so a view's state is ``{"t": max ts µs, "b": {series: buckets}}``.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +44,18 @@ class AggSpec:
     def n_buckets(self) -> int:
         return max(1, math.ceil(self.window_s / self.bucket_s))
 
+    @property
+    def series(self) -> str:
+        return f"{self.column}|{self.bucket_s:g}"
+
+
+@dataclass(frozen=True)
+class Series:
+    key: str
+    column: str
+    bucket_s: float
+    numeric: bool
+
 
 @dataclass(frozen=True)
 class ViewSpec:
@@ -41,59 +64,81 @@ class ViewSpec:
     entity_key: str
     aggs: tuple[AggSpec, ...]
     lateness_s: float
+    udf: Callable[[Any], Any] | None = None
+    mode: str = "python"
 
     @property
     def horizon_s(self) -> float:
         """How much event time of state must be kept."""
         return max(a.window_s + a.bucket_s for a in self.aggs) + self.lateness_s
 
+    @property
+    def series(self) -> tuple[Series, ...]:
+        out: dict[str, Series] = {}
+        for a in self.aggs:
+            numeric = a.function != "count" or (a.series in out and out[a.series].numeric)
+            out[a.series] = Series(a.series, a.column, a.bucket_s, numeric)
+        return tuple(out.values())
+
 
 def specs_from_feast(views: list[Any]) -> list[ViewSpec]:
-    """ViewSpecs from Feast StreamFeatureViews (reads aggregations, source topic and lateness)."""
+    """ViewSpecs from Feast StreamFeatureViews (aggregations, source topic, lateness, udf)."""
     out = []
     for v in views:
         aggs = []
         for a in v.aggregations:
             if a.function not in FUNCTIONS:
                 raise ValueError(f"view {v.name}: aggregation function {a.function!r} not in {FUNCTIONS}")
-            bucket = a.slide_interval.total_seconds() if a.slide_interval else 1.0
             window = a.time_window.total_seconds()
+            bucket = a.slide_interval.total_seconds() if a.slide_interval else window
+            if window <= 0 or bucket <= 0:
+                raise ValueError(f"view {v.name}: time_window and slide_interval must be positive")
             name = a.name or f"{a.function}_{a.column}_{int(window)}s"
             aggs.append(AggSpec(name, a.column, a.function, window, bucket))
+        if not aggs:
+            raise ValueError(f"view {v.name}: a stream feature view needs at least one Aggregation")
         if len(v.entity_columns) != 1:
             raise ValueError(f"view {v.name}: exactly one entity join key is supported")
         kopts = v.stream_source.kafka_options
         late = kopts.watermark_delay_threshold.total_seconds() if kopts.watermark_delay_threshold else 0.0
-        out.append(ViewSpec(v.name, kopts.topic, v.entity_columns[0].name, tuple(aggs), late))
+        mode = getattr(v.mode, "value", v.mode) or "python"
+        out.append(ViewSpec(v.name, kopts.topic, v.entity_columns[0].name, tuple(aggs), late,
+                            udf=v.udf, mode=str(mode).lower()))
     return out
 
 
 def update(state: dict[str, Any], view: ViewSpec, row: dict[str, Any], ts_s: float) -> None:
-    """Fold one event into an entity's state: ``{agg_name: {bucket: [n, sum, min, max]}}``."""
-    for a in view.aggs:
-        v = row.get(a.column)
+    """Fold one event into a view's state (see the module docstring for its layout)."""
+    series = state.setdefault("b", {})
+    for s in view.series:
+        v = row.get(s.column)
         if v is None:
             continue
-        b = str(math.floor(ts_s / a.bucket_s))
-        buckets = state.setdefault(a.name, {})
+        x = float(v) if s.numeric else 0.0
+        b = str(math.floor(ts_s / s.bucket_s))
+        buckets = series.get(s.key)
+        if buckets is None:
+            buckets = series[s.key] = {}
         cell = buckets.get(b)
-        x = float(v) if a.function != "count" else 0.0
         if cell is None:
             buckets[b] = [1, x, x, x]
         else:
             cell[0] += 1
             cell[1] += x
-            cell[2] = min(cell[2], x)
-            cell[3] = max(cell[3], x)
+            if x < cell[2]:
+                cell[2] = x
+            if x > cell[3]:
+                cell[3] = x
 
 
 def values(state: dict[str, Any], view: ViewSpec, ts_s: float) -> dict[str, float | int | None]:
-    """Feature values at event time ``ts_s`` from an entity's state."""
+    """Feature values at event time ``ts_s`` from a view's state."""
     out: dict[str, float | int | None] = {}
+    series = state.get("b", {})
     for a in view.aggs:
         hi = math.floor(ts_s / a.bucket_s)
         lo = hi - a.n_buckets
-        cells = [c for k, c in state.get(a.name, {}).items() if lo < int(k) <= hi]
+        cells = [c for k, c in series.get(a.series, {}).items() if lo < int(k) <= hi]
         n = sum(c[0] for c in cells)
         if a.function == "count":
             out[a.name] = n
@@ -112,9 +157,10 @@ def values(state: dict[str, Any], view: ViewSpec, ts_s: float) -> dict[str, floa
 
 def prune(state: dict[str, Any], view: ViewSpec, watermark_s: float) -> None:
     """Drop buckets no window can reach any more (older than the horizon behind the watermark)."""
-    for a in view.aggs:
-        oldest = math.floor((watermark_s - view.horizon_s) / a.bucket_s)
-        buckets = state.get(a.name)
+    series = state.get("b", {})
+    for s in view.series:
+        buckets = series.get(s.key)
         if buckets:
+            oldest = math.floor((watermark_s - view.horizon_s) / s.bucket_s)
             for k in [k for k in buckets if int(k) < oldest]:
                 del buckets[k]

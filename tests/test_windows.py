@@ -46,7 +46,7 @@ def test_prune_keeps_state_bounded():
     for i in range(1000):
         windows.update(state, view, {"x": 1}, float(i))
         windows.prune(state, view, float(i))
-    assert len(state["c"]) <= 17
+    assert len(state["b"]["x|1"]) <= 17
 
 
 def test_null_column_is_ignored_and_empty_window_gives_none():

@@ -43,8 +43,10 @@ user_impressions = StreamFeatureView(
     source=impressions,
     timestamp_field="event_timestamp",
     aggregations=[
-        Aggregation(column="bid", function="count", time_window=timedelta(minutes=1), name="impressions_1m"),
-        Aggregation(column="bid", function="mean", time_window=timedelta(minutes=1), name="mean_bid_1m"),
+        Aggregation(column="bid", function="count", time_window=timedelta(minutes=1),
+                    slide_interval=timedelta(seconds=10), name="impressions_1m"),
+        Aggregation(column="bid", function="mean", time_window=timedelta(minutes=1),
+                    slide_interval=timedelta(seconds=10), name="mean_bid_1m"),
     ],
     schema=[Field(name="user_id", dtype=String), Field(name="impressions_1m", dtype=Int64),
             Field(name="mean_bid_1m", dtype=Float64)],
@@ -59,9 +61,28 @@ user_clicks = StreamFeatureView(
     timestamp_field="event_timestamp",
     aggregations=[
         Aggregation(column="impression_id", function="count", time_window=timedelta(minutes=5),
-                    name="clicks_5m"),
+                    slide_interval=timedelta(seconds=30), name="clicks_5m"),
     ],
     schema=[Field(name="user_id", dtype=String), Field(name="clicks_5m", dtype=Int64)],
+    online=True,
+)
+
+user_bid_stats = StreamFeatureView(
+    name="user_bid_stats",
+    entities=[user],
+    ttl=timedelta(hours=1),
+    source=impressions,
+    timestamp_field="event_timestamp",
+    aggregations=[
+        Aggregation(column="bid", function="sum", time_window=timedelta(minutes=10),
+                    slide_interval=timedelta(minutes=1), name="bid_sum_10m"),
+        Aggregation(column="bid", function="min", time_window=timedelta(minutes=10),
+                    slide_interval=timedelta(minutes=1), name="bid_min_10m"),
+        Aggregation(column="bid", function="max", time_window=timedelta(minutes=10),
+                    slide_interval=timedelta(minutes=1), name="bid_max_10m"),
+    ],
+    schema=[Field(name="user_id", dtype=String), Field(name="bid_sum_10m", dtype=Float64),
+            Field(name="bid_min_10m", dtype=Float64), Field(name="bid_max_10m", dtype=Float64)],
     online=True,
 )
 
