@@ -110,6 +110,14 @@ def cmd_demo(a: argparse.Namespace, s: Settings) -> int:
     return 0 if run_demo(s, rate=a.rate, timeout=a.timeout) else 1
 
 
+def cmd_bench(a: argparse.Namespace, s: Settings) -> int:
+    if a.what == "streams":
+        from driftloop.bench.streams import run
+
+        run(s, events=a.events, rate=a.rate, fresh_s=a.fresh_seconds, baseline_events=a.baseline_events)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="driftloop", description=__doc__)
     p.add_argument("--data-dir", help="state folder (default .driftloop, env DRIFTLOOP_DATA_DIR)")
@@ -151,6 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--rate", type=float, default=400.0)
     d.add_argument("--timeout", type=float, default=540.0)
     d.set_defaults(fn=cmd_demo)
+    b = sub.add_parser("bench", help="run a benchmark; the last line of output is one JSON object")
+    bs = b.add_subparsers(dest="what", required=True)
+    st = bs.add_parser("streams", help="streams throughput, freshness and the per-event baseline")
+    st.add_argument("--events", type=int, default=200_000, help="impressions in the backlog (+20%% clicks)")
+    st.add_argument("--rate", type=float, default=5000.0, help="events/s for the freshness phase")
+    st.add_argument("--fresh-seconds", type=float, default=20.0)
+    st.add_argument("--baseline-events", type=int, default=5000)
+    b.set_defaults(fn=cmd_bench)
     return p
 
 

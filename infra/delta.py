@@ -37,15 +37,19 @@ def applied_offsets(path: Path, app_ids: list[str]) -> dict[str, int]:
     return out
 
 
-def append(path: Path, table: pa.Table, offsets: dict[str, int] | None = None) -> int:
-    """Append ``table`` with one commit that also records ``offsets``; returns rows written."""
+def append(target: Path | DeltaTable, table: pa.Table, offsets: dict[str, int] | None = None) -> int:
+    """Append ``table`` with one commit that also records ``offsets``; returns rows written.
+
+    ``target`` is a path, or an open table (cheaper: no log replay; it moves to the new version)."""
     if table.num_rows == 0 and not offsets:
         return 0
     props = None
     if offsets:
         props = CommitProperties(app_transactions=[Transaction(app_id=a, version=v) for a, v in offsets.items()])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_deltalake(str(path), table, mode="append", commit_properties=props, schema_mode="merge")
+    if isinstance(target, Path):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target = str(target)  # type: ignore[assignment]
+    write_deltalake(target, table, mode="append", commit_properties=props, schema_mode="merge")
     return table.num_rows
 
 

@@ -12,8 +12,10 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+import orjson
 
 from driftloop.infra.contracts import Click, Impression, new_id, now_us
 from driftloop.infra.kafka import flush_or_raise, make_producer, produce_event
@@ -107,3 +109,68 @@ def produce(settings: Settings, rate: float, count: int | None = None, duration:
         time.sleep(tick)
     flush_or_raise(producer)
     return gen
+
+
+def synthetic_events(n: int, *, users: int = 5000, start_us: int | None = None, rate: float = 5000.0,
+                     disorder_s: float = 0.0, click_share: float = 0.2, seed: int = 0) -> list[tuple[str, dict]]:
+    """``n`` impressions and about ``click_share * n`` clicks as ``(logical topic, record)``, in send order.
+
+    Vectorised (hundreds of thousands per second) for benchmarks and tests. Records are sent as if
+    ``rate`` impressions/s arrived from ``start_us`` on; each event time lags its send time by up to
+    ``disorder_s`` (out of order within that bound); a click follows its impression by 0.05–2 s.
+    """
+    r = np.random.default_rng(seed)
+    start = start_us if start_us is not None else now_us()
+    w = 1.0 / np.arange(1, users + 1) ** 0.8
+    uid = r.choice(users, size=n, p=w / w.sum())
+    send = start + (np.arange(n) * 1e6 / rate).astype(np.int64)
+    ts = send - (r.uniform(0, disorder_s, n) * 1e6).astype(np.int64)
+    pos = r.integers(1, 6, n)
+    bid = np.round(r.lognormal(0.0, 0.35, n), 4)
+    dev = r.choice(len(DEVICES), size=n, p=(0.25, 0.6, 0.15))
+    ctry = r.integers(0, len(COUNTRIES), n)
+    ad = r.integers(0, 200, n)
+    ids = [f"{seed:x}-{i:x}" for i in range(n)]
+    out: list[tuple[int, str, dict]] = []
+    for i in range(n):
+        out.append((int(send[i]), "events.impressions", {
+            "schema_version": 1, "event_id": ids[i], "ts": int(ts[i]), "user_id": f"u{uid[i]}", "ad_id": f"a{ad[i]}",
+            "campaign_id": f"c{ad[i] % 20}", "device": DEVICES[dev[i]], "country": COUNTRIES[ctry[i]],
+            "position": int(pos[i]), "bid": float(bid[i])}))
+    clicked = np.flatnonzero(r.random(n) < click_share)
+    delay = (r.uniform(0.05, 2.0, len(clicked)) * 1e6).astype(np.int64)
+    lag = (r.uniform(0, disorder_s, len(clicked)) * 1e6).astype(np.int64)
+    for i, d, g in zip(clicked, delay, lag, strict=True):
+        out.append((int(send[i] + d), "events.clicks", {
+            "schema_version": 1, "event_id": f"k{ids[i]}", "ts": int(send[i] + d - g), "impression_id": ids[i],
+            "user_id": f"u{uid[i]}", "ad_id": f"a{ad[i]}"}))
+    out.sort(key=lambda x: x[0])
+    return [(topic, rec) for _, topic, rec in out]
+
+
+def publish(settings: Settings, records: list[tuple[str, dict]] | list[tuple[str, bytes, bytes]],
+            rate: float | None = None, **producer_config: Any) -> int:
+    """Send ``(logical topic, record)`` or ``(logical topic, key, raw value)`` items in order, keyed by
+    ``user_id``; paced at ``rate`` records/s when given. Returns the count once every record is acked."""
+    producer = make_producer(settings, **producer_config)
+    names = {t: settings.topic(t) for t in {x[0] for x in records}}
+    start = time.monotonic()
+    for i, item in enumerate(records):
+        if len(item) == 2:
+            topic, rec = item
+            key, value = str(rec["user_id"]).encode(), orjson.dumps(rec)
+        else:
+            topic, key, value = item
+        while True:
+            try:
+                producer.produce(names[topic], key=key, value=value)
+                break
+            except BufferError:
+                producer.poll(0.01)
+        if rate and i % 100 == 0:
+            ahead = i / rate - (time.monotonic() - start)
+            if ahead > 0:
+                time.sleep(ahead)
+            producer.poll(0)
+    flush_or_raise(producer)
+    return len(records)

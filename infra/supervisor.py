@@ -35,13 +35,24 @@ class Child:
     restarts: int = 0
     next_start: float = 0.0
     started_at: float = field(default=0.0)
+    argv: list[str] | None = None  # default: ``driftloop worker NAME``
 
     def start(self) -> None:
         out = open(self.log_file, "ab")  # noqa: SIM115 - the child owns it
-        self.proc = subprocess.Popen([sys.executable, "-m", "driftloop.infra.cli", "worker", self.name],
-                                     env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        argv = self.argv or [sys.executable, "-m", "driftloop.infra.cli", "worker", self.name]
+        self.proc = subprocess.Popen(argv, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         self.started_at = time.monotonic()
         log.info("started %s (pid %d)", self.name, self.proc.pid)
+
+    def stop(self, grace: float = 15.0) -> None:
+        """SIGTERM, then SIGKILL after ``grace`` seconds."""
+        self.signal_group(signal.SIGTERM)
+        if self.proc is not None:
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.signal_group(signal.SIGKILL)
+                self.proc.wait()
 
     def signal_group(self, sig: int) -> None:
         if self.proc is not None and self.proc.poll() is None:

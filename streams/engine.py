@@ -44,7 +44,6 @@ class Record:
     offset: int
     key: bytes | None
     value: bytes | None
-    source: Any = None  # the Faust event, kept to route changelog writes to its partition
 
 
 @dataclass
@@ -251,7 +250,8 @@ class FeatureEngine:
                 if cur is None or cur[0] is None:
                     continue
                 user = key.split("=", 1)[1]
-                out.labels.append(Label(event_id=iid, impression_id=iid, user_id=user, label=cur[1], ts=cur[0]))
+                out.labels.append(Label.model_construct(schema_version=1, event_id=iid, impression_id=iid,
+                                                        user_id=user, label=cur[1], ts=cur[0]))
                 if key not in out.states:
                     out.states[key] = (st, routing)
         for lb in out.labels:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 FUNCTIONS = ("count", "sum", "mean", "min", "max")
@@ -44,7 +45,7 @@ class AggSpec:
     def n_buckets(self) -> int:
         return max(1, math.ceil(self.window_s / self.bucket_s))
 
-    @property
+    @cached_property
     def series(self) -> str:
         return f"{self.column}|{self.bucket_s:g}"
 
@@ -72,13 +73,21 @@ class ViewSpec:
         """How much event time of state must be kept."""
         return max(a.window_s + a.bucket_s for a in self.aggs) + self.lateness_s
 
-    @property
+    @cached_property
     def series(self) -> tuple[Series, ...]:
         out: dict[str, Series] = {}
         for a in self.aggs:
             numeric = a.function != "count" or (a.series in out and out[a.series].numeric)
             out[a.series] = Series(a.series, a.column, a.bucket_s, numeric)
         return tuple(out.values())
+
+    @cached_property
+    def plan(self) -> tuple[tuple[str, float, int, tuple[tuple[str, str], ...]], ...]:
+        """Aggregations grouped by (series, window): ``(series, slide, n_buckets, ((name, function), ...))``."""
+        groups: dict[tuple[str, float, int], list[tuple[str, str]]] = {}
+        for a in self.aggs:
+            groups.setdefault((a.series, a.bucket_s, a.n_buckets), []).append((a.name, a.function))
+        return tuple((k[0], k[1], k[2], tuple(v)) for k, v in groups.items())
 
 
 def specs_from_feast(views: list[Any]) -> list[ViewSpec]:
@@ -135,23 +144,31 @@ def values(state: dict[str, Any], view: ViewSpec, ts_s: float) -> dict[str, floa
     """Feature values at event time ``ts_s`` from a view's state."""
     out: dict[str, float | int | None] = {}
     series = state.get("b", {})
-    for a in view.aggs:
-        hi = math.floor(ts_s / a.bucket_s)
-        lo = hi - a.n_buckets
-        cells = [c for k, c in series.get(a.series, {}).items() if lo < int(k) <= hi]
-        n = sum(c[0] for c in cells)
-        if a.function == "count":
-            out[a.name] = n
-        elif n == 0:
-            out[a.name] = None
-        elif a.function == "sum":
-            out[a.name] = sum(c[1] for c in cells)
-        elif a.function == "mean":
-            out[a.name] = sum(c[1] for c in cells) / n
-        elif a.function == "min":
-            out[a.name] = min(c[2] for c in cells)
-        else:
-            out[a.name] = max(c[3] for c in cells)
+    for key, slide, n_buckets, aggs in view.plan:
+        hi = math.floor(ts_s / slide)
+        lo = hi - n_buckets
+        n, total, mn, mx = 0, 0.0, math.inf, -math.inf
+        for k, c in series.get(key, {}).items():
+            if lo < int(k) <= hi:
+                n += c[0]
+                total += c[1]
+                if c[2] < mn:
+                    mn = c[2]
+                if c[3] > mx:
+                    mx = c[3]
+        for name, fn in aggs:
+            if fn == "count":
+                out[name] = n
+            elif n == 0:
+                out[name] = None
+            elif fn == "sum":
+                out[name] = total
+            elif fn == "mean":
+                out[name] = total / n
+            elif fn == "min":
+                out[name] = mn
+            else:
+                out[name] = mx
     return out
 
 

@@ -1,0 +1,1 @@
+"""Benchmarks behind ``driftloop bench``: each prints figures and ends with one JSON line."""

@@ -1,0 +1,102 @@
+"""Shared benchmark plumbing: a broker, isolated settings, worker processes, Prometheus scraping."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from driftloop.infra.broker import EmbeddedBroker, free_port
+from driftloop.infra.settings import Settings
+from driftloop.infra.supervisor import Child, settings_env
+from driftloop.infra.topics import ensure_topics
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def broker(settings: Settings) -> Iterator[str]:
+    """The configured Kafka, or an embedded Tansu broker for the run."""
+    if settings.bootstrap_servers:
+        yield settings.bootstrap_servers
+        return
+    with EmbeddedBroker() as b:
+        yield b.bootstrap_servers
+
+
+def isolated(base: Settings, bootstrap: str, name: str, **overrides: object) -> Settings:
+    """Settings with a data directory and topic prefix of their own; topics created."""
+    run = uuid.uuid4().hex[:6]
+    s = Settings(**{**base.model_dump(), "data_dir": base.root / "bench" / f"{name}-{run}",
+                    "bootstrap_servers": bootstrap, "topic_prefix": f"b{run}.", "metrics_port": free_port(),
+                    **overrides})
+    s.root.mkdir(parents=True, exist_ok=True)
+    s.run_dir.mkdir(parents=True, exist_ok=True)
+    ensure_topics(s)
+    return s
+
+
+@contextlib.contextmanager
+def running(settings: Settings, name: str, argv: list[str] | None = None, timeout: float = 120) -> Iterator[Child]:
+    """A worker process that has reported ready; stopped (SIGTERM) on exit."""
+    child = Child(name, settings_env(settings), settings.root / f"{name}.log", argv=argv)
+    child.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while not (settings.run_dir / f"{name}.ready").exists():
+            if child.proc is not None and child.proc.poll() is not None:
+                raise RuntimeError(f"{name} exited: see {child.log_file}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name} not ready in {timeout}s: see {child.log_file}")
+            time.sleep(0.1)
+        yield child
+    finally:
+        child.stop()
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a worker's /metrics as ``{(name, labels): value}``."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for smp in fam.samples:
+            out[(smp.name, tuple(sorted(smp.labels.items())))] = smp.value
+    return out
+
+
+def total(samples: dict, name: str, **labels: str) -> float:
+    """Sum of a metric's samples whose labels include ``labels``."""
+    want = set(labels.items())
+    return sum(v for (n, lb), v in samples.items() if n == name and want <= set(lb))
+
+
+def histogram_quantile(q: float, before: dict, after: dict, name: str) -> float:
+    """``q``-quantile of a histogram's observations between two scrapes (linear within a bucket)."""
+    def buckets(s: dict) -> dict[float, float]:
+        return {float(dict(lb)["le"]): v for (n, lb), v in s.items() if n == f"{name}_bucket"}
+    b0, b1 = buckets(before), buckets(after)
+    edges = sorted(b1)
+    counts = [b1[e] - b0.get(e, 0.0) for e in edges]
+    n = counts[-1]
+    if n <= 0:
+        return float("nan")
+    rank, lo, prev = q * n, 0.0, 0.0
+    for e, c in zip(edges, counts, strict=True):
+        if c >= rank:
+            if e == float("inf"):
+                return lo
+            return lo + (e - lo) * (rank - prev) / max(c - prev, 1e-12)
+        lo, prev = e, c
+    return edges[-1]
+
+
+def report(result: dict) -> None:
+    """The last line of every benchmark: one JSON object."""
+    print(json.dumps(result, sort_keys=True), flush=True)
