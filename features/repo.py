@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import shutil
+import sys
 from pathlib import Path
 
 from feast import Entity, FeatureService, FeatureStore, FeatureView
@@ -50,16 +51,26 @@ def init_repo(settings: Settings, source: Path | None = None) -> Path:
 
 
 def load_definitions(repo: Path) -> list[object]:
-    """Every Feast object defined at module level in the repo's ``*.py`` files."""
+    """Every Feast object defined at module level in the repo's ``*.py`` files.
+
+    Like ``feast apply``, the repo folder is importable while loading, so one file may import another
+    (``from ads import user``) and udfs pickled by reference can be loaded back by the workers."""
     kinds = (Entity, FeatureView, StreamFeatureView, FeatureService, DataSource)
     objects: list[object] = []
-    for f in sorted(repo.glob("*.py")):
-        spec = importlib.util.spec_from_file_location(f"driftloop_repo_{f.stem}", f)
-        assert spec and spec.loader
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
+    on_path(repo)
+    files = sorted(repo.glob("*.py"))
+    for f in files:
+        sys.modules.pop(f.stem, None)  # another repo's module of the same name
+    for f in files:
+        mod = sys.modules.get(f.stem) or importlib.import_module(f.stem)
         objects += [v for v in vars(mod).values() if isinstance(v, kinds) and v not in objects]
     return objects
+
+
+def on_path(repo: Path) -> None:
+    """Make the repo's modules importable (the registry pickles udfs by module reference)."""
+    if str(repo) not in sys.path:
+        sys.path.insert(0, str(repo))
 
 
 def apply(settings: Settings) -> FeatureStore:
@@ -74,6 +85,7 @@ def apply(settings: Settings) -> FeatureStore:
 
 def open_store(settings: Settings) -> FeatureStore:
     repo = settings.feature_repo_dir
+    on_path(repo)
     if not (repo / "feature_store.yaml").exists():
         return apply(settings)
     return FeatureStore(repo_path=str(repo))

@@ -267,12 +267,12 @@ class FeatureEngine:
             for name in names:
                 view = by_name[name]
                 vst = st["v"][name]
-                wm = self.watermarks.get((view.topic, r.partition))
-                if wm is not None:
-                    windows.prune(vst, view, wm / 1e6)
                 out.online.setdefault(name, []).append(
                     {view.entity_key: entity, **windows.values(vst, view, vst["t"] / 1e6),
                      "event_timestamp": vst["t"], "created": now_us})
+                wm = self.watermarks.get((view.topic, r.partition))
+                if wm is not None:  # after the online value: an idle entity keeps its value at its last time
+                    windows.prune(vst, view, wm / 1e6)
         if self.label is None:
             return
         for key, (st, r) in out.states.items():

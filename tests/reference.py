@@ -1,0 +1,84 @@
+"""A brute-force pandas/numpy reference of the stream feature views, written from the semantics in
+``streams/windows.py`` independently of the engine: for every event, aggregate all earlier-consumed
+events of its entity (and itself) whose slide bucket lies in ``(b(t) - ceil(W/slide), b(t)]``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import pandas as pd
+
+from driftloop.infra import delta
+from driftloop.infra.settings import Settings
+from driftloop.streams.windows import ViewSpec
+
+CHUNK = 512
+
+
+def _window(ts: np.ndarray, x: np.ndarray, at: np.ndarray, upto: np.ndarray, slide: float, n: int) -> dict:
+    """count/sum/min/max per query row ``k``: events ``j <= upto[k]`` in the window of time ``at[k]``."""
+    b = np.floor((ts / 1e6) / slide)
+    out = {"count": [], "sum": [], "min": [], "max": []}
+    for lo in range(0, len(at), CHUNK):
+        q = np.floor((at[lo:lo + CHUNK] / 1e6) / slide)[:, None]
+        m = (np.arange(len(ts))[None, :] <= upto[lo:lo + CHUNK, None]) & (b[None, :] > q - n) & (b[None, :] <= q)
+        out["count"].append(m.sum(1))
+        out["sum"].append(np.where(m, x[None, :], 0.0).sum(1))
+        out["min"].append(np.where(m, x[None, :], np.inf).min(1))
+        out["max"].append(np.where(m, x[None, :], -np.inf).max(1))
+    return {k: np.concatenate(v) if v else np.array([]) for k, v in out.items()}
+
+
+def _values(ts: np.ndarray, x: np.ndarray, at: np.ndarray, upto: np.ndarray, view: ViewSpec) -> dict:
+    cols = {}
+    for a in view.aggs:
+        w = _window(ts, x[a.column], at, upto, a.bucket_s, math.ceil(a.window_s / a.bucket_s))
+        n = w["count"]
+        if a.function == "count":
+            cols[a.name] = n
+        elif a.function == "mean":
+            cols[a.name] = np.where(n > 0, w["sum"] / np.maximum(n, 1), np.nan)
+        else:
+            cols[a.name] = np.where(n > 0, w[a.function], np.nan)
+    return cols
+
+
+def expected(events: list[dict], view: ViewSpec,
+             transform: Callable[[pd.DataFrame], pd.DataFrame] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(offline rows keyed by ``event_id``, online rows keyed by entity) for ``events`` in consumption order."""
+    df = pd.DataFrame(events)
+    if transform is not None:
+        df = transform(df)
+    off, on = [], []
+    for entity, g in df.groupby(view.entity_key, sort=False):
+        ts = g["ts"].to_numpy(np.int64)
+        x = {c: pd.to_numeric(g[c], errors="coerce").fillna(0.0).to_numpy(float) for c in {a.column for a in view.aggs}}
+        idx = np.arange(len(g))
+        off.append(pd.DataFrame({"event_id": g["event_id"].to_numpy(), **_values(ts, x, ts, idx, view)}))
+        last = np.array([ts.max()])
+        on.append(pd.DataFrame({view.entity_key: [entity], "event_timestamp": last,
+                                **_values(ts, x, last, np.array([len(g) - 1]), view)}))
+    return pd.concat(off, ignore_index=True), pd.concat(on, ignore_index=True)
+
+
+def offline_rows(settings: Settings, view: ViewSpec) -> pd.DataFrame:
+    """The view's Delta rows joined to the bronze table's event ids through (topic, partition, offset)."""
+    rows = delta.read(settings.offline_dir / view.name)
+    bronze = delta.read(settings.offline_dir / f"bronze_{view.topic.split('.')[-1]}",
+                        ["event_id", "_topic", "_partition", "_offset"])
+    return rows.merge(bronze, on=["_topic", "_partition", "_offset"], how="left", validate="one_to_one")
+
+
+def assert_frames_match(got: pd.DataFrame, want: pd.DataFrame, key: str, columns: list[str]) -> None:
+    """Same keys, and per column equal counts / float values within 1e-9 relative (summation order)."""
+    assert got[key].is_unique, f"duplicate {key} in the store"
+    assert set(got[key]) == set(want[key]), (
+        f"{len(set(want[key]) - set(got[key]))} missing, {len(set(got[key]) - set(want[key]))} unexpected")
+    m = got.set_index(key).loc[want[key], columns].reset_index(drop=True)
+    for c in columns:
+        a = pd.to_numeric(m[c], errors="coerce").to_numpy(float)
+        b = pd.to_numeric(want[c], errors="coerce").to_numpy(float)
+        bad = ~(np.isclose(a, b, rtol=1e-9, atol=1e-9) | (np.isnan(a) & np.isnan(b)))
+        assert not bad.any(), f"{c}: {bad.sum()} of {len(a)} differ, e.g. got {a[bad][:3]} want {b[bad][:3]}"
