@@ -23,10 +23,11 @@ from typing import Any
 
 import faust
 import orjson
+from confluent_kafka import Consumer, TopicPartition
 
 from driftloop.features.repo import open_store
 from driftloop.infra.contracts import Click, Impression
-from driftloop.infra.kafka import faust_broker_settings, flush_or_raise, make_producer
+from driftloop.infra.kafka import consumer_config, faust_broker_settings, flush_or_raise, good_messages, make_producer
 from driftloop.infra.metrics import BATCH_SIZE, DLQ, EVENTS_IN, serve_metrics
 from driftloop.infra.settings import Settings
 from driftloop.streams import faust_patches, windows
@@ -75,6 +76,10 @@ def create_app(settings: Settings) -> faust.App:
         """One fetch round of source records (see ``faust_patches.route_batches``)."""
         nonlocal fresh_assignment
         if fresh_assignment:
+            parts = {tp.partition for tp in app.consumer.assignment() if tp.topic in source.topics}
+            n = await asyncio.get_running_loop().run_in_executor(None, _recover_tail, sorted(parts))
+            log.info("state: %d keys after recovery (%d changelog records re-read past the reported end)",
+                     len(state.data), n)
             engine.reset(state.data.items())
             offline.reset()
             fresh_assignment = False
@@ -120,6 +125,36 @@ def create_app(settings: Settings) -> faust.App:
 
     app.topics.add(source)
     faust_patches.route_batches(source.topics, process)
+
+    def _recover_tail(partitions: list[int]) -> int:
+        """Re-read each changelog partition from its reported end minus one to its real end.
+
+        Tansu reports a partition's end as the base offset of its last record batch + 1, so Faust's
+        recovery stops short of the newest batch of state records; they are applied here."""
+        c = Consumer(consumer_config(settings, f"{settings.topic_prefix}streams-recovery"))
+        n = 0
+        try:
+            tps = []
+            for p in partitions:
+                lo, hi = c.get_watermark_offsets(TopicPartition(changelog, p), timeout=10)
+                tps.append(TopicPartition(changelog, p, max(lo, hi - 1)))
+            if not tps:
+                return 0
+            c.assign(tps)
+            empty = 0
+            while empty < 3:
+                msgs = good_messages(c.consume(10_000, 0.2))
+                empty = 0 if msgs else empty + 1
+                for m in msgs:
+                    key = orjson.loads(m.key())
+                    if m.value() is None:
+                        state.data.pop(key, None)
+                    else:
+                        state.data[key] = orjson.loads(m.value())
+                    n += 1
+        finally:
+            c.close()
+        return n
 
     def _write_online(out: BatchOutput) -> None:
         for name, rows in out.online.items():

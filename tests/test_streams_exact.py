@@ -10,7 +10,6 @@ import time
 
 import orjson
 import pandas as pd
-import pytest
 from feast import FeatureStore
 
 from driftloop.features.repo import apply, open_store
