@@ -12,7 +12,9 @@ EVENTS_IN = Counter("driftloop_events_in_total", "Records consumed", ["component
 DLQ = Counter("driftloop_dlq_total", "Records sent to the dead-letter topic", ["reason"])
 ROWS_WRITTEN = Counter("driftloop_rows_written_total", "Rows written per sink", ["sink"])
 BATCH_SIZE = Histogram("driftloop_batch_size", "Records per processed batch", ["component"],
-                       buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000))
+                       buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000))
+CONSUMER_LAG = Gauge("driftloop_consumer_lag", "Records behind the partition end after a batch (approximate on "
+                     "Tansu, whose end offsets run short)", ["component", "topic", "partition"])
 FRESHNESS = Histogram("driftloop_feature_freshness_seconds", "Event time to online write",
                       buckets=(0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1, 1.5, 2, 5, 10))
 PREDICTIONS = Counter("driftloop_predictions_total", "Predictions published", ["model_version"])

@@ -15,6 +15,7 @@ them (JSON key and value, the source partition), so Faust's table recovery reads
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -28,7 +29,7 @@ from confluent_kafka import Consumer, TopicPartition
 from driftloop.features.repo import open_store
 from driftloop.infra.contracts import Click, Impression
 from driftloop.infra.kafka import consumer_config, faust_broker_settings, flush_or_raise, good_messages, make_producer
-from driftloop.infra.metrics import BATCH_SIZE, DLQ, EVENTS_IN, serve_metrics
+from driftloop.infra.metrics import BATCH_SIZE, CONSUMER_LAG, DLQ, EVENTS_IN, serve_metrics
 from driftloop.infra.settings import Settings
 from driftloop.streams import faust_patches, windows
 from driftloop.streams.engine import BatchOutput, FeatureEngine, LabelRule, Record
@@ -99,6 +100,11 @@ def create_app(settings: Settings) -> faust.App:
         t1 = time.perf_counter()
         for topic in {r.topic for r in records}:
             EVENTS_IN.labels(component="streams", topic=topic).inc(sum(r.topic == topic for r in records))
+        last = {m.tp: m.offset for m in messages}
+        for tp, off in last.items():
+            with contextlib.suppress(Exception):  # the end offset is unknown until the first fetch answer
+                CONSUMER_LAG.labels("streams", tp.topic, str(tp.partition)).set(
+                    max(0, app.consumer.highwater(tp) - off - 1))
         loop = asyncio.get_running_loop()
         writes = [loop.run_in_executor(pool, offline.write, name, cols, out.offsets)
                   for name, cols in out.offline.items()]

@@ -8,9 +8,12 @@
   is suspended (a rebalance), which is when Faust needs to abandon a blocked delivery.
 * Batch dispatch (``route_batches``): records of the registered topics skip Faust's per-record
   Event/Stream layer (about 100 µs per record here). Each fetch round goes to one async handler as a
-  list of Faust ``Message`` objects; they are tracked before and acked after the handler returns, so
+  list of Faust ``Message`` objects (rounds are merged for up to ``BATCH_LINGER_S``, because aiokafka
+  fetches again only once its buffer is drained and Tansu holds each fetch for its full wait, so one
+  round alone carries just a fetch wait's worth of records); they are tracked before and acked after
+  the handler returns, so
   Faust's own commit loop commits only offsets whose writes are done. While flow is suspended (a
-  rebalance) such records are left unread; Faust seeks to the committed offsets afterwards.
+  rebalance) such records are dropped unacked; Faust seeks to the committed offsets afterwards.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from faust.transport import consumer as faust_consumer
 from driftloop.infra.kafka import FETCH_WAIT_MS
 
 _applied = False
+BATCH_LINGER_S = 0.1
+BATCH_MAX_RECORDS = 50_000
 BatchHandler = Callable[[list[Any]], Awaitable[None]]
 _batch_handlers: dict[str, BatchHandler] = {}
 
@@ -51,14 +56,16 @@ async def _drain_messages(self: Any, fetcher: Any) -> None:  # pragma: no cover 
     acks_enabled_for = self.app.topics.acks_enabled_for
     suspended = self.suspend_flow.is_set
     since_yield = 0
+    loop = asyncio.get_running_loop()
+    batches: dict[BatchHandler, list[Any]] = {}
+    started = 0.0
     try:
         while not (consumer_stopped() or fetcher_stopped()):
             self.diag.set_flag(faust_consumer.CONSUMER_FETCHING)
-            ait = getmany(timeout=1.0)
+            ait = getmany(timeout=BATCH_LINGER_S / 2 if batches else 1.0)
             await asyncio.sleep(0)
             if self.should_stop:
                 continue
-            batches: dict[BatchHandler, list[Any]] = {}
             async for tp, message in ait:
                 since_yield += 1
                 if since_yield > 1000:
@@ -75,6 +82,8 @@ async def _drain_messages(self: Any, fetcher: Any) -> None:  # pragma: no cover 
                     if suspended():
                         continue
                     self.track_message(message)
+                    if not batches:
+                        started = loop.time()
                     batches.setdefault(handler, []).append(message)
                     set_read_offset(tp, offset)
                     continue
@@ -86,10 +95,15 @@ async def _drain_messages(self: Any, fetcher: Any) -> None:  # pragma: no cover 
                 else:
                     await callback(message)
                 set_read_offset(tp, offset)
-            for handler, messages in batches.items():
-                await handler(messages)
-                for m in messages:
-                    self.ack(m)
+            if batches and suspended():  # a rebalance: leave them unacked; Faust seeks to the committed offsets
+                batches = {}
+            pending = sum(len(m) for m in batches.values())
+            if pending and (pending >= BATCH_MAX_RECORDS or loop.time() - started >= BATCH_LINGER_S):
+                for handler, messages in batches.items():
+                    await handler(messages)
+                    for m in messages:
+                        self.ack(m)
+                batches = {}
             self.diag.unset_flag(faust_consumer.CONSUMER_FETCHING)
     except self.consumer_stopped_errors:
         if self.transport.app.should_stop:
