@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sys
 import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -140,7 +142,26 @@ def run_demo(settings: Settings, rate: float = 400.0, timeout: float = 540.0) ->
         for t in threads:
             t.join(15)
         stack.stop()
-    return _finish(s, obs, onset_us, drift_version, ok, t_start)
+    closed = _finish(s, obs, onset_us, drift_version, ok, t_start)
+    if not closed:
+        _print_log_problems(s.root / "logs")
+    return closed
+
+
+def _print_log_problems(logs: Path, per_file: int = 25) -> None:
+    """On failure, show each component's last warnings and errors (with tracebacks) on stderr."""
+    for f in sorted(logs.glob("*.log")):
+        lines = f.read_text(errors="replace").splitlines()
+        keep = [i for i, ln in enumerate(lines)
+                if any(w in ln for w in ("WARNING", "ERROR", "CRITICAL", "Traceback", "Error:", "exited"))
+                and "experimental features" not in ln]
+        picked: list[str] = []
+        for i in keep[-per_file:]:
+            picked.extend(lines[i:i + 4] if "Traceback" in lines[i] else [lines[i]])
+        if picked:
+            print(f"[demo] {f.name}: last warnings/errors", file=sys.stderr)
+            for ln in picked[-per_file * 2:]:
+                print("   " + ln[:300], file=sys.stderr)
 
 
 def _finish(s: Settings, obs: Observed, onset_us: int | None, version: str | None, reached: bool,

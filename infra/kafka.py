@@ -84,6 +84,7 @@ def faust_broker_settings(settings: Settings) -> dict[str, Any]:
         "producer_acks": -1,
         "topic_partitions": settings.partitions,
         "topic_replication_factor": settings.replication_factor,
+        "datadir": str(settings.data_dir / "faust"),  # Faust's default is a folder in the cwd
     }
 
 

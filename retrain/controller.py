@@ -3,7 +3,8 @@
 A challenger is promoted (alias ``champion`` moved, ``models.promoted`` published) only when its log
 loss on the newest 20 % of the training window beats the champion's on the same rows; otherwise
 ``models.rejected`` says why. With no champion, it publishes a ``bootstrap`` request itself once
-enough labelled events exist. A request's offset is committed after its outcome is published.
+enough labelled events exist, and again if that one did not produce a champion. A request's offset
+is committed after its outcome is published.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 HOLDOUT_SHARE = 0.2
 MIN_ROWS = 200
 MIN_IMPROVEMENT = 1e-3  # log loss the challenger must gain over the champion on the same rows
+
+BOOTSTRAP_RETRY_S = 15.0  # after a bootstrap request that did not produce a champion
 
 
 class Controller:
@@ -161,8 +164,7 @@ def run(settings: Settings, launcher: Launcher | None = None) -> None:
     consumer = make_consumer(settings, f"{settings.topic_prefix}retrain", ["retrain.requests"])
     ctl = Controller(settings, launcher or RayLauncher(settings))
     mark_ready(settings, "retrain")
-    bootstrap_sent = False
-    next_check = 0.0
+    next_bootstrap = 0.0  # while there is no champion: when to check for enough labels again
     try:
         while not stop:
             for m in good_messages(consumer.consume(10, 0.5)):
@@ -177,10 +179,12 @@ def run(settings: Settings, launcher: Launcher | None = None) -> None:
                         except Exception as e:  # a failed job must not take the controller down
                             log.exception("request %s failed", req.request_id)
                             ctl._reject(req, None, None, {"error": f"{type(e).__name__}: {e}"[:500]})
+                        if req.reason == "bootstrap":  # handled: if it did not promote, try again later
+                            next_bootstrap = time.monotonic() + BOOTSTRAP_RETRY_S
                 consumer.commit(message=m, asynchronous=False)
-            if not bootstrap_sent and time.monotonic() >= next_check:
-                next_check = time.monotonic() + 3.0
-                bootstrap_sent = ctl.bootstrap_request() is not None
+            if time.monotonic() >= next_bootstrap:
+                sent = ctl.bootstrap_request() is not None
+                next_bootstrap = time.monotonic() + (float("inf") if sent else 3.0)
     finally:
         consumer.close()
         ctl.launcher.close()
