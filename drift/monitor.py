@@ -2,9 +2,10 @@
 
 Each full window (``drift_window`` predictions of one model version) runs Evidently's
 ``DataDriftPreset`` over the model's features and its score, publishes ``drift.reports``, and when
-the drifted-column share reaches ``drift_share_threshold`` (and no request was sent within
-``drift_cooldown_s``) publishes a ``retrain.requests`` record with ``since_ts`` = the window's start, so
-the retrain job learns from the drifted regime. Offsets are committed after a window's outputs are acked.
+the drifted-column share reaches ``drift_share_threshold`` in ``drift_persist_windows`` consecutive
+windows (and no request was sent within ``drift_cooldown_s``) publishes a ``retrain.requests`` record
+with ``since_ts`` = the start of the first drifted window, so the retrain job learns from the drifted
+regime; a single noisy window does not trigger a retrain. Offsets are committed after a window's outputs are acked.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class Monitor:
         self.window: list[Prediction] = []
         self.refs: dict[str, pd.DataFrame] = {}
         self.last_request_s = 0.0
+        self.drifted_run: list[DriftReport] = []  # the current run of consecutive drifted windows
 
     def reference(self, version: str) -> pd.DataFrame:
         if version not in self.refs:
@@ -67,6 +69,7 @@ class Monitor:
     def add(self, p: Prediction) -> DriftReport | None:
         if self.window and p.model_version != self.window[0].model_version:
             self.window = []  # a new version has its own reference
+            self.drifted_run = []
         self.window.append(p)
         if len(self.window) < self.s.drift_window:
             return None
@@ -84,10 +87,13 @@ class Monitor:
         DRIFT_SHARE.labels(model=self.s.model_name).set(share)
         produce_event(self.producer, self.s, "drift.reports", rep, self.s.model_name)
         log.info("window v%s: drift share %.2f%s", version, share, " DRIFT" if drifted else "")
-        if drifted and time.monotonic() - self.last_request_s >= self.s.drift_cooldown_s:
+        self.drifted_run = [*self.drifted_run, rep] if drifted else []
+        if len(self.drifted_run) >= self.s.drift_persist_windows and \
+                time.monotonic() - self.last_request_s >= self.s.drift_cooldown_s:
             self.request("drift", {"report_id": rep.event_id, "drift_share": share,
+                                   "windows": len(self.drifted_run),
                                    "drifted_columns": [c for c, v in cols.items() if v["drifted"]]},
-                          since_ts=rep.window_start_ts)
+                          since_ts=self.drifted_run[0].window_start_ts)
         flush_or_raise(self.producer)
         return rep
 

@@ -34,7 +34,7 @@ WATCHED = ["predictions", "labels", "drift.reports", "retrain.requests", "models
 STABLE_S = 25.0          # seconds of champion traffic before the drift starts
 MIN_LABELLED_AFTER = 800  # labelled predictions of the new version needed to judge it
 DEMO_SETTINGS = {"drift_window": 1000, "min_labels_first_model": 2500, "min_labels_retrain": 2500,
-                 "drift_share_threshold": 0.75,
+                 "drift_share_threshold": 0.8, "drift_persist_windows": 2,
                  "drift_cooldown_s": 60.0}
 
 

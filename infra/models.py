@@ -33,6 +33,12 @@ def client(settings: Settings) -> MlflowClient:
     return MlflowClient(settings.tracking_uri)
 
 
+def init_store(settings: Settings) -> None:
+    """Create the tracking/registry database once, before several workers open it at the same time
+    (concurrent first opens of one sqlite file race in MLflow's schema migration)."""
+    client(settings).search_registered_models(max_results=1)
+
+
 def alias_version(settings: Settings, alias: str = CHAMPION, name: str | None = None) -> str | None:
     """The version an alias points to, or None when unset (or no such model)."""
     try:

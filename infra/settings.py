@@ -30,6 +30,7 @@ class Settings(BaseSettings):
     drift_window: int = Field(1500, ge=50, description="Predictions per drift window.")
     drift_share_threshold: float = Field(0.5, gt=0, le=1)
     drift_cooldown_s: float = Field(120.0, ge=0)
+    drift_persist_windows: int = Field(2, ge=1, description="Consecutive drifted windows before a retrain request.")
     min_labels_first_model: int = Field(3000, ge=100)
     min_labels_retrain: int = Field(3000, ge=100)
     train_max_rows: int = Field(20000, ge=100)

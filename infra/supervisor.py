@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from driftloop.features.repo import apply
+from driftloop.infra import models
 from driftloop.infra.broker import EmbeddedBroker, free_port
 from driftloop.infra.settings import Settings
 from driftloop.infra.topics import ensure_topics
@@ -94,6 +95,7 @@ class Stack:
             self.s = self.s.model_copy(update={"bootstrap_servers": self.broker.bootstrap_servers})
         ensure_topics(self.s)
         apply(self.s)
+        models.init_store(self.s)
         for f in self.s.run_dir.glob("*.ready"):
             f.unlink()
         webhook_port = self.s.webhook_port or free_port()

@@ -68,6 +68,16 @@ def create_app(settings: Settings) -> faust.App:
     prefix_len = len(settings.topic_prefix)
     fresh_assignment = True
 
+    batch_lock = asyncio.Lock()  # held while a batch is in flight
+
+    @app.on_partitions_revoked.connect
+    async def _revoked(app: faust.App, revoked: Any, **kwargs: Any) -> None:
+        # Faust awaits this before it commits and recovers the tables: let the batch in flight finish
+        # (state, changelog, ack), or recovery could read a changelog end from before its flush and
+        # overwrite the newer state in memory with older records.
+        async with batch_lock:
+            pass
+
     @app.on_partitions_assigned.connect
     async def _assigned(app: faust.App, assigned: Any, **kwargs: Any) -> None:
         nonlocal fresh_assignment
@@ -76,16 +86,17 @@ def create_app(settings: Settings) -> faust.App:
     async def process(messages: list[Any]) -> None:
         """One fetch round of source records (see ``faust_patches.route_batches``)."""
         nonlocal fresh_assignment
-        if fresh_assignment:
-            parts = {tp.partition for tp in app.consumer.assignment() if tp.topic in source.topics}
-            n = await asyncio.get_running_loop().run_in_executor(None, _recover_tail, sorted(parts))
-            log.info("state: %d keys after recovery (%d changelog records re-read past the reported end)",
-                     len(state.data), n)
-            engine.reset(state.data.items())
-            offline.reset()
-            fresh_assignment = False
         try:
-            await _process_batch(messages)
+            async with batch_lock:
+                if fresh_assignment:
+                    parts = {tp.partition for tp in app.consumer.assignment() if tp.topic in source.topics}
+                    n = await asyncio.get_running_loop().run_in_executor(None, _recover_tail, sorted(parts))
+                    log.info("state: %d keys after recovery (%d changelog records re-read past the reported end)",
+                             len(state.data), n)
+                    engine.reset(state.data.items())
+                    offline.reset()
+                    fresh_assignment = False
+                await _process_batch(messages)
         except Exception:
             log.exception("batch of %d records failed; stopping so nothing is committed past it", len(messages))
             os._exit(70)

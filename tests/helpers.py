@@ -10,7 +10,9 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 
-from driftloop.infra.kafka import good_messages, make_consumer
+from confluent_kafka import Consumer, TopicPartition
+
+from driftloop.infra.kafka import consumer_config, good_messages, make_consumer
 from driftloop.infra.settings import Settings
 from driftloop.infra.supervisor import settings_env
 
@@ -55,3 +57,47 @@ def read_topic(settings: Settings, topic: str, n: int, timeout: float = 30.0) ->
     finally:
         c.close()
     return out
+
+
+def end_offsets(settings: Settings, topic: str) -> dict[int, int]:
+    """The real end offset of every partition of a logical topic.
+
+    Tansu reports a partition's end as the base offset of its last record batch + 1, so the rest of
+    that batch is read to find the true end."""
+    c = Consumer(consumer_config(settings, f"test-{uuid.uuid4().hex}"))
+    try:
+        full = settings.topic(topic)
+        ends, tps = {}, []
+        for p in range(settings.partitions):
+            lo, hi = c.get_watermark_offsets(TopicPartition(full, p), timeout=10)
+            ends[p] = hi
+            tps.append(TopicPartition(full, p, max(lo, hi - 1)))
+        c.assign(tps)
+        empty = 0
+        while empty < 5:
+            msgs = good_messages(c.consume(10_000, 0.3))
+            empty = 0 if msgs else empty + 1
+            for m in msgs:
+                ends[m.partition()] = max(ends[m.partition()], m.offset() + 1)
+        return ends
+    finally:
+        c.close()
+
+
+def wait_committed(settings: Settings, group: str, topics: list[str], timeout: float) -> None:
+    """Until ``group`` has committed every partition of ``topics`` up to its end: all its writes are done."""
+    ends = {(t, p): e for t in topics for p, e in end_offsets(settings, t).items()}
+    c = Consumer(consumer_config(settings, group))
+    last: dict = {}
+    try:
+        def done() -> bool:
+            tps = [TopicPartition(settings.topic(t), p) for t, p in ends]
+            got = c.committed(tps, timeout=10)
+            last.update({(t, tp.partition): tp.offset for (t, _), tp in zip(ends, got, strict=True)})
+            return all(last[k] >= e for k, e in ends.items())
+        try:
+            wait_for(done, timeout, every=1.0)
+        except AssertionError as e:
+            raise AssertionError(f"{group} did not commit to the end: committed {last}, ends {ends}") from e
+    finally:
+        c.close()
