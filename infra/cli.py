@@ -110,11 +110,33 @@ def cmd_demo(a: argparse.Namespace, s: Settings) -> int:
     return 0 if run_demo(s, rate=a.rate, timeout=a.timeout) else 1
 
 
+def cmd_rollback(a: argparse.Namespace, s: Settings) -> int:
+    from driftloop.infra import models
+    from driftloop.infra.kafka import make_producer
+
+    try:
+        ev = models.rollback(s, make_producer(s), a.model, to=a.to)
+    except models.RollbackError as e:
+        print(f"driftloop rollback: {e}", file=sys.stderr)
+        return 1
+    print(f"{ev.model_name}: champion v{ev.previous_version} → v{ev.version} (announced on models.promoted)")
+    return 0
+
+
 def cmd_bench(a: argparse.Namespace, s: Settings) -> int:
     if a.what == "streams":
         from driftloop.bench.streams import run
 
         run(s, events=a.events, rate=a.rate, fresh_s=a.fresh_seconds, baseline_events=a.baseline_events)
+    elif a.what == "serving":
+        from driftloop.bench.serving import run_serving
+
+        run_serving(s, events=a.events, rate=a.rate, seconds=a.seconds)
+    elif a.what == "swap":
+        from driftloop.bench.serving import run_swap
+
+        r = run_swap(s, swaps=a.swaps, rate=a.rate, every_s=a.every)
+        return 0 if r["lost"] == r["duplicated"] == r["misversioned"] == 0 else 1
     return 0
 
 
@@ -159,6 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--rate", type=float, default=400.0)
     d.add_argument("--timeout", type=float, default=540.0)
     d.set_defaults(fn=cmd_demo)
+    rb = sub.add_parser("rollback", help="move the champion alias back to the version it replaced")
+    rb.add_argument("model", help="registered model name (e.g. ctr)")
+    rb.add_argument("--to", help="a specific version instead of the previous champion")
+    rb.set_defaults(fn=cmd_rollback)
+
     b = sub.add_parser("bench", help="run a benchmark; the last line of output is one JSON object")
     bs = b.add_subparsers(dest="what", required=True)
     st = bs.add_parser("streams", help="streams throughput, freshness and the per-event baseline")
@@ -166,6 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--rate", type=float, default=5000.0, help="events/s for the freshness phase")
     st.add_argument("--fresh-seconds", type=float, default=20.0)
     st.add_argument("--baseline-events", type=int, default=5000)
+    sv = bs.add_parser("serving", help="serving throughput with feature lookup, and latency at a fixed rate")
+    sv.add_argument("--events", type=int, default=100_000, help="impressions in the backlog (+20%% clicks)")
+    sv.add_argument("--rate", type=float, default=5000.0, help="impressions/s for the latency phase")
+    sv.add_argument("--seconds", type=float, default=20.0, help="length of the latency phase")
+    sw = bs.add_parser("swap", help="champion promotions under load; every prediction audited")
+    sw.add_argument("--swaps", type=int, default=10)
+    sw.add_argument("--rate", type=float, default=2000.0, help="impressions/s during the swaps")
+    sw.add_argument("--every", type=float, default=2.0, help="seconds between promotions")
     b.set_defaults(fn=cmd_bench)
     return p
 

@@ -27,6 +27,8 @@ class Settings(BaseSettings):
     label_window_s: float = Field(5.0, gt=0, description="A click within this many seconds makes label 1.")
     serving_batch_size: int = Field(500, ge=1)
     serving_linger_s: float = Field(0.05, ge=0)
+    serving_alias_poll_s: float = Field(5.0, gt=0, description="Fallback poll of the champion alias.")
+    serving_shadow: bool = Field(True, description="Score the challenger beside the champion (predictions.shadow).")
     drift_window: int = Field(1500, ge=50, description="Predictions per drift window.")
     drift_share_threshold: float = Field(0.5, gt=0, le=1)
     drift_cooldown_s: float = Field(120.0, ge=0)

@@ -9,14 +9,10 @@ is committed after its outcome is published.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
-import tempfile
 import time
-from pathlib import Path
 
-import mlflow
 import numpy as np
 import torch
 from pydantic import ValidationError
@@ -57,7 +53,6 @@ class Controller:
         return n
 
     def handle(self, req: RetrainRequest, stop: StopFlag | None = None) -> ModelPromoted | ModelRejected | None:
-        name = self.s.model_name
         if req.ts < self.last_promotion_us:
             log.info("request %s predates the last promotion: superseded", req.request_id)
             return None
@@ -89,7 +84,12 @@ class Controller:
             champ = models.load_scorer(self.s, champ_version, FEATURE_COLUMNS)
             metrics["champion_holdout_logloss"] = log_loss(y_ho, champ.score(x_ho))
 
-        version, run_id = self._log(req, model, onnx_bytes, metrics, result, versions, hold, p_new)
+        ref = hold[FEATURE_COLUMNS].copy()
+        ref["score"] = p_new
+        params = {"reason": req.reason, "request_id": req.request_id, "since_ts": req.since_ts,
+                  "device": result.device, **{f"delta_version.{k}": v for k, v in versions.items()}}
+        version, run_id = models.register_version(self.s, model, FEATURE_COLUMNS, ref, onnx_bytes=onnx_bytes,
+                                                  params=params, metrics=metrics, history=result.history)
         timeline["registered"] = now_us()
         TRAINING_RUNS.labels(outcome="trained").inc()
         if champ_version is not None and metrics["holdout_logloss"] > \
@@ -97,44 +97,10 @@ class Controller:
             return self._reject(req, version, run_id, {
                 "gate": f"holdout log loss {metrics['holdout_logloss']:.4f} does not beat champion "
                         f"v{champ_version} {metrics['champion_holdout_logloss']:.4f} by {MIN_IMPROVEMENT}"})
-        c = models.client(self.s)
-        c.set_registered_model_alias(name, models.CHAMPION, version)
-        timeline["promoted"] = now_us()
-        self.last_promotion_us = timeline["promoted"]
-        ev = ModelPromoted(model_name=name, version=version, previous_version=champ_version, run_id=run_id,
-                           metrics=metrics, reason=req.reason, request_id=req.request_id, timeline=timeline)
-        produce_event(self.producer, self.s, "models.promoted", ev, name)
-        flush_or_raise(self.producer)
-        log.info("promoted %s v%s (was %s): %s", name, version, champ_version, metrics)
+        ev = models.promote(self.s, self.producer, version, reason=req.reason, metrics=metrics,
+                            request_id=req.request_id, timeline=timeline)
+        self.last_promotion_us = ev.timeline["promoted"]
         return ev
-
-    def _log(self, req: RetrainRequest, model: ClickMLP, onnx_bytes: bytes, metrics: dict[str, float],
-             result, versions, hold, p_new) -> tuple[str, str]:  # noqa: ANN001
-        c = models.client(self.s)
-        exp = mlflow.set_experiment(self.s.model_name)
-        with mlflow.start_run(experiment_id=exp.experiment_id) as run, tempfile.TemporaryDirectory() as tmp:
-            mlflow.log_params({"reason": req.reason, "request_id": req.request_id, "since_ts": req.since_ts,
-                               "device": result.device, "features": ",".join(FEATURE_COLUMNS),
-                               **{f"delta_version.{k}": v for k, v in versions.items()}})
-            mlflow.log_metrics(metrics)
-            for i, v in enumerate(result.history):
-                mlflow.log_metric("epoch_train_logloss", v, step=i)
-            mlflow.pytorch.log_model(model, name="model", pip_requirements=["torch==2.13.0"],
-                                     input_example=hold[FEATURE_COLUMNS].to_numpy("float32")[:5])
-            onnx_file = Path(tmp) / "model.onnx"
-            onnx_file.write_bytes(onnx_bytes)
-            mlflow.log_artifact(str(onnx_file), artifact_path="onnx")
-            ref = hold[FEATURE_COLUMNS].copy()
-            ref["score"] = p_new
-            ref_file = Path(tmp) / "reference.parquet"
-            ref.to_parquet(ref_file)
-            mlflow.log_artifact(str(ref_file), artifact_path="reference")
-            run_id = run.info.run_id
-        mv = mlflow.register_model(f"runs:/{run_id}/model", self.s.model_name,
-                                   tags={"onnx_sha256": hashlib.sha256(onnx_bytes).hexdigest(),
-                                         "features": ",".join(FEATURE_COLUMNS)})
-        c.set_registered_model_alias(self.s.model_name, models.CHALLENGER, mv.version)
-        return str(mv.version), run_id
 
     def _reject(self, req: RetrainRequest, version: str | None, run_id: str | None,
                 checks: dict[str, str]) -> ModelRejected:

@@ -1,6 +1,14 @@
 """The streaming inference consumer: impressions → online features → champion score → ``predictions``.
 
-Offsets are committed only after the batch's predictions are acknowledged by the broker.
+* Scales by partitions (one consumer group); scores a batch (``serving_batch_size`` records or
+  ``serving_linger_s``) with one online-feature lookup and one model call.
+* Offsets are committed only after the batch's predictions are acknowledged by the broker, so a crash
+  re-scores at most the records after the last commit (never loses one).
+* Hot swap (``ModelSlot``): ``models.promoted`` or an alias poll (``serving_alias_poll_s``) starts a
+  background load + verification; the verified version replaces one reference between batches.
+* Shadow: with ``serving_shadow``, the ``challenger`` version (when it is not the champion) scores the
+  same vectors and its predictions go to ``predictions.shadow``.
+
 Records that fail validation are skipped here (the streams worker dead-letters them).
 """
 
@@ -9,15 +17,18 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from typing import Any
 
 import numpy as np
 import orjson
 import pandas as pd
+from confluent_kafka import Producer
 from pydantic import ValidationError
 
 from driftloop.features.repo import open_store
-from driftloop.features.vectors import FEATURE_COLUMNS, FEATURE_SERVICE, ONLINE_FEATURES, request_features, to_matrix
-from driftloop.infra.contracts import Impression, ModelRejected, Prediction
+from driftloop.features.vectors import FEATURE_COLUMNS, FEATURE_SERVICE, ONLINE_FEATURES, REQUEST_FEATURES
+from driftloop.infra import models
+from driftloop.infra.contracts import Impression, ModelRejected
 from driftloop.infra.kafka import flush_or_raise, good_messages, make_consumer, make_producer, produce_event
 from driftloop.infra.metrics import BATCH_SIZE, EVENTS_IN, PREDICTION_LATENCY, PREDICTIONS
 from driftloop.infra.settings import Settings
@@ -26,87 +37,129 @@ from driftloop.serving.model_slot import ModelSlot
 
 log = logging.getLogger(__name__)
 
-ALIAS_POLL_S = 5.0
 
+class BatchScorer:
+    """Turns a batch of impressions into feature vectors (one online lookup) and prediction records."""
 
-class Scorer:
-    """Scores one batch of raw impression records with the slot's current model."""
-
-    def __init__(self, settings: Settings, slot: ModelSlot):
+    def __init__(self, settings: Settings):
         self.s = settings
-        self.slot = slot
         self.store = open_store(settings)
         self.service = self.store.get_feature_service(FEATURE_SERVICE)
 
-    def online_features(self, users: list[str]) -> pd.DataFrame:
+    def online_features(self, users: list[str]) -> np.ndarray:
+        """ONLINE_FEATURES for each user (missing = 0), one store call for the unique users."""
         uniq = list(dict.fromkeys(users))
         got = self.store.get_online_features(features=self.service,
                                              entity_rows=[{"user_id": u} for u in uniq]).to_dict()
-        df = pd.DataFrame({c: got.get(c, [None] * len(uniq)) for c in ONLINE_FEATURES}, index=uniq)
-        return df.loc[users].reset_index(drop=True)
+        cols = pd.DataFrame({c: got.get(c, [None] * len(uniq)) for c in ONLINE_FEATURES})
+        table = cols.astype("float64").fillna(0.0).to_numpy(np.float32)
+        pos = {u: i for i, u in enumerate(uniq)}
+        return table[[pos[u] for u in users]]
 
-    def score(self, impressions: list[Impression]) -> list[Prediction]:
-        model = self.slot.current
-        if model is None or not impressions:
-            return []
-        req = pd.DataFrame([request_features(i.model_dump()) for i in impressions])
-        df = pd.concat([req, self.online_features([i.user_id for i in impressions])], axis=1)
-        x = to_matrix(df)
-        scores = model.score(x)
-        now = time.time()
+    def vectors(self, imps: list[Impression]) -> np.ndarray:
+        req = np.empty((len(imps), len(REQUEST_FEATURES)), np.float32)
+        for i, imp in enumerate(imps):
+            req[i] = (imp.position, imp.bid, imp.device == "mobile", imp.device == "tablet")
+        return np.hstack([req, self.online_features([i.user_id for i in imps])])
+
+    @staticmethod
+    def records(imps: list[Impression], x: np.ndarray, scorer: models.Scorer, scores: np.ndarray,
+                now_s: float) -> list[tuple[bytes, bytes, float]]:
+        """(key, value, latency) per prediction, serialised straight from the batch arrays."""
         out = []
-        for imp, row, sc in zip(impressions, x, scores, strict=True):
-            out.append(Prediction(event_id=imp.event_id, ts=imp.ts, user_id=imp.user_id, model_name=model.name,
-                                  model_version=model.version, score=float(np.clip(sc, 0.0, 1.0)),
-                                  features=dict(zip(FEATURE_COLUMNS, map(float, row), strict=True)),
-                                  latency_s=max(0.0, now - imp.ts / 1e6)))
+        rows = x.tolist()
+        for imp, row, sc in zip(imps, rows, np.clip(scores, 0.0, 1.0).tolist(), strict=True):
+            latency = max(0.0, now_s - imp.ts / 1e6)
+            value = orjson.dumps({"schema_version": 1, "event_id": imp.event_id, "ts": imp.ts,
+                                  "user_id": imp.user_id, "model_name": scorer.name,
+                                  "model_version": scorer.version, "score": sc,
+                                  "features": dict(zip(FEATURE_COLUMNS, row, strict=True)), "latency_s": latency})
+            out.append((imp.user_id.encode(), value, latency))
         return out
+
+
+def parse_impressions(msgs: list[Any]) -> list[Impression]:
+    out = []
+    for m in msgs:
+        try:
+            out.append(Impression.model_validate_json(m.value()))
+        except (ValidationError, ValueError):
+            continue
+    return out
 
 
 def run(settings: Settings) -> None:
     stop = StopFlag()
     producer = make_producer(settings)
+    predictions, shadow_topic = settings.topic("predictions"), settings.topic("predictions.shadow")
 
-    def on_reject(version: str, why: str) -> None:
-        ev = ModelRejected(model_name=settings.model_name, version=version, run_id=None,
-                           checks={"serving_verification": why})
-        produce_event(producer, settings, "models.rejected", ev, settings.model_name)
-        producer.flush(10)
+    def on_reject(alias: str) -> Any:
+        def hook(version: str, check: str, why: str) -> None:
+            ev = ModelRejected(model_name=settings.model_name, version=version, run_id=None,
+                               checks={f"serving_verification.{check}": why, "alias": alias})
+            produce_event(producer, settings, "models.rejected", ev, settings.model_name)
+            flush_or_raise(producer)
+        return hook
 
-    slot = ModelSlot(settings, FEATURE_COLUMNS, on_reject)
-    scorer = Scorer(settings, slot)
+    champion = ModelSlot(settings, FEATURE_COLUMNS, models.CHAMPION, on_reject(models.CHAMPION))
+    challenger = ModelSlot(settings, FEATURE_COLUMNS, models.CHALLENGER, on_reject(models.CHALLENGER)) \
+        if settings.serving_shadow else None
+    slots = [s for s in (champion, challenger) if s is not None]
+    batcher = BatchScorer(settings)
     consumer = make_consumer(settings, f"{settings.topic_prefix}serving", ["events.impressions"])
     control = make_consumer(settings, f"{settings.topic_prefix}serving-ctl-{uuid.uuid4().hex[:8]}",
                             ["models.promoted"], **{"auto.offset.reset": "latest"})
-    slot.refresh(wait=True)
-    slot.swap_if_ready()
+    for slot in slots:
+        slot.refresh(wait=True)
+        slot.swap_if_ready()
     mark_ready(settings, "serving")
-    next_poll = time.monotonic() + ALIAS_POLL_S
+    next_poll = time.monotonic() + settings.serving_alias_poll_s
     try:
         while not stop:
             msgs = good_messages(consumer.consume(settings.serving_batch_size, settings.serving_linger_s))
             if good_messages(control.consume(10, 0)) or time.monotonic() >= next_poll:
-                next_poll = time.monotonic() + ALIAS_POLL_S
-                slot.refresh()
-            slot.swap_if_ready()
+                next_poll = time.monotonic() + settings.serving_alias_poll_s
+                for slot in slots:
+                    slot.refresh()
+            for slot in slots:
+                slot.swap_if_ready()
             if not msgs:
                 continue
-            BATCH_SIZE.labels(component="serving").observe(len(msgs))
-            EVENTS_IN.labels(component="serving", topic="events.impressions").inc(len(msgs))
-            imps = []
-            for m in msgs:
-                try:
-                    imps.append(Impression.model_validate(orjson.loads(m.value())))
-                except (ValidationError, ValueError):
-                    continue
-            preds = scorer.score(imps)
-            for p in preds:
-                produce_event(producer, settings, "predictions", p, p.user_id)
-                PREDICTION_LATENCY.observe(p.latency_s)
-            if preds:
-                flush_or_raise(producer)
-                PREDICTIONS.labels(model_version=preds[0].model_version).inc(len(preds))
+            score_batch(settings, msgs, batcher, champion.current, challenger.current if challenger else None,
+                        producer, predictions, shadow_topic)
             consumer.commit(asynchronous=False)
     finally:
         consumer.close()
         control.close()
+
+
+def score_batch(settings: Settings, msgs: list[Any], batcher: BatchScorer, model: models.Scorer | None,
+                shadow: models.Scorer | None, producer: Producer, topic: str, shadow_topic: str) -> int:
+    """Score one batch with ``model`` (and ``shadow``), publish, and wait for the broker's acks."""
+    BATCH_SIZE.labels(component="serving").observe(len(msgs))
+    EVENTS_IN.labels(component="serving", topic="events.impressions").inc(len(msgs))
+    imps = parse_impressions(msgs)
+    if model is None or not imps:
+        return 0
+    x = batcher.vectors(imps)
+    outputs = [(topic, batcher.records(imps, x, model, model.score(x), time.time()))]
+    if shadow is not None and shadow.version != model.version:
+        outputs.append((shadow_topic, batcher.records(imps, x, shadow, shadow.score(x), time.time())))
+    for t, recs in outputs:
+        for key, value, _lat in recs:
+            _produce(producer, t, key, value)
+    flush_or_raise(producer)
+    PREDICTIONS.labels(model_version=model.version).inc(len(imps))
+    for _k, _v, lat in outputs[0][1]:
+        PREDICTION_LATENCY.observe(lat)
+    return len(imps)
+
+
+def _produce(producer: Producer, topic: str, key: bytes, value: bytes) -> None:
+    while True:
+        try:
+            producer.produce(topic, key=key, value=value)
+            return
+        except BufferError:
+            producer.poll(0.01)
+
