@@ -34,20 +34,24 @@ log = logging.getLogger(__name__)
 
 
 def read_all(settings: Settings, topic: str, until: int, timeout: float, idle_s: float = 5.0) -> list[Any]:
-    """Every record of a logical topic from the beginning: until ``until`` records were read, or
-    nothing arrived for ``idle_s`` after ``timeout``."""
+    """Records of a logical topic from the beginning: until ``until`` records were read, or, after
+    ``timeout``, once the ends seen at the start are reached or nothing arrived for ``idle_s``."""
     c = Consumer(consumer_config(settings, f"audit-{uuid.uuid4().hex}"))
     try:
         full = settings.topic(topic)
-        c.assign([TopicPartition(full, p, 0) for p in range(settings.partitions)])
+        ends = {p: c.get_watermark_offsets(TopicPartition(full, p), timeout=10)[1] for p in range(settings.partitions)}
+        c.assign([TopicPartition(full, p, 0) for p in ends])
         out: list[Any] = []
+        pos = dict.fromkeys(ends, 0)
         deadline, last = time.monotonic() + timeout, time.monotonic()
         while len(out) < until:
             got = good_messages(c.consume(10_000, 0.3))
             out += got
+            for m in got:
+                pos[m.partition()] = m.offset() + 1
             now = time.monotonic()
             last = now if got else last
-            if now > deadline and now - last > idle_s:
+            if now > deadline and (now - last > idle_s or all(pos[p] >= e for p, e in ends.items())):
                 break
         return out
     finally:

@@ -141,14 +141,19 @@ def score_batch(settings: Settings, msgs: list[Any], batcher: BatchScorer, model
     imps = parse_impressions(msgs)
     if model is None or not imps:
         return 0
+    t0 = time.perf_counter()
     x = batcher.vectors(imps)
+    t1 = time.perf_counter()
     outputs = [(topic, batcher.records(imps, x, model, model.score(x), time.time()))]
     if shadow is not None and shadow.version != model.version:
         outputs.append((shadow_topic, batcher.records(imps, x, shadow, shadow.score(x), time.time())))
     for t, recs in outputs:
         for key, value, _lat in recs:
             _produce(producer, t, key, value)
+    t2 = time.perf_counter()
     flush_or_raise(producer)
+    log.debug("batch of %d: features %.3fs, score+serialise %.3fs, publish %.3fs", len(imps), t1 - t0, t2 - t1,
+              time.perf_counter() - t2)
     PREDICTIONS.labels(model_version=model.version).inc(len(imps))
     for _k, _v, lat in outputs[0][1]:
         PREDICTION_LATENCY.observe(lat)
