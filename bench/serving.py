@@ -26,6 +26,7 @@ from driftloop.bench.model_fixtures import register_good
 from driftloop.features.repo import apply
 from driftloop.features.vectors import FEATURE_COLUMNS
 from driftloop.infra import models
+from driftloop.infra.contracts import now_us
 from driftloop.infra.kafka import consumer_config, good_messages, make_producer
 from driftloop.infra.producer import produce, publish, synthetic_events
 from driftloop.infra.settings import Settings
@@ -132,9 +133,10 @@ def run_serving(base: Settings, events: int = 100_000, rate: float = 5000.0, sec
             backlog_s = time.perf_counter() - t0
             throughput = len(preds) / backlog_s
             log.info("backlog: %d predictions in %.1fs", len(preds), backlog_s)
+            live_from = now_us()
             live = produce(s, rate=rate, duration=seconds, seed=9, progress=False)
-            lat = [orjson.loads(m.value())["latency_s"] for m in read_all(s, "predictions", n_imps + live.produced,
-                                                                          60)[n_imps:]]
+            recs = [orjson.loads(m.value()) for m in read_all(s, "predictions", n_imps + live.produced, 60)]
+            lat = [p["latency_s"] for p in recs if p["ts"] >= live_from]
     result = {"predictions_per_s": round(throughput, 1), "backlog_predictions": len(preds),
               "rate": rate, "live_predictions": len(lat),
               "p50_latency_s": round(float(np.percentile(lat, 50)), 4) if lat else None,
