@@ -235,7 +235,7 @@ def load_scorer(settings: Settings, version: str, features: list[str], name: str
     x = np.zeros((4, len(features)), np.float32)
     if verify_reference:
         try:
-            x = load_reference(settings, version, name)[features].to_numpy(np.float32)
+            x = load_reference(settings, version, name)[features].astype("float64").fillna(0.0).to_numpy(np.float32)
         except (MlflowException, OSError, KeyError) as e:
             log.warning("%s: no usable reference sample (%s); verifying on zeros", where, e)
     for _ in range(3):  # the first runs also warm the runtime up

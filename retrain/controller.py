@@ -14,6 +14,7 @@ import logging
 import time
 
 import numpy as np
+import pandas as pd
 import torch
 from pydantic import ValidationError
 
@@ -84,7 +85,7 @@ class Controller:
             champ = models.load_scorer(self.s, champ_version, FEATURE_COLUMNS)
             metrics["champion_holdout_logloss"] = log_loss(y_ho, champ.score(x_ho))
 
-        ref = hold[FEATURE_COLUMNS].copy()
+        ref = pd.DataFrame(x_ho, columns=FEATURE_COLUMNS)  # the model's inputs (missing values as served: 0)
         ref["score"] = p_new
         params = {"reason": req.reason, "request_id": req.request_id, "since_ts": req.since_ts,
                   "device": result.device, **{f"delta_version.{k}": v for k, v in versions.items()}}

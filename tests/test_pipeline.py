@@ -157,11 +157,16 @@ def test_drift_monitor_flags_drift_and_requests_retrain(pipe: Settings, champion
     assert calm is not None and not calm.drifted
     drifted = [mon.add(p) for p in preds(1.5)][-1]
     assert drifted is not None and drifted.drifted and drifted.drift_share >= pipe.drift_share_threshold
+    assert not [m for m in read_topic(pipe, "retrain.requests", 2, timeout=3)
+                if RetrainRequest.from_bytes(m.value()).reason == "drift"], "one drifted window must not retrain"
+    again = [mon.add(p) for p in preds(1.5)][-1]
+    assert again is not None and again.drifted  # drift_persist_windows (2) in a row: now a request
     reqs = [RetrainRequest.from_bytes(m.value()) for m in read_topic(pipe, "retrain.requests", 2)]
     drift_reqs = [r for r in reqs if r.reason == "drift"]
     assert len(drift_reqs) == 1 and drift_reqs[0].since_ts == drifted.window_start_ts
-    reports = read_topic(pipe, "drift.reports", 2)
-    assert len(reports) == 2
+    assert drift_reqs[0].evidence["windows"] == 2
+    reports = read_topic(pipe, "drift.reports", 3)
+    assert len(reports) == 3
 
 
 def test_webhook_alert_becomes_retrain_request(pipe: Settings):
