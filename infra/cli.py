@@ -114,6 +114,11 @@ def cmd_rollback(a: argparse.Namespace, s: Settings) -> int:
     from driftloop.infra import models
     from driftloop.infra.kafka import make_producer
 
+    s = _settings_from_stack(s)
+    if not s.bootstrap_servers:
+        print("driftloop rollback: no broker to announce it on: start the stack (driftloop up -d) or set "
+              "DRIFTLOOP_BOOTSTRAP_SERVERS", file=sys.stderr)
+        return 2
     try:
         ev = models.rollback(s, make_producer(s), a.model, to=a.to)
     except models.RollbackError as e:

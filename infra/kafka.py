@@ -8,10 +8,12 @@ partitioner so confluent-kafka and aiokafka (Faust) put one key in the same part
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import time
+import uuid
+from collections.abc import Iterable, Iterator
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, Message, Producer
+from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
 from driftloop.infra.contracts import Event
 from driftloop.infra.settings import Settings
@@ -116,3 +118,36 @@ def flush_or_raise(producer: Producer, timeout: float = 30.0) -> None:
     left = producer.flush(timeout)
     if left:
         raise RuntimeError(f"{left} records not acknowledged by the broker within {timeout}s")
+
+
+def read_past_reported_end(settings: Settings, topic: str, partitions: Iterable[int],
+                           idle_polls: int = 3, timeout: float = 60.0) -> Iterator[Message]:
+    """The records of ``topic`` (full name) from each partition's reported end − 1 to its real end.
+
+    Tansu reports a partition's end as the base offset of its last record batch + 1 (ARCHITECTURE.md),
+    so a reader that stops at the reported end misses the rest of that batch; this reads it. It ends
+    once the record at reported end − 1 of every partition arrived and ``idle_polls`` polls in a row
+    brought nothing; ``TimeoutError`` if those records do not arrive within ``timeout``."""
+    c = Consumer(consumer_config(settings, f"{settings.topic_prefix}tail-{uuid.uuid4().hex[:8]}"))
+    try:
+        tps, pending = [], {}
+        for p in partitions:
+            lo, hi = c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            tps.append(TopicPartition(topic, p, max(lo, hi - 1)))
+            if hi > lo:
+                pending[p] = hi - 1
+        if not tps:
+            return
+        c.assign(tps)
+        empty, deadline = 0, time.monotonic() + timeout
+        while pending or empty < idle_polls:
+            if pending and time.monotonic() > deadline:
+                raise TimeoutError(f"{topic}: records at {pending} did not arrive within {timeout}s")
+            msgs = good_messages(c.consume(10_000, 0.2))
+            empty = 0 if msgs else empty + 1
+            for m in msgs:
+                if m.offset() >= pending.get(m.partition(), m.offset() + 1):
+                    del pending[m.partition()]
+                yield m
+    finally:
+        c.close()

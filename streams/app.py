@@ -24,11 +24,10 @@ from typing import Any
 
 import faust
 import orjson
-from confluent_kafka import Consumer, TopicPartition
 
 from driftloop.features.repo import open_store
 from driftloop.infra.contracts import Click, Impression
-from driftloop.infra.kafka import consumer_config, faust_broker_settings, flush_or_raise, good_messages, make_producer
+from driftloop.infra.kafka import faust_broker_settings, flush_or_raise, make_producer, read_past_reported_end
 from driftloop.infra.metrics import BATCH_SIZE, CONSUMER_LAG, DLQ, EVENTS_IN, serve_metrics
 from driftloop.infra.settings import Settings
 from driftloop.streams import faust_patches, windows
@@ -148,29 +147,14 @@ def create_app(settings: Settings) -> faust.App:
 
         Tansu reports a partition's end as the base offset of its last record batch + 1, so Faust's
         recovery stops short of the newest batch of state records; they are applied here."""
-        c = Consumer(consumer_config(settings, f"{settings.topic_prefix}streams-recovery"))
         n = 0
-        try:
-            tps = []
-            for p in partitions:
-                lo, hi = c.get_watermark_offsets(TopicPartition(changelog, p), timeout=10)
-                tps.append(TopicPartition(changelog, p, max(lo, hi - 1)))
-            if not tps:
-                return 0
-            c.assign(tps)
-            empty = 0
-            while empty < 3:
-                msgs = good_messages(c.consume(10_000, 0.2))
-                empty = 0 if msgs else empty + 1
-                for m in msgs:
-                    key = orjson.loads(m.key())
-                    if m.value() is None:
-                        state.data.pop(key, None)
-                    else:
-                        state.data[key] = orjson.loads(m.value())
-                    n += 1
-        finally:
-            c.close()
+        for m in read_past_reported_end(settings, changelog, partitions):
+            key = orjson.loads(m.key())
+            if m.value() is None:
+                state.data.pop(key, None)
+            else:
+                state.data[key] = orjson.loads(m.value())
+            n += 1
         return n
 
     def _write_online(out: BatchOutput) -> None:

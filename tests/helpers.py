@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 
 from confluent_kafka import Consumer, TopicPartition
 
-from driftloop.infra.kafka import consumer_config, good_messages, make_consumer
+from driftloop.infra.kafka import consumer_config, good_messages, make_consumer, read_past_reported_end
 from driftloop.infra.settings import Settings
 from driftloop.infra.supervisor import settings_env
 
@@ -64,24 +64,15 @@ def end_offsets(settings: Settings, topic: str) -> dict[int, int]:
 
     Tansu reports a partition's end as the base offset of its last record batch + 1, so the rest of
     that batch is read to find the true end."""
+    full = settings.topic(topic)
     c = Consumer(consumer_config(settings, f"test-{uuid.uuid4().hex}"))
     try:
-        full = settings.topic(topic)
-        ends, tps = {}, []
-        for p in range(settings.partitions):
-            lo, hi = c.get_watermark_offsets(TopicPartition(full, p), timeout=10)
-            ends[p] = hi
-            tps.append(TopicPartition(full, p, max(lo, hi - 1)))
-        c.assign(tps)
-        empty = 0
-        while empty < 5:
-            msgs = good_messages(c.consume(10_000, 0.3))
-            empty = 0 if msgs else empty + 1
-            for m in msgs:
-                ends[m.partition()] = max(ends[m.partition()], m.offset() + 1)
-        return ends
+        ends = {p: c.get_watermark_offsets(TopicPartition(full, p), timeout=10)[1] for p in range(settings.partitions)}
     finally:
         c.close()
+    for m in read_past_reported_end(settings, full, range(settings.partitions), idle_polls=5):
+        ends[m.partition()] = max(ends[m.partition()], m.offset() + 1)
+    return ends
 
 
 def wait_committed(settings: Settings, group: str, topics: list[str], timeout: float) -> None:
