@@ -59,7 +59,8 @@ class Monitor:
         self.window: list[Prediction] = []
         self.refs: dict[str, pd.DataFrame] = {}
         self.last_request_s = 0.0
-        self.drifted_run: list[DriftReport] = []  # the current run of consecutive drifted windows
+        self.run_windows = 0  # consecutive drifted windows so far, and when the first of them started
+        self.run_start_ts: int | None = None
 
     def reference(self, version: str) -> pd.DataFrame:
         if version not in self.refs:
@@ -69,7 +70,7 @@ class Monitor:
     def add(self, p: Prediction) -> DriftReport | None:
         if self.window and p.model_version != self.window[0].model_version:
             self.window = []  # a new version has its own reference
-            self.drifted_run = []
+            self.run_windows = 0
         self.window.append(p)
         if len(self.window) < self.s.drift_window:
             return None
@@ -87,13 +88,14 @@ class Monitor:
         DRIFT_SHARE.labels(model=self.s.model_name).set(share)
         produce_event(self.producer, self.s, "drift.reports", rep, self.s.model_name)
         log.info("window v%s: drift share %.2f%s", version, share, " DRIFT" if drifted else "")
-        self.drifted_run = [*self.drifted_run, rep] if drifted else []
-        if len(self.drifted_run) >= self.s.drift_persist_windows and \
+        self.run_windows = self.run_windows + 1 if drifted else 0
+        if self.run_windows == 1:
+            self.run_start_ts = rep.window_start_ts
+        if self.run_windows >= self.s.drift_persist_windows and \
                 time.monotonic() - self.last_request_s >= self.s.drift_cooldown_s:
-            self.request("drift", {"report_id": rep.event_id, "drift_share": share,
-                                   "windows": len(self.drifted_run),
+            self.request("drift", {"report_id": rep.event_id, "drift_share": share, "windows": self.run_windows,
                                    "drifted_columns": [c for c, v in cols.items() if v["drifted"]]},
-                          since_ts=self.drifted_run[0].window_start_ts)
+                          since_ts=self.run_start_ts)
         flush_or_raise(self.producer)
         return rep
 
