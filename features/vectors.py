@@ -5,7 +5,7 @@ Serving and training both build vectors here, so what the model sees online is w
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -24,6 +24,12 @@ def request_features(imp: Mapping[str, Any]) -> dict[str, float]:
         "is_mobile": 1.0 if imp["device"] == "mobile" else 0.0,
         "is_tablet": 1.0 if imp["device"] == "tablet" else 0.0,
     }
+
+
+def request_matrix(impressions: Iterable[Mapping[str, Any]]) -> np.ndarray:
+    """REQUEST_FEATURES of each impression as a float32 matrix (serving's batch form of the above)."""
+    return np.array([[f[c] for c in REQUEST_FEATURES] for f in map(request_features, impressions)],
+                    np.float32).reshape(-1, len(REQUEST_FEATURES))
 
 
 def to_matrix(df: pd.DataFrame) -> np.ndarray:

@@ -61,8 +61,20 @@ def consumer_config(settings: Settings, group_id: str, **extra: Any) -> dict[str
     }
 
 
-def make_producer(settings: Settings, **extra: Any) -> Producer:
-    return Producer(producer_config(settings, **extra))
+class CheckedProducer(Producer):
+    """A producer that remembers failed deliveries, so ``flush_or_raise`` never reports them as done."""
+
+    def __init__(self, config: dict[str, Any]):
+        self.failed: list[Any] = []
+        super().__init__({**config, "on_delivery": self._delivered})
+
+    def _delivered(self, err: Any, _msg: Any) -> None:
+        if err is not None:
+            self.failed.append(err)
+
+
+def make_producer(settings: Settings, **extra: Any) -> CheckedProducer:
+    return CheckedProducer(producer_config(settings, **extra))
 
 
 def make_consumer(settings: Settings, group_id: str, topics: Iterable[str], **extra: Any) -> Consumer:
@@ -92,13 +104,17 @@ def faust_broker_settings(settings: Settings) -> dict[str, Any]:
 
 def produce_event(producer: Producer, settings: Settings, topic: str, event: Event, key: str) -> None:
     """Produce one contract record to a logical topic, waiting for queue room if needed."""
-    value = event.to_bytes()
+    produce_raw(producer, settings.topic(topic), key.encode(), event.to_bytes())
+
+
+def produce_raw(producer: Producer, topic: str, key: bytes | None, value: bytes | None, **kw: Any) -> None:
+    """Produce one record to a full topic name, waiting for queue room if needed."""
     while True:
         try:
-            producer.produce(settings.topic(topic), key=key.encode(), value=value)
+            producer.produce(topic, key=key, value=value, **kw)
             return
         except BufferError:
-            producer.poll(0.05)
+            producer.poll(0.01)
 
 
 def good_messages(messages: list[Message]) -> list[Message]:
@@ -114,10 +130,15 @@ def good_messages(messages: list[Message]) -> list[Message]:
 
 
 def flush_or_raise(producer: Producer, timeout: float = 30.0) -> None:
-    """Wait until every queued record is acknowledged by the broker."""
+    """Wait until every queued record is acknowledged by the broker; raise if any delivery failed."""
     left = producer.flush(timeout)
     if left:
         raise RuntimeError(f"{left} records not acknowledged by the broker within {timeout}s")
+    failed = getattr(producer, "failed", None)
+    if failed:
+        n, first = len(failed), failed[0]
+        failed.clear()
+        raise RuntimeError(f"{n} records not delivered: {first}")
 
 
 def read_past_reported_end(settings: Settings, topic: str, partitions: Iterable[int],

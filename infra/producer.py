@@ -18,7 +18,7 @@ import numpy as np
 import orjson
 
 from driftloop.infra.contracts import Click, Impression, new_id, now_us
-from driftloop.infra.kafka import flush_or_raise, make_producer, produce_event
+from driftloop.infra.kafka import flush_or_raise, make_producer, produce_event, produce_raw
 from driftloop.infra.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -161,12 +161,7 @@ def publish(settings: Settings, records: list[tuple[str, dict]] | list[tuple[str
             key, value = str(rec["user_id"]).encode(), orjson.dumps(rec)
         else:
             topic, key, value = item
-        while True:
-            try:
-                producer.produce(names[topic], key=key, value=value)
-                break
-            except BufferError:
-                producer.poll(0.01)
+        produce_raw(producer, names[topic], key, value)
         if rate and i % 100 == 0:
             ahead = i / rate - (time.monotonic() - start)
             if ahead > 0:

@@ -27,10 +27,17 @@ from feast.protos.feast.types.Value_pb2 import Value
 from pydantic import ValidationError
 
 from driftloop.features.repo import open_store
-from driftloop.features.vectors import FEATURE_COLUMNS, FEATURE_SERVICE, ONLINE_FEATURES, REQUEST_FEATURES
+from driftloop.features.vectors import FEATURE_COLUMNS, FEATURE_SERVICE, ONLINE_FEATURES, request_matrix
 from driftloop.infra import models
-from driftloop.infra.contracts import Impression, ModelRejected
-from driftloop.infra.kafka import flush_or_raise, good_messages, make_consumer, make_producer, produce_event
+from driftloop.infra.contracts import Impression, ModelRejected, Prediction
+from driftloop.infra.kafka import (
+    flush_or_raise,
+    good_messages,
+    make_consumer,
+    make_producer,
+    produce_event,
+    produce_raw,
+)
 from driftloop.infra.metrics import BATCH_SIZE, EVENTS_IN, PREDICTION_LATENCY, PREDICTIONS
 from driftloop.infra.settings import Settings
 from driftloop.infra.worker import StopFlag, mark_ready
@@ -67,9 +74,7 @@ class BatchScorer:
         return table[[pos[u] for u in users]]
 
     def vectors(self, imps: list[Impression]) -> np.ndarray:
-        req = np.empty((len(imps), len(REQUEST_FEATURES)), np.float32)
-        for i, imp in enumerate(imps):
-            req[i] = (imp.position, imp.bid, imp.device == "mobile", imp.device == "tablet")
+        req = request_matrix(imp.__dict__ for imp in imps)
         return np.hstack([req, self.online_features([i.user_id for i in imps])])
 
     @staticmethod
@@ -80,7 +85,7 @@ class BatchScorer:
         rows = x.tolist()
         for imp, row, sc in zip(imps, rows, np.clip(scores, 0.0, 1.0).tolist(), strict=True):
             latency = max(0.0, now_s - imp.ts / 1e6)
-            value = orjson.dumps({"schema_version": 1, "event_id": imp.event_id, "ts": imp.ts,
+            value = orjson.dumps({"schema_version": Prediction.SCHEMA_VERSION, "event_id": imp.event_id, "ts": imp.ts,
                                   "user_id": imp.user_id, "model_name": scorer.name,
                                   "model_version": scorer.version, "score": sc,
                                   "features": dict(zip(FEATURE_COLUMNS, row, strict=True)), "latency_s": latency})
@@ -135,7 +140,7 @@ def run(settings: Settings) -> None:
                 slot.swap_if_ready()
             if not msgs:
                 continue
-            score_batch(settings, msgs, batcher, champion.current, challenger.current if challenger else None,
+            score_batch(msgs, batcher, champion.current, challenger.current if challenger else None,
                         producer, predictions, shadow_topic)
             consumer.commit(asynchronous=False)
     finally:
@@ -143,7 +148,7 @@ def run(settings: Settings) -> None:
         control.close()
 
 
-def score_batch(settings: Settings, msgs: list[Any], batcher: BatchScorer, model: models.Scorer | None,
+def score_batch(msgs: list[Any], batcher: BatchScorer, model: models.Scorer | None,
                 shadow: models.Scorer | None, producer: Producer, topic: str, shadow_topic: str) -> int:
     """Score one batch with ``model`` (and ``shadow``), publish, and wait for the broker's acks."""
     BATCH_SIZE.labels(component="serving").observe(len(msgs))
@@ -159,7 +164,7 @@ def score_batch(settings: Settings, msgs: list[Any], batcher: BatchScorer, model
         outputs.append((shadow_topic, batcher.records(imps, x, shadow, shadow.score(x), time.time())))
     for t, recs in outputs:
         for key, value, _lat in recs:
-            _produce(producer, t, key, value)
+            produce_raw(producer, t, key, value)
     t2 = time.perf_counter()
     flush_or_raise(producer)
     log.debug("batch of %d: features %.3fs, score+serialise %.3fs, publish %.3fs", len(imps), t1 - t0, t2 - t1,
@@ -168,13 +173,4 @@ def score_batch(settings: Settings, msgs: list[Any], batcher: BatchScorer, model
     for _k, _v, lat in outputs[0][1]:
         PREDICTION_LATENCY.observe(lat)
     return len(imps)
-
-
-def _produce(producer: Producer, topic: str, key: bytes, value: bytes) -> None:
-    while True:
-        try:
-            producer.produce(topic, key=key, value=value)
-            return
-        except BufferError:
-            producer.poll(0.01)
 
