@@ -29,7 +29,7 @@ online_store:
   type: sqlite
   path: {repo}/online.db
 offline_store:
-  type: file
+  type: driftloop.features.delta_offline_store.DeltaOfflineStore
 entity_key_serialization_version: 3
 auth:
   type: no_auth

@@ -17,19 +17,18 @@ ONLINE_FEATURES = ["impressions_1m", "mean_bid_1m", "clicks_5m"]
 FEATURE_COLUMNS = REQUEST_FEATURES + ONLINE_FEATURES
 
 
-def request_features(imp: Mapping[str, Any]) -> dict[str, float]:
-    return {
-        "position": float(imp["position"]),
-        "bid": float(imp["bid"]),
-        "is_mobile": 1.0 if imp["device"] == "mobile" else 0.0,
-        "is_tablet": 1.0 if imp["device"] == "tablet" else 0.0,
-    }
+def request_frame(imps: pd.DataFrame) -> pd.DataFrame:
+    """REQUEST_FEATURES (float64) from impression columns ``position``, ``bid``, ``device``."""
+    device = imps["device"]
+    return pd.DataFrame({"position": imps["position"].astype("float64"), "bid": imps["bid"].astype("float64"),
+                         "is_mobile": (device == "mobile").astype("float64"),
+                         "is_tablet": (device == "tablet").astype("float64")}, index=imps.index)
 
 
 def request_matrix(impressions: Iterable[Mapping[str, Any]]) -> np.ndarray:
     """REQUEST_FEATURES of each impression as a float32 matrix (serving's batch form of the above)."""
-    return np.array([[f[c] for c in REQUEST_FEATURES] for f in map(request_features, impressions)],
-                    np.float32).reshape(-1, len(REQUEST_FEATURES))
+    df = pd.DataFrame(list(impressions), columns=["position", "bid", "device"])
+    return request_frame(df).to_numpy(np.float32).reshape(-1, len(REQUEST_FEATURES))
 
 
 def to_matrix(df: pd.DataFrame) -> np.ndarray:

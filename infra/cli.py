@@ -142,6 +142,11 @@ def cmd_bench(a: argparse.Namespace, s: Settings) -> int:
 
         r = run_swap(s, swaps=a.swaps, rate=a.rate, every_s=a.every)
         return 0 if r["lost"] == r["duplicated"] == r["misversioned"] == 0 else 1
+    elif a.what == "training":
+        from driftloop.bench.training import run as run_training
+
+        run_training(s, labels=a.labels, rows_per_view=a.rows_per_view, users=a.users,
+                     baseline_labels=a.baseline_labels)
     return 0
 
 
@@ -206,6 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--swaps", type=int, default=10)
     sw.add_argument("--rate", type=float, default=2000.0, help="impressions/s during the swaps")
     sw.add_argument("--every", type=float, default=2.0, help="seconds between promotions")
+    tr = bs.add_parser("training", help="point-in-time training set: N labels × the example repo's 3 views")
+    tr.add_argument("--labels", type=int, default=1_000_000)
+    tr.add_argument("--rows-per-view", type=int, default=1_000_000, help="feature rows in each view's Delta table")
+    tr.add_argument("--users", type=int, default=50_000)
+    tr.add_argument("--baseline-labels", type=int, default=100_000,
+                    help="also join this many labels on Feast's DuckDB store over Parquet (0: skip)")
     b.set_defaults(fn=cmd_bench)
     return p
 

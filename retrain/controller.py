@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 from pydantic import ValidationError
 
-from driftloop.features.training import build_training_set, count_labels
+from driftloop.features.training import count_labels, training_set
 from driftloop.features.vectors import FEATURE_COLUMNS, to_matrix
 from driftloop.infra import models
 from driftloop.infra.contracts import ModelPromoted, ModelRejected, RetrainRequest, now_us
@@ -60,7 +60,7 @@ class Controller:
         timeline = {"request": req.ts, "handled": now_us()}
         need = self.s.min_labels_first_model if req.reason == "bootstrap" else self.s.min_labels_retrain
         self.wait_for_labels(req.since_ts, need, stop)
-        df, versions = build_training_set(self.s.offline_dir, req.since_ts, self.s.train_max_rows)
+        df, versions = training_set(self.s, req.since_ts, self.s.train_max_rows)
         if len(df) < MIN_ROWS:
             return self._reject(req, None, None, {"rows": f"{len(df)} labelled rows < {MIN_ROWS}"})
         cut = int(len(df) * (1 - HOLDOUT_SHARE))

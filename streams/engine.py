@@ -205,7 +205,8 @@ class FeatureEngine:
                     out.touched[key].add(view.name)
                     out.add_row(view.name, {view.entity_key: row[view.entity_key],
                                             **windows.values(vst, view, ts_s), "event_timestamp": ev.ts,
-                                            "created": now_us, "_topic": r.topic, "_partition": r.partition,
+                                            "created": now_us + len(out.offline.get(view.name, {}).get("_offset", ())),
+                                            "_topic": r.topic, "_partition": r.partition,
                                             "_offset": r.offset})
 
     @staticmethod

@@ -10,6 +10,8 @@ Semantics (the offline backfill must reproduce them exactly):
   ``t``'s bucket that arrived earlier, even if their time is later than ``t``; it never includes events
   consumed later.
 * Offline: one row per accepted event and view, at the event's own time ``t`` (``event_timestamp = t``).
+  Its ``created`` is the batch's time plus the row's index in the batch, so rows of one entity with equal
+  event times order as consumed (Feast's created-timestamp tie-break picks the newest).
 * Online: one row per entity and view, the value at the newest event time applied for the entity
   (``event_timestamp = max t``), recomputed after each micro-batch, so a late-arriving event inside the
   lateness updates the online value without moving its timestamp backwards.

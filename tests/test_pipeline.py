@@ -16,7 +16,7 @@ import requests
 from confluent_kafka import Producer
 
 from driftloop.features.repo import open_store
-from driftloop.features.training import build_training_set
+from driftloop.features.training import training_set
 from driftloop.features.vectors import FEATURE_COLUMNS
 from driftloop.infra import delta, models
 from driftloop.infra.contracts import Prediction, RetrainRequest
@@ -82,14 +82,14 @@ def test_streams_features_labels_and_dlq(pipe: Settings, streamed: TrafficGenera
 
 
 def test_training_set_is_point_in_time(pipe: Settings, streamed: TrafficGenerator):
-    df, versions = build_training_set(pipe.offline_dir)
+    df, versions = training_set(pipe)
     assert len(df) > 1000 and set(FEATURE_COLUMNS) <= set(df.columns)
     assert all(v is not None for v in versions.values())
     feats = delta.read(pipe.offline_dir / "user_impressions")
     row = df.iloc[len(df) // 2]
     earlier = feats[(feats.user_id == row.user_id) &
                     (feats.event_timestamp < pd.Timestamp(int(row.ts), unit="us", tz="UTC"))]
-    want = earlier.sort_values("event_timestamp")["impressions_1m"].iloc[-1] if len(earlier) else np.nan
+    want = earlier.sort_values(["event_timestamp", "created"])["impressions_1m"].iloc[-1] if len(earlier) else np.nan
     assert (np.isnan(want) and np.isnan(row.impressions_1m)) or row.impressions_1m == want
 
 

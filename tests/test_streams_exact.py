@@ -133,7 +133,7 @@ from feast import Field, StreamFeatureView
 from feast.aggregation import Aggregation
 from feast.types import Float64, Int64, String
 
-from ads import impressions, user
+from ads import IMPRESSION, stream, user
 
 
 def top_slots_in_eur(df):
@@ -147,7 +147,7 @@ user_top_bids_eur = StreamFeatureView(
     name="user_top_bids_eur",
     entities=[user],
     ttl=timedelta(hours=1),
-    source=impressions,
+    source=stream("events.impressions", IMPRESSION, "user_top_bids_eur"),
     mode="pandas",
     udf=top_slots_in_eur,
     timestamp_field="event_timestamp",

@@ -14,33 +14,30 @@ from feast.types import Float64, Int64, String
 user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.STRING,
               description="The person an ad is shown to.")
 
-impressions = KafkaSource(
-    name="impressions",
-    topic="events.impressions",
-    kafka_bootstrap_servers="embedded",
-    timestamp_field="event_timestamp",
-    message_format=JsonFormat(schema_json="user_id string, bid double, position int, ts bigint"),
-    batch_source=FileSource(name="impressions_bronze", path="../offline/bronze_impressions",
-                            file_format=DeltaFormat(), timestamp_field="event_timestamp"),
-    watermark_delay_threshold=timedelta(seconds=5),
-)
 
-clicks = KafkaSource(
-    name="clicks",
-    topic="events.clicks",
-    kafka_bootstrap_servers="embedded",
-    timestamp_field="event_timestamp",
-    message_format=JsonFormat(schema_json="user_id string, impression_id string, ts bigint"),
-    batch_source=FileSource(name="clicks_bronze", path="../offline/bronze_clicks",
-                            file_format=DeltaFormat(), timestamp_field="event_timestamp"),
-    watermark_delay_threshold=timedelta(seconds=5),
-)
+def stream(topic: str, schema_json: str, view: str) -> KafkaSource:
+    """A view's stream source: the Kafka topic the streams engine consumes, and as ``batch_source`` the
+    Delta table it appends the view's rows to (what training sets and ``feast materialize`` read)."""
+    return KafkaSource(
+        name=f"{view}_stream",
+        topic=topic,
+        kafka_bootstrap_servers="embedded",
+        timestamp_field="event_timestamp",
+        message_format=JsonFormat(schema_json=schema_json),
+        batch_source=FileSource(name=f"{view}_offline", path=f"../offline/{view}", file_format=DeltaFormat(),
+                                timestamp_field="event_timestamp", created_timestamp_column="created"),
+        watermark_delay_threshold=timedelta(seconds=5),
+    )
+
+
+IMPRESSION = "user_id string, bid double, position int, ts bigint"
+CLICK = "user_id string, impression_id string, ts bigint"
 
 user_impressions = StreamFeatureView(
     name="user_impressions",
     entities=[user],
     ttl=timedelta(hours=1),
-    source=impressions,
+    source=stream("events.impressions", IMPRESSION, "user_impressions"),
     timestamp_field="event_timestamp",
     aggregations=[
         Aggregation(column="bid", function="count", time_window=timedelta(minutes=1),
@@ -57,7 +54,7 @@ user_clicks = StreamFeatureView(
     name="user_clicks",
     entities=[user],
     ttl=timedelta(hours=1),
-    source=clicks,
+    source=stream("events.clicks", CLICK, "user_clicks"),
     timestamp_field="event_timestamp",
     aggregations=[
         Aggregation(column="impression_id", function="count", time_window=timedelta(minutes=5),
@@ -71,7 +68,7 @@ user_bid_stats = StreamFeatureView(
     name="user_bid_stats",
     entities=[user],
     ttl=timedelta(hours=1),
-    source=impressions,
+    source=stream("events.impressions", IMPRESSION, "user_bid_stats"),
     timestamp_field="event_timestamp",
     aggregations=[
         Aggregation(column="bid", function="sum", time_window=timedelta(minutes=10),
