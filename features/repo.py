@@ -30,6 +30,8 @@ online_store:
   path: {repo}/online.db
 offline_store:
   type: driftloop.features.delta_offline_store.DeltaOfflineStore
+batch_engine:
+  type: driftloop.features.materialize.PrecomputedRowsEngine
 entity_key_serialization_version: 3
 auth:
   type: no_auth

@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import time
+from datetime import UTC, datetime
 
 from driftloop.infra.logsetup import setup_logging
 from driftloop.infra.settings import Settings, get_settings
@@ -84,6 +85,61 @@ def cmd_apply(a: argparse.Namespace, s: Settings) -> int:
     return 0
 
 
+def _utc(text: str) -> datetime:
+    """An ISO 8601 time; naive means UTC."""
+    try:
+        t = datetime.fromisoformat(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r} (e.g. 2026-11-23T10:00:00Z)") from e
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+def cmd_backfill(a: argparse.Namespace, s: Settings) -> int:
+    from driftloop.features.backfill import backfill
+
+    try:
+        r = backfill(s, a.view, a.start, a.end, materialize=a.materialize, dry_run=a.dry_run)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"driftloop backfill: {e}", file=sys.stderr)
+        return 2
+    verb = "recomputed (dry run, nothing written)" if a.dry_run else "recomputed and replaced"
+    print(f"{r['view']}: {r['rows']} rows {verb} in {r['seconds']} s" + (", materialized online" if r["materialized"]
+                                                                          else ""))
+    print(json.dumps(r))
+    return 0
+
+
+def cmd_consistency(a: argparse.Namespace, s: Settings) -> int:
+    from driftloop.features.consistency import as_json, consistency, report
+
+    try:
+        rows = consistency(s, a.view or None, a.start, a.end, online=not a.offline_only)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"driftloop consistency: {e}", file=sys.stderr)
+        return 2
+    print(report(rows))
+    out = as_json(rows)
+    print(json.dumps(out))
+    return 0 if out["mismatched"] == 0 or not a.fail_on_mismatch else 1
+
+
+def cmd_maintain(a: argparse.Namespace, s: Settings) -> int:
+    from dataclasses import asdict
+
+    from driftloop.features.maintenance import maintain
+
+    try:
+        reports = maintain(s, a.retention_hours, vacuum=not a.no_vacuum)
+    except ValueError as e:
+        print(f"driftloop maintain: {e}", file=sys.stderr)
+        return 2
+    for r in reports:
+        print(f"{r.table:<22} v{r.version:<6} files {r.files_before:>5} → {r.files_after:<5} "
+              f"vacuumed {r.vacuumed:>5}  {r.seconds:.2f} s")
+    print(json.dumps([asdict(r) for r in reports]))
+    return 0
+
+
 def cmd_up(a: argparse.Namespace, s: Settings) -> int:
     from driftloop.infra.supervisor import Stack, start_detached
 
@@ -142,6 +198,10 @@ def cmd_bench(a: argparse.Namespace, s: Settings) -> int:
 
         r = run_swap(s, swaps=a.swaps, rate=a.rate, every_s=a.every)
         return 0 if r["lost"] == r["duplicated"] == r["misversioned"] == 0 else 1
+    elif a.what == "online":
+        from driftloop.bench.online import run as run_online
+
+        run_online(s, users=a.users, reads=a.reads)
     elif a.what == "training":
         from driftloop.bench.training import run as run_training
 
@@ -196,6 +256,28 @@ def build_parser() -> argparse.ArgumentParser:
     rb.add_argument("--to", help="a specific version instead of the previous champion")
     rb.set_defaults(fn=cmd_rollback)
 
+    bf = sub.add_parser("backfill", help="recompute a stream feature view from bronze with Spark (Spark Connect)")
+    bf.add_argument("--view", required=True, help="stream feature view name")
+    bf.add_argument("--start", required=True, type=_utc, help="ISO 8601 event time, inclusive (naive = UTC)")
+    bf.add_argument("--end", required=True, type=_utc, help="ISO 8601 event time, exclusive")
+    bf.add_argument("--materialize", action="store_true", help="also materialize the range to the online store")
+    bf.add_argument("--dry-run", action="store_true", help="compute only; write nothing")
+    bf.set_defaults(fn=cmd_backfill)
+
+    cs = sub.add_parser("consistency", help="mismatch share: stream offline rows vs Spark recompute, online vs "
+                                            "latest; exits 1 on any mismatch with --fail-on-mismatch")
+    cs.add_argument("--view", action="append", help="a view (repeatable; default: every stream feature view)")
+    cs.add_argument("--start", type=_utc, default=None)
+    cs.add_argument("--end", type=_utc, default=None)
+    cs.add_argument("--offline-only", action="store_true", help="skip the online check")
+    cs.add_argument("--fail-on-mismatch", action="store_true")
+    cs.set_defaults(fn=cmd_consistency)
+
+    mt = sub.add_parser("maintain", help="compact, checkpoint and vacuum the Delta tables (safe while writing)")
+    mt.add_argument("--retention-hours", type=float, default=168.0, help="vacuum files unreferenced this long")
+    mt.add_argument("--no-vacuum", action="store_true")
+    mt.set_defaults(fn=cmd_maintain)
+
     b = sub.add_parser("bench", help="run a benchmark; the last line of output is one JSON object")
     bs = b.add_subparsers(dest="what", required=True)
     st = bs.add_parser("streams", help="streams throughput, freshness and the per-event baseline")
@@ -211,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--swaps", type=int, default=10)
     sw.add_argument("--rate", type=float, default=2000.0, help="impressions/s during the swaps")
     sw.add_argument("--every", type=float, default=2.0, help="seconds between promotions")
+    on = bs.add_parser("online", help="online store read latency p50/p99 for 1 and 100 entities")
+    on.add_argument("--users", type=int, default=10_000, help="entities written to the online store")
+    on.add_argument("--reads", type=int, default=2000, help="timed reads per size")
     tr = bs.add_parser("training", help="point-in-time training set: N labels × the example repo's 3 views")
     tr.add_argument("--labels", type=int, default=1_000_000)
     tr.add_argument("--rows-per-view", type=int, default=1_000_000, help="feature rows in each view's Delta table")

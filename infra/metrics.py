@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,11 @@ MODEL_REJECTS = Counter("driftloop_model_rejects_total", "Versions serving refus
 DRIFT_SHARE = Gauge("driftloop_drift_share", "Share of drifted columns in the last window", ["model"])
 RETRAIN_REQUESTS = Counter("driftloop_retrain_requests_total", "Retrain requests", ["reason"])
 TRAINING_RUNS = Counter("driftloop_training_runs_total", "Training jobs finished", ["outcome"])
+# batch jobs (consistency) write their own registry to a textfile for node-exporter's textfile collector
+JOBS = CollectorRegistry()
+CONSISTENCY = Gauge("driftloop_consistency_mismatch_share", "Share of rows whose value differs: offline = stream "
+                    "rows vs the Spark recompute, online = online store vs the recompute at the latest event",
+                    ["view", "feature", "check"], registry=JOBS)
 
 
 def serve_metrics(port: int) -> None:

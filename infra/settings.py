@@ -23,6 +23,10 @@ class Settings(BaseSettings):
     model_name: str = "ctr"
     mlflow_tracking_uri: str | None = Field(None, description="Unset = sqlite under data_dir.")
     ray_address: str | None = Field(None, description="Unset = local ray.init().")
+    spark_remote: str | None = Field(None, description="Spark Connect URL (sc://host:15002); unset = embedded pysail.")
+    redis_url: str | None = Field(None, description="Feast online store on Redis (host:port[,db=N]); unset = sqlite.")
+    registry_url: str | None = Field(None, description="Feast SQL registry (SQLAlchemy URL, e.g. "
+                                                        "postgresql+psycopg://u:p@host/db); unset = a file.")
 
     label_window_s: float = Field(5.0, gt=0, description="A click within this many seconds makes label 1.")
     serving_batch_size: int = Field(500, ge=1)

@@ -92,3 +92,22 @@ def wait_committed(settings: Settings, group: str, topics: list[str], timeout: f
             raise AssertionError(f"{group} did not commit to the end: committed {last}, ends {ends}") from e
     finally:
         c.close()
+
+
+def valid(events: list[tuple[str, dict]], topic: str) -> list[dict]:
+    """The records of ``events`` (``(logical topic, record)``) sent to ``topic``."""
+    return [r for t, r in events if t == topic]
+
+
+def wait_streamed(s: Settings, events: list[tuple[str, dict]], views: list, timeout: float) -> None:
+    """Until every valid event is in bronze, every view table has its rows, and the streams group has
+    committed every source partition (so the online rows of the last batch are written too)."""
+    from driftloop.infra import delta
+
+    def rows(name: str) -> int:
+        return len(delta.read(s.offline_dir / name, ["_offset"]))
+
+    want = {f"bronze_{t.split('.')[-1]}": len(valid(events, t)) for t in {t for t, _ in events}}
+    want.update({v.name: len(valid(events, v.topic)) for v in views if v.udf is None})
+    wait_for(lambda: all(rows(n) >= c for n, c in want.items()), timeout, every=1.0)
+    wait_committed(s, f"{s.topic_prefix}streams", sorted({t for t, _ in events}), 120)

@@ -18,7 +18,7 @@ from driftloop.infra.producer import publish, synthetic_events
 from driftloop.infra.settings import Settings
 from driftloop.infra.supervisor import Child, settings_env
 from driftloop.streams.windows import ViewSpec, specs_from_feast
-from tests.helpers import read_topic, wait_committed, wait_for, worker
+from tests.helpers import read_topic, valid, wait_for, wait_streamed, worker
 from tests.reference import assert_frames_match, expected, offline_rows
 
 MALFORMED_EACH = 200
@@ -28,21 +28,8 @@ def _views(store: FeatureStore) -> list[ViewSpec]:
     return specs_from_feast(store.list_stream_feature_views())
 
 
-def _valid(events: list[tuple[str, dict]], topic: str) -> list[dict]:
-    return [r for t, r in events if t == topic]
-
-
 def _rows(s: Settings, name: str) -> int:
     return len(delta.read(s.offline_dir / name, ["_offset"]))
-
-
-def _wait_processed(s: Settings, events: list[tuple[str, dict]], views: list[ViewSpec], timeout: float) -> None:
-    """Until every valid event is in bronze and every view table has its rows."""
-    want = {f"bronze_{t.split('.')[-1]}": len(_valid(events, t)) for t in {t for t, _ in events}}
-    want.update({v.name: len(_valid(events, v.topic)) for v in views if v.udf is None})
-    wait_for(lambda: all(_rows(s, n) >= c for n, c in want.items()), timeout, every=1.0)
-    # the online rows of the last batch may still be in flight: wait for its offsets to be committed
-    wait_committed(s, f"{s.topic_prefix}streams", sorted({t for t, _ in events}), 120)
 
 
 def _check(s: Settings, store: FeatureStore, events: list[tuple[str, dict]], views: list[ViewSpec],
@@ -50,7 +37,7 @@ def _check(s: Settings, store: FeatureStore, events: list[tuple[str, dict]], vie
     """Offline rows (one per event, none twice) and online rows equal the reference, for every view."""
     for v in views:
         tf = (transforms or {}).get(v.name)
-        want_off, want_on = expected(_valid(events, v.topic), v, tf)
+        want_off, want_on = expected(valid(events, v.topic), v, tf)
         names = [a.name for a in v.aggs]
         assert_frames_match(offline_rows(s, v), want_off, "event_id", names)
         got = store.get_online_features(features=[f"{v.name}:{n}" for n in names],
@@ -87,7 +74,7 @@ def test_exact_with_disorder_late_and_malformed_records(settings: Settings):
     stream[40_000:40_000] = late
     with worker(settings, "streams"):
         publish(settings, stream)
-        _wait_processed(settings, events, views, 240)
+        wait_streamed(settings, events, views, 240)
     _check(settings, store, events, views)
 
     dlq = read_topic(settings, "dlq", len(bad) + len(late), timeout=60)
@@ -120,7 +107,7 @@ def test_exact_after_three_kill9_restarts(settings: Settings):
         child.proc.wait()
         assert child.proc.returncode == -signal.SIGKILL, f"kill {i} did not land"
     try:
-        _wait_processed(settings, events, views, 300)
+        wait_streamed(settings, events, views, 300)
     finally:
         child.stop()
     _check(settings, store, events, views)
@@ -176,7 +163,7 @@ def test_new_view_file_apply_and_restart(settings: Settings):
     before = synthetic_events(6000, users=300, rate=200, disorder_s=2.0, seed=21)
     with worker(settings, "streams"):
         publish(settings, before)
-        _wait_processed(settings, before, _views(store), 120)
+        wait_streamed(settings, before, _views(store), 120)
     (settings.feature_repo_dir / "top_bids.py").write_text(NEW_VIEW)
     store = apply(settings)
     views = _views(store)
@@ -186,8 +173,8 @@ def test_new_view_file_apply_and_restart(settings: Settings):
     after = synthetic_events(6000, users=300, rate=200, disorder_s=2.0, seed=22, start_us=start)
     with worker(settings, "streams"):
         publish(settings, after)
-        _wait_processed(settings, before + after, views, 120)
-        n_new = len(_top_slots_in_eur(pd.DataFrame(_valid(after, "events.impressions"))))
+        wait_streamed(settings, before + after, views, 120)
+        n_new = len(_top_slots_in_eur(pd.DataFrame(valid(after, "events.impressions"))))
         wait_for(lambda: _rows(settings, new.name) >= n_new, 60)
     store = open_store(settings)
     _check(settings, store, after, [new], {new.name: _top_slots_in_eur})
