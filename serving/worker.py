@@ -22,10 +22,9 @@ from typing import Any
 import numpy as np
 import orjson
 from confluent_kafka import Producer
-from feast.protos.feast.types.EntityKey_pb2 import EntityKey
-from feast.protos.feast.types.Value_pb2 import Value
 from pydantic import ValidationError
 
+from driftloop.features.online_read import OnlineReader
 from driftloop.features.repo import open_store
 from driftloop.features.vectors import FEATURE_COLUMNS, FEATURE_SERVICE, ONLINE_FEATURES, request_matrix
 from driftloop.infra import models
@@ -52,26 +51,11 @@ class BatchScorer:
     def __init__(self, settings: Settings):
         self.s = settings
         self.store = open_store(settings)
-        self.provider = self.store._get_provider()
-        service = self.store.get_feature_service(FEATURE_SERVICE)
-        by_name = {v.name: v for v in [*self.store.list_feature_views(), *self.store.list_stream_feature_views()]}
-        self.views = [(by_name[p.name], [f.name for f in p.features]) for p in service.feature_view_projections]
-        self.column = {n: ONLINE_FEATURES.index(n) for _, names in self.views for n in names}
+        self.reader = OnlineReader(self.store, FEATURE_SERVICE, ONLINE_FEATURES, "user_id")
 
     def online_features(self, users: list[str]) -> np.ndarray:
-        """ONLINE_FEATURES for each user (missing = 0): one online-store read per view of the feature
-        service for the batch's unique users (the provider's read, without Feast's response building)."""
-        uniq = list(dict.fromkeys(users))
-        keys = [EntityKey(join_keys=["user_id"], entity_values=[Value(string_val=u)]) for u in uniq]
-        table = np.zeros((len(uniq), len(ONLINE_FEATURES)), np.float32)
-        for fv, names in self.views:
-            for i, (_ts, values) in enumerate(self.provider.online_read(self.store.config, fv, keys, names)):
-                for name, v in (values or {}).items():
-                    kind = v.WhichOneof("val")
-                    if kind is not None and name in self.column:
-                        table[i, self.column[name]] = getattr(v, kind)
-        pos = {u: i for i, u in enumerate(uniq)}
-        return table[[pos[u] for u in users]]
+        """ONLINE_FEATURES for each user (missing = 0): one online-store read for the batch's unique users."""
+        return self.reader.matrix(users)
 
     def vectors(self, imps: list[Impression]) -> np.ndarray:
         req = request_matrix(imp.__dict__ for imp in imps)

@@ -12,6 +12,8 @@ import pandas as pd
 import pyarrow as pa
 from deltalake import DeltaTable
 from feast import FeatureStore
+from feast.infra.online_stores.helpers import _redis_key
+from feast.infra.online_stores.redis import RedisOnlineStore
 
 from driftloop.infra import delta
 from driftloop.infra.metrics import FRESHNESS, ROWS_WRITTEN
@@ -101,6 +103,9 @@ class OnlineSink:
         data = self.provider._prep_rows_to_write_for_ingestion(feature_view=fv, df=df, field_mapping=None)
         stored = self.provider.online_read(self.store.config, fv, [d[0] for d in data])
         fresh = [d for d, (ts, _) in zip(data, stored, strict=True) if ts is None or _utc(d[2]) >= _utc(ts)]
+        same = [d for d, (ts, _) in zip(data, stored, strict=True) if ts is not None and _utc(d[2]) == _utc(ts)]
+        if same:
+            self._allow_same_instant(view, same)
         if fresh:
             self.provider.online_write_batch(self.store.config, fv, fresh, progress=None)
         now = time.time()
@@ -110,6 +115,22 @@ class OnlineSink:
         if len(fresh) < len(data):
             log.info("online %s: kept %d newer stored rows", view, len(data) - len(fresh))
         return len(fresh)
+
+
+    def _allow_same_instant(self, view: str, rows: list[Any]) -> None:
+        """Feast's Redis store skips a row whose event time equals the stored one, but a late event inside
+        the lateness changes the value without moving the time: forget the stored time of those entities
+        first (a crash in between leaves the old value, and the replayed batch writes it again)."""
+        online = self.provider.online_store
+        if not isinstance(online, RedisOnlineStore):
+            return
+        cfg = self.store.config
+        version = cfg.entity_key_serialization_version
+        client = online._get_client(cfg.online_store)
+        with client.pipeline(transaction=False) as pipe:
+            for d in rows:
+                pipe.hdel(_redis_key(cfg.project, d[0], entity_key_serialization_version=version), f"_ts:{view}")
+            pipe.execute()
 
 
 def _utc(ts: datetime) -> float:

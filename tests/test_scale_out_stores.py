@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import uuid
 
+import numpy as np
 import pytest
 
+from driftloop.features.online_read import OnlineReader
 from driftloop.features.repo import apply, open_store
+from driftloop.features.vectors import FEATURE_SERVICE, ONLINE_FEATURES
 from driftloop.infra.producer import publish, synthetic_events
 from driftloop.infra.settings import Settings
 from driftloop.infra.topics import ensure_topics
@@ -16,6 +19,7 @@ from driftloop.streams.windows import specs_from_feast
 from tests.helpers import valid, wait_streamed, worker
 from tests.reference import assert_frames_match, expected
 from tests.servers import postgres_server, redis_server
+from tests.test_online_read import feast_matrix
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +56,10 @@ def test_settings_select_redis_and_postgres(tmp_path, bootstrap_servers, redis_u
         got = store.get_online_features(features=[f"{v.name}:{n}" for n in names],
                                         entity_rows=[{v.entity_key: e} for e in want[v.entity_key]]).to_df()
         assert_frames_match(got, want, v.entity_key, names)
+    # serving's reader goes through the provider on Redis and agrees with Feast
+    reader = OnlineReader(store, FEATURE_SERVICE, ONLINE_FEATURES, "user_id")
+    users = sorted({r["user_id"] for r in valid(events, "events.impressions")})[:50] + ["nobody"]
+    assert reader.sqlite is None and np.array_equal(reader.matrix(users), feast_matrix(store, users))
     import redis
 
     host, port = redis_url.split(":")
