@@ -24,6 +24,7 @@ from pathlib import Path
 import pyarrow as pa
 from deltalake import write_deltalake
 
+from driftloop.features.online_write import OnlineSink
 from driftloop.features.repo import open_store
 from driftloop.infra.delta import TS, open_table
 from driftloop.infra.settings import Settings
@@ -187,9 +188,25 @@ def backfill(settings: Settings, view_name: str, start: datetime, end: datetime,
             write_deltalake(str(target), rows, mode="overwrite", predicate=_predicate(start_us, end_us))
         log.info("replaced the rows of %s in [%s, %s) with %d recomputed rows", target, start, end, rows.num_rows)
         if materialize:
-            open_store(settings).materialize(start_date=start, end_date=end, feature_views=[view.name])
+            materialize_latest(settings, view, rows)
     return {"view": view.name, "rows": rows.num_rows, "seconds": round(seconds, 2), "written": not dry_run,
             "materialized": materialize and not dry_run}
+
+
+def materialize_latest(settings: Settings, view: ViewSpec, rows: pa.Table, chunk: int = 1000) -> int:
+    """Write each entity's newest recomputed row online, unless the store already holds a newer one
+    (a backfill of an old range never moves an online value back in time)."""
+    df = rows.to_pandas().sort_values(["event_timestamp", "_partition", "_offset"], kind="stable")
+    df = df.groupby(view.entity_key, sort=False).tail(1)
+    for c in ("event_timestamp", "created"):
+        df[c] = df[c].astype("datetime64[us, UTC]").astype("int64")
+    records = df[[view.entity_key, *(a.name for a in view.aggs), "event_timestamp", "created"]].to_dict("records")
+    sink = OnlineSink(open_store(settings))
+    written = sum(sink.write(view.name, records[i:i + chunk], replace_same_instant=False)
+                  for i in range(0, len(records), chunk))
+    log.info("materialized %d of %d entities of %s online (the others hold newer values)", written, len(records),
+             view.name)
+    return written
 
 
 def _predicate(start_us: int, end_us: int) -> str:

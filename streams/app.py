@@ -25,6 +25,7 @@ from typing import Any
 import faust
 import orjson
 
+from driftloop.features.online_write import OnlineSink
 from driftloop.features.repo import open_store
 from driftloop.infra.contracts import Click, Impression
 from driftloop.infra.kafka import (
@@ -38,7 +39,7 @@ from driftloop.infra.metrics import BATCH_SIZE, CONSUMER_LAG, DLQ, EVENTS_IN, se
 from driftloop.infra.settings import Settings
 from driftloop.streams import faust_patches, windows
 from driftloop.streams.engine import BatchOutput, FeatureEngine, LabelRule, Record
-from driftloop.streams.sinks import OfflineSink, OnlineSink
+from driftloop.streams.sinks import OfflineSink
 
 log = logging.getLogger(__name__)
 

@@ -90,8 +90,11 @@ def test_backfill_reproduces_the_stream_and_repairs_it(streamed):
     want, _ = expected(imps, view)
     assert_frames_match(offline_rows(s, view), want, "event_id", [a.name for a in view.aggs])
     assert all(m == 0 for _n, m in _shares(consistency(s, ["user_impressions"], online=False)).values())
-    again = backfill(s, "user_impressions", start, end)  # idempotent
+    again = backfill(s, "user_impressions", start, end, materialize=True)  # idempotent
     assert again["rows"] == r["rows"] and len(delta.read(table, ["_offset"])) == len(imps)
+    # materializing an old range never moves an online value back: online still equals the stream's
+    assert again["materialized"]
+    assert all(m == 0 for _n, m in _shares(consistency(s, ["user_impressions"])).values())
 
 
 def test_backfill_rejects_bad_input(streamed):
