@@ -1,6 +1,6 @@
 """Recompute stream feature views from the bronze raw-event tables with Spark (Spark Connect).
 
-The computation reproduces ``streams/windows.py`` exactly. For one aggregation group (a column, a
+The computation reproduces ``features/windows.py`` exactly. For one aggregation group (a column, a
 slide, ``n`` buckets), each bronze event ``j`` *contributes* to the ``n`` target buckets
 ``b(j) .. b(j)+n-1``, and each event ``i`` *asks* at target ``b(i)``. Within (entity, target bucket),
 ordered by consumption (``_offset``, contributions before the question at the same offset), a running
@@ -26,9 +26,9 @@ from deltalake import write_deltalake
 
 from driftloop.features.online_write import OnlineSink
 from driftloop.features.repo import open_store
+from driftloop.features.windows import ViewSpec, specs_from_feast
 from driftloop.infra.delta import TS, open_table
 from driftloop.infra.settings import Settings
-from driftloop.streams.windows import ViewSpec, specs_from_feast
 
 log = logging.getLogger(__name__)
 

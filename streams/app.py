@@ -25,6 +25,7 @@ from typing import Any
 import faust
 import orjson
 
+from driftloop.features import windows
 from driftloop.features.online_write import OnlineSink
 from driftloop.features.repo import open_store
 from driftloop.infra.contracts import Click, Impression
@@ -37,7 +38,7 @@ from driftloop.infra.kafka import (
 )
 from driftloop.infra.metrics import BATCH_SIZE, CONSUMER_LAG, DLQ, EVENTS_IN, serve_metrics
 from driftloop.infra.settings import Settings
-from driftloop.streams import faust_patches, windows
+from driftloop.streams import faust_patches
 from driftloop.streams.engine import BatchOutput, FeatureEngine, LabelRule, Record
 from driftloop.streams.sinks import OfflineSink
 

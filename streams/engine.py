@@ -25,10 +25,10 @@ from typing import Any
 
 import pandas as pd
 
+from driftloop.features import windows
+from driftloop.features.windows import ViewSpec
 from driftloop.infra.contracts import Event, Label
-from driftloop.streams import windows
 from driftloop.streams.validation import Invalid, parse
-from driftloop.streams.windows import ViewSpec
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """A brute-force pandas/numpy reference of the stream feature views, written from the semantics in
-``streams/windows.py`` independently of the engine: for every event, aggregate all earlier-consumed
+``features/windows.py`` independently of the engine: for every event, aggregate all earlier-consumed
 events of its entity (and itself) whose slide bucket lies in ``(b(t) - ceil(W/slide), b(t)]``."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 
+from driftloop.features.windows import ViewSpec
 from driftloop.infra import delta
 from driftloop.infra.settings import Settings
-from driftloop.streams.windows import ViewSpec
 
 CHUNK = 512
 

@@ -19,12 +19,12 @@ from deltalake import DeltaTable
 from driftloop.features.backfill import backfill
 from driftloop.features.consistency import consistency
 from driftloop.features.repo import apply
+from driftloop.features.windows import specs_from_feast
 from driftloop.infra import delta
 from driftloop.infra.broker import EmbeddedBroker
 from driftloop.infra.producer import publish, synthetic_events
 from driftloop.infra.settings import Settings
 from driftloop.infra.topics import ensure_topics
-from driftloop.streams.windows import specs_from_feast
 from tests.helpers import valid, wait_streamed, worker
 from tests.reference import assert_frames_match, expected, offline_rows
 

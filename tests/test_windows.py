@@ -5,8 +5,8 @@ import random
 
 import pytest
 
-from driftloop.streams import windows
-from driftloop.streams.windows import AggSpec, ViewSpec
+from driftloop.features import windows
+from driftloop.features.windows import AggSpec, ViewSpec
 
 
 def brute(events, agg, t):
