@@ -27,8 +27,7 @@ from typing import Any, Literal
 import duckdb
 import pandas as pd
 import pyarrow as pa
-from deltalake import DeltaTable, write_deltalake
-from deltalake.exceptions import TableNotFoundError
+from deltalake import write_deltalake
 from feast import FeatureView, OnDemandFeatureView
 from feast.data_format import DeltaFormat
 from feast.data_source import DataSource
@@ -39,8 +38,10 @@ from feast.infra.registry.base_registry import BaseRegistry
 from feast.repo_config import FeastConfigBaseModel, RepoConfig
 from feast.saved_dataset import SavedDatasetStorage
 
+from driftloop.infra import delta
+from driftloop.infra.delta import TS
+
 log = logging.getLogger(__name__)
-TS = pa.timestamp("us", tz="UTC")
 ROW = "__driftloop_row"
 
 
@@ -91,11 +92,10 @@ class _Reader:
         path = table_path(source, self.repo_path)
         if path not in self._names:
             name = f"v{len(self._names)}"
-            try:
-                dt = DeltaTable(path)
-            except TableNotFoundError as e:
+            dt = delta.open_table(Path(path))
+            if dt is None:
                 if empty is None:
-                    raise FileNotFoundError(f"source {source.name!r}: no Delta table at {path}") from e
+                    raise FileNotFoundError(f"source {source.name!r}: no Delta table at {path}")
                 log.warning("source %s: no Delta table at %s yet; read as empty", source.name, path)
                 self.con.execute(f"CREATE TEMP VIEW {name} AS {empty} LIMIT 0")
                 self._names[path] = name
@@ -123,6 +123,10 @@ def _utc(table: pa.Table) -> pa.Table:
                 col = col.cast(pa.timestamp(f.type.unit)).cast(pa.timestamp(f.type.unit, tz="UTC"))
             table = table.set_column(i, pa.field(f.name, TS), col.cast(TS))
     return table
+
+
+def _columns(keys: list[str], features: list[str], ts: str, created: str | None) -> list[str]:
+    return [*keys, *features, ts, *([created] if created else [])]
 
 
 def _nulls(cols: list[str]) -> str:
@@ -253,9 +257,7 @@ class DeltaOfflineStore(OfflineStore):
                                         end_date: datetime) -> RetrievalJob:
         """The newest row per entity with its event time in [start_date, end_date] (``materialize``)."""
         reader = _Reader(config)
-        cols = [*join_key_columns, *feature_name_columns, timestamp_field]
-        if created_timestamp_column:
-            cols.append(created_timestamp_column)
+        cols = _columns(join_key_columns, feature_name_columns, timestamp_field, created_timestamp_column)
         order = ", ".join(f"{_q(c)} DESC" for c in [timestamp_field, created_timestamp_column] if c)
         part = f"PARTITION BY {', '.join(map(_q, join_key_columns))} " if join_key_columns else ""
 
@@ -275,9 +277,7 @@ class DeltaOfflineStore(OfflineStore):
                                      end_date: datetime | None = None) -> RetrievalJob:
         """Every row with its event time in the (optional) range."""
         reader = _Reader(config)
-        cols = [*join_key_columns, *feature_name_columns, timestamp_field]
-        if created_timestamp_column:
-            cols.append(created_timestamp_column)
+        cols = _columns(join_key_columns, feature_name_columns, timestamp_field, created_timestamp_column)
         where = [f"{_q(timestamp_field)} >= {_lit(start_date)}" if start_date else "TRUE",
                  f"{_q(timestamp_field)} <= {_lit(end_date)}" if end_date else "TRUE"]
 
@@ -293,10 +293,8 @@ class DeltaOfflineStore(OfflineStore):
         """Append ``table`` to the view's Delta table (its columns must match the table's, in any order)."""
         path = table_path(feature_view.batch_source, config.repo_path)
         table = _utc(table)
-        try:
-            schema = DeltaTable(path).schema().to_arrow()
-        except TableNotFoundError:
-            schema = None
+        dt = delta.open_table(Path(path))
+        schema = None if dt is None else dt.schema().to_arrow()
         if schema is not None:
             want = {f.name for f in schema}
             if set(table.column_names) != want:
