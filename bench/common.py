@@ -12,10 +12,10 @@ from collections.abc import Iterator
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from driftloop.infra.broker import EmbeddedBroker, free_port
-from driftloop.infra.settings import Settings
-from driftloop.infra.supervisor import Child, settings_env
-from driftloop.infra.topics import ensure_topics
+from driftloop.core.broker import EmbeddedBroker, free_port
+from driftloop.core.settings import Settings
+from driftloop.app.supervisor import Child, settings_env
+from driftloop.core.topics import ensure_topics
 
 log = logging.getLogger(__name__)
 

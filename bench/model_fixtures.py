@@ -11,8 +11,8 @@ import pandas as pd
 import torch
 
 from driftloop.features.vectors import FEATURE_COLUMNS
-from driftloop.infra import models
-from driftloop.infra.settings import Settings
+from driftloop.registry import models
+from driftloop.core.settings import Settings
 from driftloop.retrain.model import ClickMLP, fit, to_onnx
 
 BAD_KINDS = ("nan_outputs", "wrong_signature", "corrupted_artifact", "mismatched_features")

@@ -22,7 +22,7 @@ import pandas as pd
 
 from driftloop.features.repo import apply
 from driftloop.features.vectors import FEATURE_SERVICE
-from driftloop.infra.settings import Settings
+from driftloop.core.settings import Settings
 from driftloop.serving.worker import BatchScorer
 
 SIZES = (1, 100)

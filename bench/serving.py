@@ -25,11 +25,11 @@ from driftloop.bench.common import broker, isolated, report, running
 from driftloop.bench.model_fixtures import register_good
 from driftloop.features.repo import apply
 from driftloop.features.vectors import FEATURE_COLUMNS
-from driftloop.infra import models
-from driftloop.infra.contracts import now_us
-from driftloop.infra.kafka import consumer_config, good_messages, make_producer
-from driftloop.infra.producer import produce, publish, synthetic_events
-from driftloop.infra.settings import Settings
+from driftloop.registry import models
+from driftloop.core.contracts import now_us
+from driftloop.core.kafka import consumer_config, good_messages, make_producer
+from driftloop.app.producer import produce, publish, synthetic_events
+from driftloop.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ from typing import Any
 
 from driftloop.bench.common import broker, histogram_quantile, isolated, report, running, scrape, total
 from driftloop.features.repo import apply
-from driftloop.infra.contracts import now_us
-from driftloop.infra.producer import publish, synthetic_events
-from driftloop.infra.settings import Settings
+from driftloop.core.contracts import now_us
+from driftloop.app.producer import publish, synthetic_events
+from driftloop.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ import pandas as pd
 
 from driftloop.features import windows
 from driftloop.features.repo import open_store
-from driftloop.infra.kafka import faust_broker_settings
-from driftloop.infra.logsetup import setup_logging
-from driftloop.infra.metrics import EVENTS_IN, serve_metrics
-from driftloop.infra.settings import get_settings
+from driftloop.core.kafka import faust_broker_settings
+from driftloop.core.logsetup import setup_logging
+from driftloop.core.metrics import EVENTS_IN, serve_metrics
+from driftloop.core.settings import get_settings
 from driftloop.streams.app import CONTRACTS
 from driftloop.streams.validation import Invalid, parse
 

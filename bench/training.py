@@ -24,7 +24,7 @@ from feast import FeatureService, FeatureStore, FeatureView
 
 from driftloop.features.repo import apply
 from driftloop.features.training import build_training_set
-from driftloop.infra.settings import Settings
+from driftloop.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def _baseline(s: Settings, views: list, entity: pd.DataFrame, store: FeatureStor
     from feast import FileSource
     from feast.data_format import ParquetFormat
 
-    from driftloop.infra import delta
+    from driftloop.core import delta
 
     repo = s.data_dir / "duckdb_repo"
     repo.mkdir()

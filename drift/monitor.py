@@ -21,12 +21,12 @@ from pydantic import ValidationError
 
 from driftloop.drift.webhook import start_webhook
 from driftloop.features.vectors import FEATURE_COLUMNS
-from driftloop.infra import models
-from driftloop.infra.contracts import DriftReport, Prediction, RetrainRequest
-from driftloop.infra.kafka import flush_or_raise, good_messages, make_consumer, make_producer, produce_event
-from driftloop.infra.metrics import DRIFT_SHARE, RETRAIN_REQUESTS
-from driftloop.infra.settings import Settings
-from driftloop.infra.worker import StopFlag, mark_ready
+from driftloop.registry import models
+from driftloop.core.contracts import DriftReport, Prediction, RetrainRequest
+from driftloop.core.kafka import flush_or_raise, good_messages, make_consumer, make_producer, produce_event
+from driftloop.core.metrics import DRIFT_SHARE, RETRAIN_REQUESTS
+from driftloop.core.settings import Settings
+from driftloop.core.worker import StopFlag, mark_ready
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ from deltalake import write_deltalake
 from driftloop.features.online_write import OnlineSink
 from driftloop.features.repo import open_store
 from driftloop.features.windows import ViewSpec, specs_from_feast
-from driftloop.infra.delta import TS, open_table
-from driftloop.infra.settings import Settings
+from driftloop.core.delta import TS, open_table
+from driftloop.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ from prometheus_client import write_to_textfile
 from driftloop.features.backfill import US, compute, spark_session, view_spec
 from driftloop.features.repo import open_store
 from driftloop.features.windows import ViewSpec
-from driftloop.infra import delta
-from driftloop.infra.metrics import CONSISTENCY, JOBS
-from driftloop.infra.settings import Settings
+from driftloop.core import delta
+from driftloop.core.metrics import CONSISTENCY, JOBS
+from driftloop.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

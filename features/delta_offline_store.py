@@ -38,8 +38,8 @@ from feast.infra.registry.base_registry import BaseRegistry
 from feast.repo_config import FeastConfigBaseModel, RepoConfig
 from feast.saved_dataset import SavedDatasetStorage
 
-from driftloop.infra import delta
-from driftloop.infra.delta import TS
+from driftloop.core import delta
+from driftloop.core.delta import TS
 
 log = logging.getLogger(__name__)
 ROW = "__driftloop_row"
@@ -54,26 +54,30 @@ class DeltaOfflineStoreConfig(FeastConfigBaseModel):
     """DuckDB threads (default: all cores)."""
     memory_limit: str | None = None
     """DuckDB memory limit, e.g. ``"4GB"`` (default: DuckDB's)."""
+    root: str | None = None
+    """Folder that relative source paths are relative to (driftloop sets its data dir's ``offline``);
+    unset: the repo, as in Feast."""
 
 
 def _q(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def table_path(source: DataSource, repo_path: Path | str | None) -> str:
-    """The Delta table a source names (relative paths are relative to the repo)."""
+def table_path(source: DataSource, config: RepoConfig) -> str:
+    """The Delta table a source names (relative paths are relative to the store's ``root``, else the repo)."""
     if not isinstance(source, FileSource) or not isinstance(source.file_format, DeltaFormat):
         raise ValueError(f"source {source.name!r}: the Delta offline store reads FileSource(file_format=DeltaFormat())"
                          f" sources only, got {type(source).__name__}"
                          f"({getattr(source, 'file_format', None)!r})")
-    return FileSource.get_uri_for_file_path(repo_path, source.path)
+    root = getattr(config.offline_store, "root", None) or config.repo_path
+    return FileSource.get_uri_for_file_path(Path(root) if root else None, source.path)
 
 
 class _Reader:
     """One DuckDB connection with each Delta table registered once, at the version first seen."""
 
     def __init__(self, config: RepoConfig):
-        self.repo_path = config.repo_path
+        self.config = config
         self.con = duckdb.connect()
         self.con.execute("SET TimeZone = 'UTC'")
         oc = config.offline_store
@@ -89,7 +93,7 @@ class _Reader:
 
         A missing table raises FileNotFoundError, unless ``empty`` (a SELECT giving the columns wanted,
         typed) is given: a view declared but not written yet then reads as no rows."""
-        path = table_path(source, self.repo_path)
+        path = table_path(source, self.config)
         if path not in self._names:
             name = f"v{len(self._names)}"
             dt = delta.open_table(Path(path))
@@ -291,7 +295,7 @@ class DeltaOfflineStore(OfflineStore):
     def offline_write_batch(config: RepoConfig, feature_view: FeatureView, table: pa.Table,
                             progress: Callable[[int], Any] | None) -> None:
         """Append ``table`` to the view's Delta table (its columns must match the table's, in any order)."""
-        path = table_path(feature_view.batch_source, config.repo_path)
+        path = table_path(feature_view.batch_source, config)
         table = _utc(table)
         dt = delta.open_table(Path(path))
         schema = None if dt is None else dt.schema().to_arrow()

@@ -17,8 +17,8 @@ from pathlib import Path
 from deltalake import DeltaTable
 from deltalake.exceptions import CommitFailedError
 
-from driftloop.infra.delta import open_table
-from driftloop.infra.settings import Settings
+from driftloop.core.delta import open_table
+from driftloop.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from feast import FeatureStore
 from feast.infra.online_stores.helpers import _redis_key
 from feast.infra.online_stores.redis import RedisOnlineStore
 
-from driftloop.infra.metrics import FRESHNESS, ROWS_WRITTEN
+from driftloop.core.metrics import FRESHNESS, ROWS_WRITTEN
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from feast import FeatureService, FeatureStore
 from driftloop.features.delta_offline_store import DeltaRetrievalJob
 from driftloop.features.repo import open_store
 from driftloop.features.vectors import FEATURE_COLUMNS, FEATURE_SERVICE, request_frame
-from driftloop.infra import delta
-from driftloop.infra.settings import Settings
+from driftloop.core import delta
+from driftloop.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -20,12 +20,12 @@ from pydantic import ValidationError
 
 from driftloop.features.training import count_labels, training_set
 from driftloop.features.vectors import FEATURE_COLUMNS, to_matrix
-from driftloop.infra import models
-from driftloop.infra.contracts import ModelPromoted, ModelRejected, RetrainRequest, now_us
-from driftloop.infra.kafka import flush_or_raise, good_messages, make_consumer, make_producer, produce_event
-from driftloop.infra.metrics import TRAINING_RUNS
-from driftloop.infra.settings import Settings
-from driftloop.infra.worker import StopFlag, mark_ready
+from driftloop.registry import models
+from driftloop.core.contracts import ModelPromoted, ModelRejected, RetrainRequest, now_us
+from driftloop.core.kafka import flush_or_raise, good_messages, make_consumer, make_producer, produce_event
+from driftloop.core.metrics import TRAINING_RUNS
+from driftloop.core.settings import Settings
+from driftloop.core.worker import StopFlag, mark_ready
 from driftloop.retrain.launcher import Launcher, RayLauncher
 from driftloop.retrain.model import ClickMLP, log_loss, to_onnx
 

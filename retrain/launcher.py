@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from driftloop.infra.settings import Settings
+from driftloop.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ import threading
 import time
 from collections.abc import Callable
 
-from driftloop.infra import models
-from driftloop.infra.metrics import MODEL_REJECTS, SERVING_VERSION, SWAP_SECONDS, SWAPS
-from driftloop.infra.settings import Settings
+from driftloop.registry import models
+from driftloop.core.metrics import MODEL_REJECTS, SERVING_VERSION, SWAP_SECONDS, SWAPS
+from driftloop.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

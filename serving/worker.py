@@ -27,9 +27,9 @@ from pydantic import ValidationError
 from driftloop.features.online_read import OnlineReader
 from driftloop.features.repo import open_store
 from driftloop.features.vectors import FEATURE_COLUMNS, FEATURE_SERVICE, ONLINE_FEATURES, request_matrix
-from driftloop.infra import models
-from driftloop.infra.contracts import Impression, ModelRejected, Prediction
-from driftloop.infra.kafka import (
+from driftloop.registry import models
+from driftloop.core.contracts import Impression, ModelRejected, Prediction
+from driftloop.core.kafka import (
     flush_or_raise,
     good_messages,
     make_consumer,
@@ -37,9 +37,9 @@ from driftloop.infra.kafka import (
     produce_event,
     produce_raw,
 )
-from driftloop.infra.metrics import BATCH_SIZE, EVENTS_IN, PREDICTION_LATENCY, PREDICTIONS
-from driftloop.infra.settings import Settings
-from driftloop.infra.worker import StopFlag, mark_ready
+from driftloop.core.metrics import BATCH_SIZE, EVENTS_IN, PREDICTION_LATENCY, PREDICTIONS
+from driftloop.core.settings import Settings
+from driftloop.core.worker import StopFlag, mark_ready
 from driftloop.serving.model_slot import ModelSlot
 
 log = logging.getLogger(__name__)

@@ -28,16 +28,16 @@ import orjson
 from driftloop.features import windows
 from driftloop.features.online_write import OnlineSink
 from driftloop.features.repo import open_store
-from driftloop.infra.contracts import Click, Impression
-from driftloop.infra.kafka import (
+from driftloop.core.contracts import Click, Impression
+from driftloop.core.kafka import (
     faust_broker_settings,
     flush_or_raise,
     make_producer,
     produce_raw,
     read_past_reported_end,
 )
-from driftloop.infra.metrics import BATCH_SIZE, CONSUMER_LAG, DLQ, EVENTS_IN, serve_metrics
-from driftloop.infra.settings import Settings
+from driftloop.core.metrics import BATCH_SIZE, CONSUMER_LAG, DLQ, EVENTS_IN, serve_metrics
+from driftloop.core.settings import Settings
 from driftloop.streams import faust_patches
 from driftloop.streams.engine import BatchOutput, FeatureEngine, LabelRule, Record
 from driftloop.streams.sinks import OfflineSink

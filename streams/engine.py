@@ -27,7 +27,7 @@ import pandas as pd
 
 from driftloop.features import windows
 from driftloop.features.windows import ViewSpec
-from driftloop.infra.contracts import Event, Label
+from driftloop.core.contracts import Event, Label
 from driftloop.streams.validation import Invalid, parse
 
 log = logging.getLogger(__name__)

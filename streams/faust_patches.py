@@ -25,7 +25,7 @@ from typing import Any
 import aiokafka
 from faust.transport import consumer as faust_consumer
 
-from driftloop.infra.kafka import FETCH_WAIT_MS
+from driftloop.core.kafka import FETCH_WAIT_MS
 
 _applied = False
 BATCH_LINGER_S = 0.1

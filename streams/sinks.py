@@ -9,8 +9,8 @@ from typing import Any
 import pyarrow as pa
 from deltalake import DeltaTable
 
-from driftloop.infra import delta
-from driftloop.infra.metrics import ROWS_WRITTEN
+from driftloop.core import delta
+from driftloop.core.metrics import ROWS_WRITTEN
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from driftloop.infra.broker import EmbeddedBroker
-from driftloop.infra.settings import Settings
-from driftloop.infra.topics import ensure_topics
+from driftloop.core.broker import EmbeddedBroker
+from driftloop.core.settings import Settings
+from driftloop.core.topics import ensure_topics
 
 log = logging.getLogger(__name__)
 

@@ -12,15 +12,15 @@ from collections.abc import Callable, Iterator
 
 from confluent_kafka import Consumer, TopicPartition
 
-from driftloop.infra.kafka import consumer_config, good_messages, make_consumer, read_past_reported_end
-from driftloop.infra.settings import Settings
-from driftloop.infra.supervisor import settings_env
+from driftloop.core.kafka import consumer_config, good_messages, make_consumer, read_past_reported_end
+from driftloop.core.settings import Settings
+from driftloop.app.supervisor import settings_env
 
 
 @contextlib.contextmanager
 def worker(settings: Settings, name: str, ready_timeout: float = 90) -> Iterator[subprocess.Popen]:
     log = open(settings.root / f"{name}.log", "ab")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-m", "driftloop.infra.cli", "worker", name],
+    proc = subprocess.Popen([sys.executable, "-m", "driftloop.app.cli", "worker", name],
                             env=settings_env(settings), stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_for(lambda: (settings.run_dir / f"{name}.ready").exists() or proc.poll() is not None, ready_timeout)
@@ -102,7 +102,7 @@ def valid(events: list[tuple[str, dict]], topic: str) -> list[dict]:
 def wait_streamed(s: Settings, events: list[tuple[str, dict]], views: list, timeout: float) -> None:
     """Until every valid event is in bronze, every view table has its rows, and the streams group has
     committed every source partition (so the online rows of the last batch are written too)."""
-    from driftloop.infra import delta
+    from driftloop.core import delta
 
     def rows(name: str) -> int:
         return len(delta.read(s.offline_dir / name, ["_offset"]))

@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 
 from driftloop.features.windows import ViewSpec
-from driftloop.infra import delta
-from driftloop.infra.settings import Settings
+from driftloop.core import delta
+from driftloop.core.settings import Settings
 
 CHUNK = 512
 

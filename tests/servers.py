@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from driftloop.infra.broker import free_port
+from driftloop.core.broker import free_port
 
 
 def _find(name: str) -> str | None:

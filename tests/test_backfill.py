@@ -20,11 +20,11 @@ from driftloop.features.backfill import backfill
 from driftloop.features.consistency import consistency
 from driftloop.features.repo import apply
 from driftloop.features.windows import specs_from_feast
-from driftloop.infra import delta
-from driftloop.infra.broker import EmbeddedBroker
-from driftloop.infra.producer import publish, synthetic_events
-from driftloop.infra.settings import Settings
-from driftloop.infra.topics import ensure_topics
+from driftloop.core import delta
+from driftloop.core.broker import EmbeddedBroker
+from driftloop.app.producer import publish, synthetic_events
+from driftloop.core.settings import Settings
+from driftloop.core.topics import ensure_topics
 from tests.helpers import valid, wait_streamed, worker
 from tests.reference import assert_frames_match, expected, offline_rows
 
@@ -117,7 +117,7 @@ def test_backfill_rejects_bad_input(streamed):
         backfill(s, "nope", t, t + timedelta(hours=1))
     with pytest.raises(ValueError, match="must be after"):
         backfill(s, "user_clicks", t, t - timedelta(hours=1))
-    cli = subprocess.run([sys.executable, "-m", "driftloop.infra.cli", "--data-dir", str(s.data_dir), "backfill",
+    cli = subprocess.run([sys.executable, "-m", "driftloop.app.cli", "--data-dir", str(s.data_dir), "backfill",
                           "--view", "user_clicks", "--start", "yesterday", "--end", "now"],
                          capture_output=True, text=True)
     assert cli.returncode == 2 and "not an ISO 8601 time" in cli.stderr

@@ -2,7 +2,7 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
-from driftloop.infra.contracts import TOPICS, Click, Impression, Label, Prediction, RetrainRequest
+from driftloop.core.contracts import TOPICS, Click, Impression, Label, Prediction, RetrainRequest
 
 
 def imp(**kw):

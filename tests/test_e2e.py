@@ -15,7 +15,7 @@ pytestmark = pytest.mark.e2e
 
 
 def cli(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "driftloop.infra.cli", *args], env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "driftloop.app.cli", *args], env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 

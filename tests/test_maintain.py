@@ -8,8 +8,8 @@ import pyarrow as pa
 import pytest
 
 from driftloop.features.maintenance import maintain, maintain_table
-from driftloop.infra import delta
-from driftloop.infra.settings import Settings
+from driftloop.core import delta
+from driftloop.core.settings import Settings
 
 
 def _batch(i: int, n: int = 50) -> pa.Table:

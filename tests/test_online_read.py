@@ -8,7 +8,7 @@ from driftloop.bench.online import _fill
 from driftloop.features.online_read import OnlineReader
 from driftloop.features.repo import apply
 from driftloop.features.vectors import FEATURE_SERVICE, ONLINE_FEATURES
-from driftloop.infra.settings import Settings
+from driftloop.core.settings import Settings
 
 
 def feast_matrix(store, users: list[str]) -> np.ndarray:

@@ -18,11 +18,11 @@ from confluent_kafka import Producer
 from driftloop.features.repo import open_store
 from driftloop.features.training import training_set
 from driftloop.features.vectors import FEATURE_COLUMNS
-from driftloop.infra import delta, models
-from driftloop.infra.contracts import Prediction, RetrainRequest
-from driftloop.infra.producer import TrafficGenerator, produce
-from driftloop.infra.settings import Settings
-from driftloop.infra.topics import ensure_topics
+from driftloop.core import delta, models
+from driftloop.core.contracts import Prediction, RetrainRequest
+from driftloop.app.producer import TrafficGenerator, produce
+from driftloop.core.settings import Settings
+from driftloop.core.topics import ensure_topics
 from tests.helpers import read_topic, wait_for, worker
 
 N = 4000

@@ -15,11 +15,11 @@ from confluent_kafka import Consumer, TopicPartition
 from driftloop.bench.model_fixtures import BAD_KINDS, register_bad, register_good
 from driftloop.bench.serving import audit, read_all, source_offsets
 from driftloop.features.repo import apply
-from driftloop.infra import models
-from driftloop.infra.kafka import consumer_config, make_producer
-from driftloop.infra.producer import produce
-from driftloop.infra.settings import Settings
-from driftloop.infra.supervisor import Child, settings_env
+from driftloop.registry import models
+from driftloop.core.kafka import consumer_config, make_producer
+from driftloop.app.producer import produce
+from driftloop.core.settings import Settings
+from driftloop.app.supervisor import Child, settings_env
 from tests.helpers import wait_for, worker
 
 
@@ -48,7 +48,7 @@ def test_swaps_under_load_shadow_and_rollback(settings: Settings):
             for v in swaps:
                 models.promote(settings, producer, v, reason="test")
                 wait_for(lambda v=v: any(p["model_version"] == v for p in _preds(settings)), 15)
-            r = subprocess.run([sys.executable, "-m", "driftloop.infra.cli", "rollback", settings.model_name],
+            r = subprocess.run([sys.executable, "-m", "driftloop.app.cli", "rollback", settings.model_name],
                                env=settings_env(settings), capture_output=True, text=True, timeout=120)
             assert r.returncode == 0, r.stderr[-2000:]
             assert models.alias_version(settings) == swaps[-2]

@@ -1,7 +1,7 @@
 import pytest
 from pydantic import ValidationError
 
-from driftloop.infra.settings import Settings
+from driftloop.core.settings import Settings
 
 
 def test_defaults(tmp_path, monkeypatch):

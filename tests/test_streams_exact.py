@@ -15,10 +15,10 @@ from feast import FeatureStore
 
 from driftloop.features.repo import apply, open_store
 from driftloop.features.windows import ViewSpec, specs_from_feast
-from driftloop.infra import delta
-from driftloop.infra.producer import publish, synthetic_events
-from driftloop.infra.settings import Settings
-from driftloop.infra.supervisor import Child, settings_env
+from driftloop.core import delta
+from driftloop.app.producer import publish, synthetic_events
+from driftloop.core.settings import Settings
+from driftloop.app.supervisor import Child, settings_env
 from tests.helpers import read_topic, valid, wait_for, wait_streamed, worker
 from tests.reference import assert_frames_match, expected, offline_rows
 

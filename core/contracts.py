@@ -48,37 +48,22 @@ class Event(BaseModel):
         return cls.model_validate(orjson.loads(raw))
 
 
-class Impression(Event):
-    user_id: str = Field(min_length=1, max_length=64)
-    ad_id: str = Field(min_length=1, max_length=64)
-    campaign_id: str = Field(min_length=1, max_length=64)
-    device: Literal["mobile", "desktop", "tablet"]
-    country: str = Field(min_length=2, max_length=2)
-    position: int = Field(ge=1, le=20)
-    bid: float = Field(ge=0, le=1000)
-
-
-class Click(Event):
-    impression_id: str = Field(min_length=1, max_length=64)
-    user_id: str = Field(min_length=1, max_length=64)
-    ad_id: str = Field(min_length=1, max_length=64)
-
-
 class Label(Event):
-    """Whether an impression was clicked within the label window; ``event_id`` = impression id."""
+    """The label of one scored event; ``event_id`` is the scored event's id, ``ts`` its event time."""
 
-    impression_id: str
-    user_id: str
-    label: Literal[0, 1]
+    model_name: str
+    key: str = Field(description="the scored event's entity key, as text")
+    label: float = Field(description="binary: 0/1; multiclass: the class index; regression: the value")
 
 
 class Prediction(Event):
-    """A score for one impression; ``event_id`` is the scored impression's event id."""
+    """A model's output for one scored event; ``event_id``/``ts`` are the scored event's."""
 
-    user_id: str
+    key: str = Field(description="the scored event's entity key, as text")
     model_name: str
     model_version: str
-    score: float = Field(ge=0, le=1)
+    score: float = Field(description="binary: P(positive); regression: the value; multiclass: the class index")
+    probabilities: list[float] | None = Field(None, description="multiclass: one probability per class")
     features: dict[str, float]
     latency_s: float = Field(ge=0)
 
@@ -126,13 +111,11 @@ class ModelRejected(Event):
     request_id: str | None = None
 
 
-# logical topic name -> contract, key field (ARCHITECTURE.md topic table)
+# driftloop's own topics: logical name -> contract, key field (declared event topics come from the repo)
 TOPICS: dict[str, tuple[type[Event] | None, str | None]] = {
-    "events.impressions": (Impression, "user_id"),
-    "events.clicks": (Click, "user_id"),
-    "labels": (Label, "user_id"),
-    "predictions": (Prediction, "user_id"),
-    "predictions.shadow": (Prediction, "user_id"),
+    "labels": (Label, "key"),
+    "predictions": (Prediction, "key"),
+    "predictions.shadow": (Prediction, "key"),
     "drift.reports": (DriftReport, "model_name"),
     "retrain.requests": (RetrainRequest, "model_name"),
     "models.promoted": (ModelPromoted, "model_name"),

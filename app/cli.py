@@ -10,8 +10,8 @@ import sys
 import time
 from datetime import UTC, datetime
 
-from driftloop.infra.logsetup import setup_logging
-from driftloop.infra.settings import Settings, get_settings
+from driftloop.core.logsetup import setup_logging
+from driftloop.core.settings import Settings, get_settings
 
 WORKERS = ("streams", "serving", "drift", "retrain")
 
@@ -26,7 +26,7 @@ def _settings_from_stack(s: Settings) -> Settings:
 
 
 def cmd_worker(a: argparse.Namespace, s: Settings) -> int:
-    from driftloop.infra.metrics import serve_metrics
+    from driftloop.core.metrics import serve_metrics
 
     if a.name != "streams":
         serve_metrics(s.metrics_port)
@@ -43,7 +43,7 @@ def cmd_worker(a: argparse.Namespace, s: Settings) -> int:
 
 
 def cmd_produce(a: argparse.Namespace, s: Settings) -> int:
-    from driftloop.infra.producer import produce
+    from driftloop.app.producer import produce
 
     gen = produce(_settings_from_stack(s), rate=a.rate, count=a.count, duration=a.duration, seed=a.seed,
                   drift_at=a.drift_at)
@@ -52,7 +52,7 @@ def cmd_produce(a: argparse.Namespace, s: Settings) -> int:
 
 
 def cmd_tail(a: argparse.Namespace, s: Settings) -> int:
-    from driftloop.infra.kafka import good_messages, make_consumer
+    from driftloop.core.kafka import good_messages, make_consumer
 
     s = _settings_from_stack(s)
     c = make_consumer(s, f"tail-{os.getpid()}-{time.time_ns()}", [a.topic],
@@ -141,7 +141,7 @@ def cmd_maintain(a: argparse.Namespace, s: Settings) -> int:
 
 
 def cmd_up(a: argparse.Namespace, s: Settings) -> int:
-    from driftloop.infra.supervisor import Stack, start_detached
+    from driftloop.app.supervisor import Stack, start_detached
 
     if a.detach:
         info = start_detached(s, timeout=a.timeout)
@@ -155,20 +155,20 @@ def cmd_up(a: argparse.Namespace, s: Settings) -> int:
 
 
 def cmd_down(a: argparse.Namespace, s: Settings) -> int:
-    from driftloop.infra.supervisor import stop_stack
+    from driftloop.app.supervisor import stop_stack
 
     return 0 if stop_stack(s, timeout=a.timeout) else 1
 
 
 def cmd_demo(a: argparse.Namespace, s: Settings) -> int:
-    from driftloop.infra.demo import run_demo
+    from driftloop.app.demo import run_demo
 
     return 0 if run_demo(s, rate=a.rate, timeout=a.timeout) else 1
 
 
 def cmd_rollback(a: argparse.Namespace, s: Settings) -> int:
-    from driftloop.infra import models
-    from driftloop.infra.kafka import make_producer
+    from driftloop.registry import models
+    from driftloop.core.kafka import make_producer
 
     s = _settings_from_stack(s)
     if not s.bootstrap_servers:

@@ -28,9 +28,9 @@ from confluent_kafka import Producer
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from driftloop.infra.contracts import ModelPromoted, now_us
-from driftloop.infra.kafka import flush_or_raise, produce_event
-from driftloop.infra.settings import Settings
+from driftloop.core.contracts import ModelPromoted, now_us
+from driftloop.core.kafka import flush_or_raise, produce_event
+from driftloop.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -8,9 +8,9 @@ import time
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from driftloop.infra.contracts import TOPICS
-from driftloop.infra.kafka import bootstrap
-from driftloop.infra.settings import Settings
+from driftloop.core.contracts import TOPICS
+from driftloop.core.kafka import bootstrap
+from driftloop.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

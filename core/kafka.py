@@ -15,8 +15,8 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
-from driftloop.infra.contracts import Event
-from driftloop.infra.settings import Settings
+from driftloop.core.contracts import Event
+from driftloop.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from driftloop.features.repo import apply
-from driftloop.infra import models
-from driftloop.infra.broker import EmbeddedBroker, free_port
-from driftloop.infra.settings import Settings
-from driftloop.infra.topics import ensure_topics
+from driftloop.registry import models
+from driftloop.core.broker import EmbeddedBroker, free_port
+from driftloop.core.settings import Settings
+from driftloop.core.topics import ensure_topics
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class Child:
 
     def start(self) -> None:
         out = open(self.log_file, "ab")  # noqa: SIM115 - the child owns it
-        argv = self.argv or [sys.executable, "-m", "driftloop.infra.cli", "worker", self.name]
+        argv = self.argv or [sys.executable, "-m", "driftloop.app.cli", "worker", self.name]
         self.proc = subprocess.Popen(argv, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         self.started_at = time.monotonic()
         log.info("started %s (pid %d)", self.name, self.proc.pid)
@@ -200,7 +200,7 @@ def start_detached(settings: Settings, timeout: float = 180.0) -> dict[str, Any]
     if settings.stack_file.exists():
         settings.stack_file.unlink()
     out = open(logs / "supervisor.log", "ab")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-m", "driftloop.infra.cli", "up", "--timeout", str(timeout)],
+    proc = subprocess.Popen([sys.executable, "-m", "driftloop.app.cli", "up", "--timeout", str(timeout)],
                             env=settings_env(settings), stdout=out, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + timeout + 15

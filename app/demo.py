@@ -21,12 +21,12 @@ import numpy as np
 import orjson
 import pandas as pd
 
-from driftloop.infra.contracts import now_us
-from driftloop.infra.kafka import good_messages, make_consumer
-from driftloop.infra.producer import TrafficGenerator, produce
-from driftloop.infra.report import write_report
-from driftloop.infra.settings import Settings
-from driftloop.infra.supervisor import Stack
+from driftloop.core.contracts import now_us
+from driftloop.core.kafka import good_messages, make_consumer
+from driftloop.app.producer import TrafficGenerator, produce
+from driftloop.app.report import write_report
+from driftloop.core.settings import Settings
+from driftloop.app.supervisor import Stack
 
 log = logging.getLogger(__name__)
 

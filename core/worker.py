@@ -6,7 +6,7 @@ import logging
 import signal
 import time
 
-from driftloop.infra.settings import Settings
+from driftloop.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

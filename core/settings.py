@@ -20,7 +20,8 @@ class Settings(BaseSettings):
     partitions: int = Field(4, ge=1)
     replication_factor: int = Field(1, ge=1)
 
-    model_name: str = "ctr"
+    repo: Path | None = Field(None, description="The feature repo: Feast definitions and model declarations "
+                                                "(your own folder); unset = <data_dir>/feature_repo.")
     mlflow_tracking_uri: str | None = Field(None, description="Unset = sqlite under data_dir.")
     ray_address: str | None = Field(None, description="Unset = local ray.init().")
     spark_remote: str | None = Field(None, description="Spark Connect URL (sc://host:15002); unset = embedded pysail.")
@@ -28,18 +29,10 @@ class Settings(BaseSettings):
     registry_url: str | None = Field(None, description="Feast SQL registry (SQLAlchemy URL, e.g. "
                                                         "postgresql+psycopg://u:p@host/db); unset = a file.")
 
-    label_window_s: float = Field(5.0, gt=0, description="A click within this many seconds makes label 1.")
     serving_batch_size: int = Field(500, ge=1)
     serving_linger_s: float = Field(0.05, ge=0)
     serving_alias_poll_s: float = Field(5.0, gt=0, description="Fallback poll of the champion alias.")
     serving_shadow: bool = Field(True, description="Score the challenger beside the champion (predictions.shadow).")
-    drift_window: int = Field(1500, ge=50, description="Predictions per drift window.")
-    drift_share_threshold: float = Field(0.5, gt=0, le=1)
-    drift_cooldown_s: float = Field(120.0, ge=0)
-    drift_persist_windows: int = Field(2, ge=1, description="Consecutive drifted windows before a retrain request.")
-    min_labels_first_model: int = Field(3000, ge=100)
-    min_labels_retrain: int = Field(3000, ge=100)
-    train_max_rows: int = Field(20000, ge=100)
     retrain_wait_s: float = Field(180.0, gt=0, description="How long a request may wait for fresh labels.")
 
     metrics_port: int = Field(0, ge=0, description="Prometheus port of this worker; 0 = none.")
@@ -66,7 +59,12 @@ class Settings(BaseSettings):
 
     @property
     def feature_repo_dir(self) -> Path:
-        return self.root / "feature_repo"
+        return self.repo.expanduser().resolve() if self.repo else self.root / "feature_repo"
+
+    @property
+    def declarations_file(self) -> Path:
+        """What ``driftloop apply`` resolved from the repo: declared topics and models (workers read it)."""
+        return self.root / "declarations.json"
 
     @property
     def run_dir(self) -> Path:

@@ -1,1 +1,0 @@
-"""driftloop.features.example_repo."""

@@ -1,0 +1,1 @@
+"""The model lifecycle on MLflow: register, verify, load, promote, roll back."""
