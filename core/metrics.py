@@ -17,17 +17,21 @@ CONSUMER_LAG = Gauge("driftloop_consumer_lag", "Records behind the partition end
                      "Tansu, whose end offsets run short)", ["component", "topic", "partition"])
 FRESHNESS = Histogram("driftloop_feature_freshness_seconds", "Event time to online write",
                       buckets=(0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1, 1.5, 2, 5, 10))
-PREDICTIONS = Counter("driftloop_predictions_total", "Predictions published", ["model_version"])
-PREDICTION_LATENCY = Histogram("driftloop_prediction_latency_seconds", "Event time to prediction",
+PREDICTIONS = Counter("driftloop_predictions_total", "Predictions published", ["model", "model_version"])
+PREDICTION_LATENCY = Histogram("driftloop_prediction_latency_seconds", "Event time to prediction", ["model"],
                                buckets=(0.01, 0.05, 0.1, 0.2, 0.5, 1, 2, 5))
 SERVING_VERSION = Gauge("driftloop_serving_model_version", "Model version being served", ["model"])
 SWAPS = Counter("driftloop_model_swaps_total", "Hot swaps done", ["model"])
 SWAP_SECONDS = Histogram("driftloop_model_swap_seconds", "Alias seen → new version serving (load, verify, swap)",
                          buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10))
-MODEL_REJECTS = Counter("driftloop_model_rejects_total", "Versions serving refused to load, by failed check", ["check"])
+MODEL_REJECTS = Counter("driftloop_model_rejects_total", "Versions serving refused to load, by failed check",
+                        ["model", "check"])
 DRIFT_SHARE = Gauge("driftloop_drift_share", "Share of drifted columns in the last window", ["model"])
-RETRAIN_REQUESTS = Counter("driftloop_retrain_requests_total", "Retrain requests", ["reason"])
-TRAINING_RUNS = Counter("driftloop_training_runs_total", "Training jobs finished", ["outcome"])
+RETRAIN_REQUESTS = Counter("driftloop_retrain_requests_total", "Retrain requests", ["model", "reason"])
+TRAINING_RUNS = Counter("driftloop_training_runs_total", "Training jobs finished", ["model", "outcome"])
+LABELS = Counter("driftloop_labels_total", "Labels emitted by the label joins", ["model"])
+LATE_OUTCOMES = Counter("driftloop_late_outcomes_total", "Outcomes that arrived after their label was final "
+                        "(dead-lettered, reason late_outcome)", ["model"])
 # batch jobs (consistency) write their own registry to a textfile for node-exporter's textfile collector
 JOBS = CollectorRegistry()
 CONSISTENCY = Gauge("driftloop_consistency_mismatch_share", "Share of rows whose value differs: offline = stream "

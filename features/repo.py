@@ -15,9 +15,12 @@ import sys
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from feast import Entity, FeatureService, FeatureStore, FeatureView, OnDemandFeatureView
 from feast.data_source import DataSource
+from feast.diff.property_diff import TransitionType
+from feast.repo_contents import RepoContents
 from feast.stream_feature_view import StreamFeatureView
 
 from driftloop.core.declarations import Declarations, Model
@@ -147,17 +150,6 @@ def load_definitions(repo: Path) -> list[object]:
     return load_repo(repo).feast
 
 
-def registry_objects(store: FeatureStore) -> dict[tuple[str, str], object]:
-    """What the registry holds now, by (kind, name)."""
-    out: dict[tuple[str, str], object] = {}
-    for objs in (store.list_entities(), store.list_data_sources(), store.list_feature_views(),
-                 store.list_stream_feature_views(), store.list_on_demand_feature_views(),
-                 store.list_feature_services()):
-        for o in objs:
-            out[(type(o).__name__, o.name)] = o
-    return out
-
-
 def desired_objects(objects: list[object]) -> dict[tuple[str, str], object]:
     """The repo's Feast objects by (kind, name), with the data sources the views embed."""
     out: dict[tuple[str, str], object] = {}
@@ -175,6 +167,17 @@ def desired_objects(objects: list[object]) -> dict[tuple[str, str], object]:
     return out
 
 
+def repo_contents(objects: list[object]) -> RepoContents:
+    """The repo's Feast objects as Feast's ``RepoContents`` (data sources the views embed included)."""
+    def of(kind: type, exact: bool = False) -> list[Any]:
+        return [o for o in objects if (type(o) is kind if exact else isinstance(o, kind))]
+
+    sources = {(type(o).__name__, o.name): o for o in desired_objects(objects).values() if isinstance(o, DataSource)}
+    return RepoContents(projects=[], data_sources=list(sources.values()), feature_views=of(FeatureView, exact=True),
+                        on_demand_feature_views=of(OnDemandFeatureView), stream_feature_views=of(StreamFeatureView),
+                        label_views=[], entities=of(Entity), feature_services=of(FeatureService), permissions=[])
+
+
 @dataclass
 class Plan:
     added: list[str] = field(default_factory=list)
@@ -187,19 +190,34 @@ class Plan:
                 + [f"- {x}" for x in self.removed])
 
 
+def _only_meta(diffs: list[Any]) -> bool:
+    """Feast's diff reports an embedded data source as changed when only its creation time (``meta``) is."""
+    def bare(v: Any) -> Any:
+        if hasattr(v, "CopyFrom"):
+            v = type(v).FromString(v.SerializeToString())
+            for m in [v, *(getattr(v, f) for f in ("batch_source",) if v.HasField(f))]:
+                if "meta" in m.DESCRIPTOR.fields_by_name:
+                    m.ClearField("meta")
+        return v
+
+    return all(bare(d.val_existing) == bare(d.val_declared) for d in diffs)
+
+
 def plan(store: FeatureStore, objects: list[object], old: Declarations, new: Declarations) -> Plan:
-    """What applying would add, change and remove (Feast objects by kind and name, and models)."""
+    """What applying would add, change and remove: Feast's own registry diff, and the models."""
     p = Plan()
-    have, want = registry_objects(store), desired_objects(objects)
-    for key, o in want.items():
-        if key not in have:
-            p.added.append(" ".join(key))
-        elif have[key] != o:
-            p.changed.append(" ".join(key))
-    for key, o in have.items():
-        if key not in want:
-            p.removed.append(" ".join(key))
-            p.delete.append(o)
+    diff, _infra, _ = store.plan(repo_contents(objects))
+    for d in diff.feast_object_diffs:
+        if d.feast_object_type.value == "project" or d.name == "__dummy":  # Feast's own bookkeeping
+            continue
+        what = f"{d.feast_object_type.value} {d.name}"
+        if d.transition_type == TransitionType.CREATE:
+            p.added.append(what)
+        elif d.transition_type == TransitionType.UPDATE and not _only_meta(d.feast_object_property_diffs):
+            p.changed.append(what)
+        elif d.transition_type == TransitionType.DELETE:
+            p.removed.append(what)
+            p.delete.append(d.current_feast_object)
     for name, m in new.models.items():
         desc = f"Model {name} ({m.task}, {m.metric}) scores {m.topic} with {m.feature_service} " \
                f"({len(m.features)} features)"
@@ -218,7 +236,7 @@ def apply(settings: Settings, dry_run: bool = False) -> tuple[FeatureStore, Plan
     repo = prepare_repo(settings)
     objs = load_repo(repo)
     old = Declarations.load(settings.declarations_file)
-    new = resolve(objs, repo, old)
+    new = with_overrides(resolve(objs, repo, old), settings)
     store = FeatureStore(repo_path=str(repo))
     p = plan(store, objs.feast, old, new)
     if not dry_run:
@@ -226,6 +244,19 @@ def apply(settings: Settings, dry_run: bool = False) -> tuple[FeatureStore, Plan
         new.save(settings.declarations_file)
         log.info("applied %d Feast objects and %d models from %s", len(objs.feast), len(new.models), repo)
     return store, p, new
+
+
+def with_overrides(decls: Declarations, settings: Settings) -> Declarations:
+    """The declarations with ``settings.model_overrides`` applied (an operator's knobs over the declared ones)."""
+    models = dict(decls.models)
+    for name, over in settings.model_overrides.items():
+        if name not in models:
+            raise RepoError([f"model_overrides: unknown model {name!r}; declared: {sorted(models) or 'none'}"])
+        bad = set(over) - set(type(models[name]).model_fields)
+        if bad:
+            raise RepoError([f"model_overrides[{name!r}]: unknown knobs {sorted(bad)}"])
+        models[name] = type(models[name]).model_validate({**models[name].model_dump(), **over})
+    return decls.model_copy(update={"models": models})
 
 
 def open_store(settings: Settings) -> FeatureStore:
