@@ -243,7 +243,8 @@ class _Resolver:
             self.problem(m, k, f"a {m.task} label needs value_field (a field of {t.name})")
             ok = False
         elif value not in t.fields:
-            self.problem(m, k, f"label value field {value!r} is not a field of {t.name} (fields: {', '.join(t.fields)})")
+            self.problem(m, k, f"label value field {value!r} is not a field of {t.name} "
+                               f"(fields: {', '.join(t.fields)})")
             ok = False
         elif m.task == "regression" and t.fields[value] not in ("double", "int"):
             self.problem(m, k, f"label value field {value!r} must be a number for regression")

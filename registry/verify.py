@@ -1,0 +1,147 @@
+"""Loading a pinned version for serving, verified before it may serve.
+
+Checks, each a ``ModelCheckError`` naming it: ``signature`` (trained on other features, or an ONNX input
+of another width), ``checksum`` (the ONNX bytes are not the ones registered), ``artifact`` (cannot be
+loaded), ``outputs`` (scores on the version's reference sample that do not fit its task: binary
+probabilities in [0, 1], finite regression values, multiclass rows of probabilities).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import onnxruntime as ort
+from mlflow.exceptions import MlflowException
+
+from driftloop.core.settings import Settings
+from driftloop.registry.versions import ONNX_PATH, client, load_reference
+
+log = logging.getLogger(__name__)
+
+
+class ModelCheckError(Exception):
+    """A version failed a check and must not be served; ``check`` names which."""
+
+    def __init__(self, check: str, message: str):
+        super().__init__(message)
+        self.check = check
+
+
+@dataclass
+class Scorer:
+    """A loaded, verified model version scoring float32 matrices: one output row per input row
+    (shape ``(n,)`` for binary and regression, ``(n, classes)`` for multiclass)."""
+
+    name: str
+    version: str
+    run_id: str
+    features: list[str]
+    runtime: str  # "onnx" or "torch"
+    fn: Callable[[np.ndarray], np.ndarray]
+    task: str = "binary"
+
+    def score(self, x: np.ndarray) -> np.ndarray:
+        return self.fn(x)
+
+
+def _onnx_fn(blob: bytes, n_features: int, where: str, outputs: int) -> Callable[[np.ndarray], np.ndarray]:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    try:
+        sess = ort.InferenceSession(blob, opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own types for corrupt models
+        raise ModelCheckError("artifact", f"{where}: cannot load the ONNX copy: {e}") from e
+    inputs = sess.get_inputs()
+    width = inputs[0].shape[-1] if inputs and inputs[0].shape else None
+    if len(inputs) != 1 or width != n_features:
+        raise ModelCheckError("signature", f"{where}: ONNX input {[(i.name, i.shape) for i in inputs]} does not "
+                                           f"take {n_features} features")
+    name = inputs[0].name
+    return lambda x: _shape(sess.run(None, {name: x})[0], outputs)
+
+
+def _shape(out: np.ndarray, outputs: int) -> np.ndarray:
+    return out.reshape(-1) if outputs == 1 else out.reshape(len(out), -1)
+
+
+def _torch_fn(uri: str, where: str, outputs: int) -> Callable[[np.ndarray], np.ndarray]:
+    import mlflow.pytorch  # noqa: PLC0415
+    import torch  # noqa: PLC0415
+
+    torch.set_num_threads(1)
+    try:
+        model = mlflow.pytorch.load_model(uri, map_location="cpu")
+        if isinstance(model, torch.export.ExportedProgram):
+            model = model.module()
+        with contextlib.suppress(NotImplementedError):  # an exported graph module has no eval mode
+            model.eval()
+    except Exception as e:
+        raise ModelCheckError("artifact", f"{where}: cannot load the torch model: {e}") from e
+
+    def fn(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return _shape(model(torch.from_numpy(x)).numpy(), outputs)
+
+    return fn
+
+
+def check_outputs(out: np.ndarray, n: int, task: str, outputs: int, where: str) -> None:
+    """Raise ``ModelCheckError("outputs")`` unless ``out`` are valid outputs of the task for ``n`` rows."""
+    want = (n,) if outputs == 1 else (n, outputs)
+    bad = ""
+    if out.shape != want:
+        bad = f"shape {out.shape}, expected {want}"
+    elif not np.all(np.isfinite(out)):
+        bad = f"{int(np.sum(~np.isfinite(out)))} non-finite values"
+    elif task == "binary" and (out.min() < 0 or out.max() > 1):
+        bad = "scores outside [0, 1]"
+    elif task == "multiclass" and (out.min() < 0 or not np.allclose(out.sum(axis=1), 1.0, atol=1e-3)):
+        bad = "rows that are not probability distributions"
+    if bad:
+        raise ModelCheckError("outputs", f"{where}: outputs on the reference sample do not fit a {task} model: {bad}")
+
+
+def load_scorer(settings: Settings, name: str, version: str, features: list[str], task: str = "binary",
+                outputs: int = 1, verify_reference: bool = True) -> Scorer:
+    """Download, verify and warm up one pinned version of model ``name``."""
+    where = f"{name} v{version}"
+    mv = client(settings).get_model_version(name, version)
+    tags = mv.tags or {}
+    if tags.get("features", ",".join(features)).split(",") != features:
+        raise ModelCheckError("signature", f"{where}: trained on {tags['features']}, serving {features}")
+    if tags.get("task", task) != task:
+        raise ModelCheckError("signature", f"{where}: a {tags['task']} model, declared {task}")
+    try:
+        path = Path(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path=ONNX_PATH))
+    except (MlflowException, OSError):
+        path = None
+    if path is not None:
+        blob = path.read_bytes()
+        if hashlib.sha256(blob).hexdigest() != tags.get("onnx_sha256"):
+            raise ModelCheckError("checksum", f"{where}: the ONNX copy does not match its registered sha256")
+        runtime, fn = "onnx", _onnx_fn(blob, len(features), where, outputs)
+    else:
+        runtime, fn = "torch", _torch_fn(f"models:/{name}/{version}", where, outputs)
+    scorer = Scorer(name, str(version), mv.run_id, features, runtime, fn, task)
+    x = np.zeros((4, len(features)), np.float32)
+    if verify_reference:
+        try:
+            ref = load_reference(settings, name, version)
+            x = ref[features].astype("float64").fillna(0.0).to_numpy(np.float32)
+        except (MlflowException, OSError, KeyError) as e:
+            log.warning("%s: no usable reference sample (%s); verifying on zeros", where, e)
+    for _ in range(3):  # the first runs also warm the runtime up
+        try:
+            out = scorer.score(x)
+        except Exception as e:
+            raise ModelCheckError("signature", f"{where}: scoring the reference sample failed: {e}") from e
+    check_outputs(out, len(x), task, outputs, where)
+    return scorer

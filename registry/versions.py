@@ -1,0 +1,92 @@
+"""Registered model versions on MLflow: the store, aliases, registering a trained version, its reference sample.
+
+A registered version holds the torch model, an ONNX copy (``onnx/model.onnx``) whose sha256 is the
+version tag ``onnx_sha256``, the feature list it was trained on (tag ``features``), its task (tag
+``task``) and a reference sample (``reference/reference.parquet``: the features and the model's own
+scores on held-out rows), which the drift monitor compares live windows to and serving verifies a
+version on before swapping. Every newly registered version gets the ``challenger`` alias.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from driftloop.core.settings import Settings
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+ONNX_PATH = "onnx/model.onnx"
+REFERENCE_PATH = "reference/reference.parquet"
+PREVIOUS_TAG = "previous_champion"
+
+
+def client(settings: Settings) -> MlflowClient:
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    return MlflowClient(settings.tracking_uri)
+
+
+def init_store(settings: Settings) -> None:
+    """Create the tracking/registry database once, before several workers open it at the same time
+    (concurrent first opens of one sqlite file race in MLflow's schema migration)."""
+    client(settings).search_registered_models(max_results=1)
+
+
+def alias_version(settings: Settings, name: str, alias: str = CHAMPION) -> str | None:
+    """The version an alias of model ``name`` points to, or None when unset (or no such model)."""
+    try:
+        return str(client(settings).get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def register_version(settings: Settings, name: str, model: Any, features: Sequence[str], reference: pd.DataFrame, *,
+                     onnx_bytes: bytes | None, task: str = "binary", params: Mapping[str, Any] | None = None,
+                     metrics: Mapping[str, float] | None = None, history: Sequence[float] = (),
+                     tags: Mapping[str, str] | None = None, challenger: bool = True) -> tuple[str, str]:
+    """Log one trained torch model as a new registered version of ``name``; returns (version, run id).
+
+    ``reference`` holds the feature columns and a ``score`` column (the model's own outputs; for a
+    multiclass model, one ``p<i>`` column per class besides). Without ``onnx_bytes`` the version has no
+    ONNX copy and serving falls back to torch. Everything is logged before the version is registered,
+    so a version never exists without its artifacts."""
+    import mlflow.pytorch  # noqa: PLC0415 - torch is heavy; only writers need it
+
+    c = client(settings)
+    exp = mlflow.set_experiment(name)
+    version_tags = {"features": ",".join(features), "task": task, **(tags or {})}
+    with mlflow.start_run(experiment_id=exp.experiment_id) as run, tempfile.TemporaryDirectory() as tmp:
+        mlflow.log_params({"features": ",".join(features), "task": task, **(params or {})})
+        if metrics:
+            mlflow.log_metrics(dict(metrics))
+        for i, v in enumerate(history):
+            mlflow.log_metric("epoch_train_loss", v, step=i)
+        mlflow.pytorch.log_model(model, name="model", pip_requirements=["torch==2.13.0"],
+                                 input_example=reference[list(features)].to_numpy("float32")[:5])
+        if onnx_bytes is not None:
+            onnx_file = Path(tmp) / "model.onnx"
+            onnx_file.write_bytes(onnx_bytes)
+            mlflow.log_artifact(str(onnx_file), artifact_path="onnx")
+            version_tags["onnx_sha256"] = hashlib.sha256(onnx_bytes).hexdigest()
+        ref_file = Path(tmp) / "reference.parquet"
+        reference.to_parquet(ref_file)
+        mlflow.log_artifact(str(ref_file), artifact_path="reference")
+        run_id = run.info.run_id
+    mv = mlflow.register_model(f"runs:/{run_id}/model", name, tags=version_tags)
+    if challenger:
+        c.set_registered_model_alias(name, CHALLENGER, mv.version)
+    return str(mv.version), run_id
+
+
+def load_reference(settings: Settings, name: str, version: str) -> pd.DataFrame:
+    mv = client(settings).get_model_version(name, version)
+    path = mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path=REFERENCE_PATH)
+    return pd.read_parquet(path)
