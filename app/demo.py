@@ -1,8 +1,11 @@
-"""``driftloop demo``: the whole loop on the embedded stack, with a drift in the middle.
+"""``driftloop demo``: the whole loop for every example model on one embedded stack, with a drift in one.
 
-Starts the stack, produces traffic, waits for the first champion to serve, switches the generator to
-its drifted regime, and succeeds only when drift is detected → a retrain request → a Ray job → a
-registered version → promotion → serving swapped → log loss after the swap beats log loss before it.
+Scaffolds one feature repo from every example (``driftloop init`` of each), starts the stack, produces each
+model's traffic, waits until every model's first champion serves, then switches ONE model's generator to
+its drifted regime (the first model by name, or ``--drift-model``). It succeeds only when, for that model,
+drift is detected → a retrain request → a Ray job → a registered version → promotion → serving swapped →
+its primary metric after the swap beats the metric before it, while every other model keeps its champion
+(no retrain request, no promotion after the onset).
 """
 
 from __future__ import annotations
@@ -21,21 +24,22 @@ import numpy as np
 import orjson
 import pandas as pd
 
-from driftloop.core.contracts import now_us
-from driftloop.core.kafka import good_messages, make_consumer
-from driftloop.app.producer import TrafficGenerator, produce
-from driftloop.app.report import write_report
-from driftloop.core.settings import Settings
+from driftloop.app.producer import Generator, load_generator, produce
+from driftloop.app.report import ModelSection, write_report
 from driftloop.app.supervisor import Stack
+from driftloop.core.contracts import now_us
+from driftloop.core.declarations import ModelSpec
+from driftloop.core.kafka import good_messages, make_consumer
+from driftloop.core.settings import Settings
+from driftloop.examples import names as example_names
+from driftloop.features.repo import declarations, init_repo
+from driftloop.retrain.metrics import metric
 
 log = logging.getLogger(__name__)
 
 WATCHED = ["predictions", "labels", "drift.reports", "retrain.requests", "models.promoted", "models.rejected"]
-STABLE_S = 25.0          # seconds of champion traffic before the drift starts
+STABLE_S = 25.0           # seconds of champion traffic before the drift starts
 MIN_LABELLED_AFTER = 800  # labelled predictions of the new version needed to judge it
-DEMO_SETTINGS = {"drift_window": 1000, "min_labels_first_model": 2500, "min_labels_retrain": 2500,
-                 "drift_share_threshold": 0.8, "drift_persist_windows": 2,
-                 "drift_cooldown_s": 60.0}
 
 
 @dataclass
@@ -45,9 +49,9 @@ class Observed:
     records: dict[str, list[tuple[int, dict[str, Any]]]] = field(default_factory=lambda: defaultdict(list))
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def of(self, topic: str) -> list[tuple[int, dict[str, Any]]]:
+    def of(self, topic: str, model: str | None = None) -> list[tuple[int, dict[str, Any]]]:
         with self.lock:
-            return list(self.records[topic])
+            return [x for x in self.records[topic] if model is None or x[1].get("model_name") == model]
 
 
 def _observe(settings: Settings, obs: Observed, stop: threading.Event) -> None:
@@ -63,86 +67,100 @@ def _observe(settings: Settings, obs: Observed, stop: threading.Event) -> None:
         c.close()
 
 
-def _log_loss(df: pd.DataFrame) -> float:
-    s = np.clip(df["score"].to_numpy(np.float64), 1e-7, 1 - 1e-7)
-    y = df["label"].to_numpy(np.float64)
-    return float(-np.mean(y * np.log(s) + (1 - y) * np.log(1 - s)))
-
-
-def _labelled(obs: Observed) -> pd.DataFrame:
+def labelled(obs: Observed, model: str) -> pd.DataFrame:
+    """The model's predictions (first per scored event) with arrival time, version and label (NaN if none)."""
     preds = pd.DataFrame([{"event_id": r["event_id"], "ts": r["ts"], "arrived": t, "score": r["score"],
-                           "version": r["model_version"]} for t, r in obs.of("predictions")])
+                           "version": r["model_version"]} for t, r in obs.of("predictions", model)])
     if preds.empty:
-        return preds
-    labels = {r["impression_id"]: r["label"] for _, r in obs.of("labels")}
+        return pd.DataFrame(columns=["event_id", "ts", "arrived", "score", "version", "label"])
+    labels = {r["event_id"]: r["label"] for _, r in obs.of("labels", model)}
     preds = preds.drop_duplicates("event_id", keep="first")
     preds["label"] = preds["event_id"].map(labels)
     return preds
 
 
-def run_demo(settings: Settings, rate: float = 400.0, timeout: float = 540.0) -> bool:
+def scenario_repo(settings: Settings) -> Path:
+    """One repo with every example, scaffolded afresh under the data dir."""
+    repo = settings.root / "demo_repo"
+    shutil.rmtree(repo, ignore_errors=True)
+    for name in example_names():
+        init_repo(repo, name)
+    return repo
+
+
+def run_demo(settings: Settings, rate: float = 300.0, timeout: float = 600.0, drift_model: str | None = None) -> bool:
     t_start = time.monotonic()
-    settings = settings.model_copy(update=DEMO_SETTINGS)
-    for sub in ("offline", "feature_repo", "mlartifacts", "run", "reports"):
+    for sub in ("offline", "mlartifacts", "run", "reports", "faust"):
         shutil.rmtree(settings.root / sub, ignore_errors=True)
-    (settings.root / "mlflow.db").unlink(missing_ok=True)
-    print(f"[demo] data dir {settings.root}; starting the embedded stack ...", flush=True)
+    for f in ("mlflow.db", "registry.db", "online.db", "declarations.json"):
+        (settings.root / f).unlink(missing_ok=True)
+    settings = settings.model_copy(update={"repo": scenario_repo(settings)})
+    print(f"[demo] data dir {settings.root}; repo {settings.repo}; starting the embedded stack ...", flush=True)
     stack = Stack(settings)
     info = stack.start()
     s = stack.s
-    print(f"[demo] stack ready in {time.monotonic() - t_start:.0f}s: broker {info['bootstrap_servers']}", flush=True)
-
+    specs = {n: m for n, m in sorted(declarations(s).models.items()) if m.generator}
+    drift_name = drift_model or next(iter(specs))
+    if drift_name not in specs:
+        stack.stop()
+        raise ValueError(f"--drift-model {drift_name!r} is not a declared model with a generator: {sorted(specs)}")
+    print(f"[demo] stack ready in {time.monotonic() - t_start:.0f}s: broker {info['bootstrap_servers']}; models "
+          f"{', '.join(f'{n} ({m.task}, {m.metric})' for n, m in specs.items())}; drift goes to {drift_name}",
+          flush=True)
+    gens: dict[str, Generator] = {n: load_generator(s, n, seed=11 + i) for i, n in enumerate(specs)}
     obs, stop = Observed(), threading.Event()
-    gen = TrafficGenerator(seed=11)
     threads = [threading.Thread(target=_observe, args=(s, obs, stop), daemon=True),
                threading.Thread(target=produce, daemon=True, kwargs=dict(
-                   settings=s, rate=rate, duration=timeout, generator=gen, should_stop=stop.is_set,
-                   progress=False))]
+                   settings=s, generators=list(gens.values()), rate=rate, duration=timeout,
+                   should_stop=stop.is_set, progress=False))]
     for t in threads:
         t.start()
+    first: dict[str, str] = {}
     onset_us: int | None = None
-    first_version: str | None = None
-    drift_version: str | None = None
+    new_version: str | None = None
     ok = False
     deadline = t_start + timeout
     next_progress = 0.0
+    gen = gens[drift_name]
     try:
         while time.monotonic() < deadline:
             time.sleep(0.5)
-            promoted = [r for _, r in obs.of("models.promoted")]
-            preds = obs.of("predictions")
-            if first_version is None and preds:
-                first_version = preds[0][1]["model_version"]
+            for n in specs:
+                if n not in first and obs.of("predictions", n):
+                    first[n] = obs.of("predictions", n)[0][1]["model_version"]
+                    print(f"[demo] {n}: champion v{first[n]} is serving", flush=True)
+            if len(first) == len(specs) and gen.drift_at is None:
                 gen.drift_at = gen.produced + int(rate * STABLE_S)
-                print(f"[demo] champion v{first_version} is serving; drift starts at impression {gen.drift_at}",
-                      flush=True)
+                print(f"[demo] every model serves; {drift_name} drifts from scored event {gen.drift_at}", flush=True)
             if onset_us is None and gen.drifted:
                 onset_us = now_us()
-                print("[demo] drift onset: traffic and click model changed", flush=True)
-            if onset_us and drift_version is None:
-                after = [r for r in promoted if r["timeline"].get("request", 0) >= onset_us]
-                drift_version = after[0]["version"] if after else None
-            if drift_version:
-                lab = _labelled(obs)
-                if (lab["version"] == drift_version).sum() and \
-                        lab[(lab["version"] == drift_version)]["label"].notna().sum() >= MIN_LABELLED_AFTER:
+                print(f"[demo] drift onset: {drift_name}'s traffic and outcome model changed", flush=True)
+            if onset_us and new_version is None:
+                after = [r for _, r in obs.of("models.promoted", drift_name)
+                         if r["timeline"].get("request", 0) >= onset_us]
+                new_version = after[0]["version"] if after else None
+            if new_version:
+                lab = labelled(obs, drift_name)
+                if lab[(lab["version"] == new_version)]["label"].notna().sum() >= MIN_LABELLED_AFTER:
                     ok = True
                     break
             if time.monotonic() >= next_progress:
                 next_progress = time.monotonic() + 10
-                phase = ("waiting for labels / first champion" if first_version is None else
+                phase = ("waiting for labels / first champions" if len(first) < len(specs) else
                          "stable" if onset_us is None else
-                         "drifted: waiting for retrain" if drift_version is None else
-                         f"serving v{drift_version}: collecting labels")
-                print(f"[demo] {time.monotonic() - t_start:5.0f}s  {phase}: {gen.produced} impressions, "
-                      f"{len(preds)} predictions, {len(obs.of('labels'))} labels, "
-                      f"{len(obs.of('drift.reports'))} drift reports, {len(promoted)} promotions", flush=True)
+                         "drifted: waiting for retrain" if new_version is None else
+                         f"{drift_name} serving v{new_version}: collecting labels")
+                counts = ", ".join(f"{n}: {len(obs.of('predictions', n))} predictions/"
+                                   f"{len(obs.of('labels', n))} labels" for n in specs)
+                print(f"[demo] {time.monotonic() - t_start:5.0f}s  {phase}: {counts}, "
+                      f"{len(obs.of('drift.reports'))} drift reports, {len(obs.of('models.promoted'))} promotions",
+                      flush=True)
     finally:
         stop.set()
         for t in threads:
             t.join(15)
         stack.stop()
-    closed = _finish(s, obs, onset_us, drift_version, ok, t_start)
+    closed = _finish(s, specs, drift_name, obs, onset_us, new_version, ok, t_start)
     if not closed:
         _print_log_problems(s.root / "logs")
     return closed
@@ -154,7 +172,7 @@ def _print_log_problems(logs: Path, per_file: int = 25) -> None:
         lines = f.read_text(errors="replace").splitlines()
         keep = [i for i, ln in enumerate(lines)
                 if any(w in ln for w in ("WARNING", "ERROR", "CRITICAL", "Traceback", "Error:", "exited"))
-                and "experimental features" not in ln]
+                and "experimental feature" not in ln]
         picked: list[str] = []
         for i in keep[-per_file:]:
             picked.extend(lines[i:i + 4] if "Traceback" in lines[i] else [lines[i]])
@@ -164,28 +182,30 @@ def _print_log_problems(logs: Path, per_file: int = 25) -> None:
                 print("   " + ln[:300], file=sys.stderr)
 
 
-def _finish(s: Settings, obs: Observed, onset_us: int | None, version: str | None, reached: bool,
-            t_start: float) -> bool:
-    lab = _labelled(obs)
-    reports = [(t, r) for t, r in obs.of("drift.reports")]
-    requests = [(t, r) for t, r in obs.of("retrain.requests")]
-    promos = [r for _, r in obs.of("models.promoted")]
+def _metric(spec: ModelSpec, df: pd.DataFrame) -> float:
+    return metric(spec.metric, df["label"].to_numpy(np.float64), df["score"].to_numpy(np.float64))
+
+
+def _finish(s: Settings, specs: dict[str, ModelSpec], drift_name: str, obs: Observed, onset_us: int | None,
+            version: str | None, reached: bool, t_start: float) -> bool:
+    spec = specs[drift_name]
+    lab = labelled(obs, drift_name)
     steps: list[tuple[str, float]] = []
-    summary: dict[str, Any] = {"drift_threshold": s.drift_share_threshold}
+    summary: dict[str, Any] = {"drifted_model": drift_name}
 
     def rel(us: int) -> float:
         return (us - onset_us) / 1e6 if onset_us else float("nan")
 
-    ll_before = ll_after = float("nan")
+    before = after = float("nan")
     if onset_us and version:
-        steps.append(("drift onset", 0.0))
-        det = [t for t, r in reports if r["drifted"] and r["window_end_ts"] >= onset_us]
+        steps.append((f"{drift_name}: drift onset", 0.0))
+        det = [t for t, r in obs.of("drift.reports", drift_name) if r["drifted"] and r["window_end_ts"] >= onset_us]
         if det:
             steps.append(("drift detected (drift.reports)", rel(det[0])))
-        req = [t for t, r in requests if r["reason"] == "drift" and r["ts"] >= onset_us]
+        req = [t for t, r in obs.of("retrain.requests", drift_name) if r["reason"] == "drift" and r["ts"] >= onset_us]
         if req:
             steps.append(("retrain request (retrain.requests)", rel(req[0])))
-        pr = next(r for r in promos if r["version"] == version)
+        pr = next(r for _, r in obs.of("models.promoted", drift_name) if r["version"] == version)
         for key, name in [("job_started", "Ray job started"), ("job_finished", "Ray job finished"),
                           ("registered", f"version {version} registered in MLflow"),
                           ("promoted", "alias champion moved (models.promoted)")]:
@@ -201,21 +221,36 @@ def _finish(s: Settings, obs: Observed, onset_us: int | None, version: str | Non
         old = old.tail(MIN_LABELLED_AFTER * 2)
         new_l = new[new["label"].notna()]
         if len(old) and len(new_l):
-            ll_before, ll_after = _log_loss(old), _log_loss(new_l)
-            steps.append((f"log loss {ll_before:.3f} → {ll_after:.3f}", rel(int(new_l["arrived"].max()))))
+            before, after = _metric(spec, old), _metric(spec, new_l)
+            steps.append((f"{spec.metric} {before:.3f} → {after:.3f}", rel(int(new_l["arrived"].max()))))
         summary.update({"previous_version": pr.get("previous_version"), "new_version": version,
                         "promotion_metrics": {k: round(v, 4) for k, v in pr["metrics"].items()}})
-    closed = bool(reached and ll_after < ll_before and len(steps) >= 8)
-    summary.update({"loop_closed": closed, "log_loss_before_swap": round(ll_before, 4),
-                    "log_loss_after_swap": round(ll_after, 4), "predictions": len(lab),
-                    "labelled_predictions": int(lab["label"].notna().sum()) if len(lab) else 0,
+    better = after > before if spec.higher_is_better else after < before
+    closed = bool(reached and better and len(steps) >= 8)
+    untouched = {}
+    for n in specs:
+        if n == drift_name:
+            continue
+        promoted = [r["version"] for t, r in obs.of("models.promoted", n) if onset_us and t >= onset_us]
+        requested = [r["reason"] for t, r in obs.of("retrain.requests", n) if onset_us and t >= onset_us]
+        untouched[n] = not promoted and not requested
+        summary[f"{n}_after_onset"] = "kept its champion" if untouched[n] else \
+            f"retrain requests {requested}, promotions {promoted}"
+    closed = closed and all(untouched.values())
+    summary.update({"loop_closed": closed, f"{spec.metric}_before_swap": round(before, 4),
+                    f"{spec.metric}_after_swap": round(after, 4),
                     "wall_time_s": round(time.monotonic() - t_start, 1)})
-    t0 = int(lab["arrived"].min()) if len(lab) else now_us()
-    preds_df = pd.DataFrame({"t": (lab["arrived"] - t0) / 1e6, "score": lab["score"],
-                             "label": lab["label"].astype(float), "version": lab["version"]}) if len(lab) else \
-        pd.DataFrame(columns=["t", "score", "label", "version"])
-    drift_df = pd.DataFrame([{"t": (t - t0) / 1e6, "drift_share": r["drift_share"]} for t, r in reports])
-    path = write_report(s.root / "reports" / "demo.html", preds_df, drift_df, steps, summary,
+    t0 = min((t for t, _ in obs.of("predictions")), default=now_us())
+    sections = []
+    for n, m in specs.items():
+        ml = labelled(obs, n)
+        drift = pd.DataFrame([{"t": (t - t0) / 1e6, "drift_share": r["drift_share"]}
+                              for t, r in obs.of("drift.reports", n)], columns=["t", "drift_share"])
+        preds = pd.DataFrame({"t": (ml["arrived"] - t0) / 1e6, "score": ml["score"],
+                              "label": ml["label"].astype(float), "version": ml["version"]})
+        sections.append(ModelSection(n, m.task, m.metric, preds, drift, m.drift_share_threshold,
+                                     lambda df, m=m: _metric(m, df)))
+    path = write_report(s.root / "reports" / "demo.html", sections, steps, summary,
                         (onset_us - t0) / 1e6 if onset_us else None)
     print("\n[demo] timeline (seconds since drift onset):")
     for name, t in steps:
