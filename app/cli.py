@@ -8,10 +8,16 @@ import os
 import signal
 import sys
 import time
+import warnings
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
+from driftloop.core.declarations import Declarations, LabelSpec
 from driftloop.core.logsetup import setup_logging
 from driftloop.core.settings import Settings, get_settings
+from driftloop.examples import DEFAULT as DEFAULT_EXAMPLE
+from driftloop.examples import names as example_names
 
 WORKERS = ("streams", "serving", "drift", "retrain")
 
@@ -23,6 +29,22 @@ def _settings_from_stack(s: Settings) -> Settings:
     stack = json.loads(s.stack_file.read_text())
     return s.model_copy(update={"bootstrap_servers": stack["bootstrap_servers"],
                                 "mlflow_tracking_uri": s.mlflow_tracking_uri or stack.get("mlflow_uri")})
+
+
+def _fail(cmd: str, lines: list[str] | str, code: int = 1) -> int:
+    """Print each problem on its own line, prefixed with the command, to stderr."""
+    for line in [lines] if isinstance(lines, str) else lines:
+        print(f"driftloop {cmd}: {line}", file=sys.stderr)
+    return code
+
+
+def _declarations(s: Settings) -> Declarations:
+    """The applied declarations (the repo is applied first if it never was)."""
+    if s.declarations_file.exists():
+        return Declarations.load(s.declarations_file)
+    from driftloop.features.repo import declarations
+
+    return declarations(s)
 
 
 def cmd_worker(a: argparse.Namespace, s: Settings) -> int:
@@ -38,16 +60,119 @@ def cmd_worker(a: argparse.Namespace, s: Settings) -> int:
         from driftloop.drift.monitor import run
     else:
         from driftloop.retrain.controller import run
-    run(s)
+    rc = run(s)
+    return rc if isinstance(rc, int) else 0  # core.worker.RESTART_EXIT: declarations changed
+
+
+def cmd_init(a: argparse.Namespace, s: Settings) -> int:
+    from driftloop.features.repo import init_repo
+
+    target = Path(a.dir)
+    try:
+        copied = init_repo(target, a.example)
+    except (ValueError, FileExistsError) as e:
+        return _fail("init", str(e))
+    for f in copied:
+        print(f"created {f}")
+    if not copied:
+        print(f"{target} holds the {a.example or DEFAULT_EXAMPLE} example already")
+    repo = target.resolve()
+    print(f"\nNext steps:\n  DRIFTLOOP_REPO={repo} driftloop apply          # validate and register the declarations"
+          f"\n  DRIFTLOOP_REPO={repo} driftloop up -d          # start the stack"
+          f"\n  DRIFTLOOP_REPO={repo} driftloop produce --duration 60")
+    return 0
+
+
+def cmd_apply(a: argparse.Namespace, s: Settings) -> int:
+    from driftloop.features.repo import RepoError, apply
+
+    s = _settings_from_stack(s)
+    try:
+        _, plan, decls = apply(s, dry_run=a.plan)
+    except (RepoError, FileNotFoundError) as e:
+        return _fail("apply", e.problems if isinstance(e, RepoError) else str(e))
+    print("\n".join(plan.lines() or ["no changes"]))
+    if a.plan:
+        return 0
+    print(f"applied {s.feature_repo_dir}: {len(decls.models)} model(s) "
+          f"({', '.join(decls.models) or 'none'}), {len(decls.topics)} event topic(s)")
+    if s.bootstrap_servers:
+        from driftloop.app.supervisor import ensure_all_topics
+
+        problems = ensure_all_topics(s, decls)
+        if problems:
+            return _fail("apply", problems)
+    return 0
+
+
+def label_rule(label: LabelSpec) -> str:
+    """A label rule in one line, e.g. ``outcome events.x.id within 5s``."""
+    if label.kind == "outcome":
+        rule = f"outcome {label.topic}.{label.id_field} within {label.window_s:g}s"
+    else:
+        rule = f"field {label.topic}.{label.id_field}"
+    return rule + (f" value {label.value_field}" if label.value_field else "")
+
+
+def _champion(s: Settings, name: str) -> str | None:
+    """The champion version of a model (MLflow), or None; a missing sqlite store is not created."""
+    uri = s.tracking_uri
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        return None
+    from driftloop.registry.versions import alias_version
+
+    return alias_version(s, name)
+
+
+def cmd_models(a: argparse.Namespace, s: Settings) -> int:
+    from driftloop.features.repo import RepoError
+
+    s = _settings_from_stack(s)
+    try:
+        decls = _declarations(s)
+    except RepoError as e:
+        return _fail("models", e.problems)
+    rows: list[dict[str, Any]] = [
+        {"name": m.name, "task": m.task, "metric": m.metric, "topic": m.topic, "feature_service": m.feature_service,
+         "features": m.features, "label": label_rule(m.label), "champion": _champion(s, m.name),
+         "generator": m.generator, "source_file": m.source_file} for m in decls.models.values()]
+    if a.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no models declared in {s.feature_repo_dir}")
+        return 0
+    table = [("MODEL", "TASK", "METRIC", "SCORES", "FEATURES", "LABEL", "CHAMPION")] + [
+        (r["name"], r["task"], r["metric"], r["topic"], f"{r['feature_service']} ({len(r['features'])})", r["label"],
+         r["champion"] or "-") for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
     return 0
 
 
 def cmd_produce(a: argparse.Namespace, s: Settings) -> int:
-    from driftloop.app.producer import produce
+    from driftloop.app.producer import load_generator, produce
+    from driftloop.core.topics import ensure_topics
 
-    gen = produce(_settings_from_stack(s), rate=a.rate, count=a.count, duration=a.duration, seed=a.seed,
-                  drift_at=a.drift_at)
-    print(f"produced {gen.produced} impressions and {gen.clicks} clicks")
+    s = _settings_from_stack(s)
+    if not s.bootstrap_servers:
+        return _fail("produce", "no broker: start the stack (driftloop up -d) or set DRIFTLOOP_BOOTSTRAP_SERVERS", 2)
+    decls = _declarations(s)
+    names = a.model or [n for n, m in decls.models.items() if m.generator]
+    if not names:
+        return _fail("produce", "no declared model has a generator (Model(generator='module:Class'))")
+    drift = a.drift_model or names
+    unknown = sorted(set(names + drift) - set(decls.models))
+    if unknown:
+        return _fail("produce", f"unknown model(s) {', '.join(unknown)}; declared: {', '.join(decls.models)}")
+    try:
+        gens = [load_generator(s, n, seed=a.seed, drift_at=a.drift_at if n in drift else None) for n in names]
+    except (ValueError, ImportError, AttributeError) as e:
+        return _fail("produce", str(e))
+    ensure_topics(s, list(decls.topics))
+    sent = produce(s, gens, rate=a.rate, count=a.count, duration=a.duration)
+    print(f"produced {sent} scored events per model for {', '.join(names)}")
     return 0
 
 
@@ -73,15 +198,6 @@ def cmd_tail(a: argparse.Namespace, s: Settings) -> int:
         pass
     finally:
         c.close()
-    return 0
-
-
-def cmd_apply(a: argparse.Namespace, s: Settings) -> int:
-    from driftloop.features.repo import apply, load_definitions
-
-    store = apply(s)
-    names = [type(o).__name__ + ":" + getattr(o, "name", "?") for o in load_definitions(s.feature_repo_dir)]
-    print(f"applied to {store.repo_path}: " + ", ".join(names))
     return 0
 
 
@@ -142,13 +258,18 @@ def cmd_maintain(a: argparse.Namespace, s: Settings) -> int:
 
 def cmd_up(a: argparse.Namespace, s: Settings) -> int:
     from driftloop.app.supervisor import Stack, start_detached
+    from driftloop.features.repo import RepoError
 
-    if a.detach:
-        info = start_detached(s, timeout=a.timeout)
-        print(json.dumps(info, indent=2))
-        return 0
-    stack = Stack(s)
-    stack.start(timeout=a.timeout)
+    try:
+        if a.detach:
+            print(json.dumps(start_detached(s, timeout=a.timeout), indent=2))
+            return 0
+        stack = Stack(s)
+        stack.start(timeout=a.timeout)
+    except RepoError as e:
+        return _fail("up", e.problems)
+    except (RuntimeError, TimeoutError) as e:
+        return _fail("up", str(e).splitlines())
     print(json.dumps(stack.info, indent=2), flush=True)
     stack.run_forever()
     return 0
@@ -163,23 +284,22 @@ def cmd_down(a: argparse.Namespace, s: Settings) -> int:
 def cmd_demo(a: argparse.Namespace, s: Settings) -> int:
     from driftloop.app.demo import run_demo
 
-    return 0 if run_demo(s, rate=a.rate, timeout=a.timeout) else 1
+    extra = {"drift_model": a.drift_model} if a.drift_model else {}
+    return 0 if run_demo(s, rate=a.rate, timeout=a.timeout, **extra) else 1
 
 
 def cmd_rollback(a: argparse.Namespace, s: Settings) -> int:
-    from driftloop.registry import models
     from driftloop.core.kafka import make_producer
+    from driftloop.registry.aliases import RollbackError, rollback
 
     s = _settings_from_stack(s)
     if not s.bootstrap_servers:
-        print("driftloop rollback: no broker to announce it on: start the stack (driftloop up -d) or set "
-              "DRIFTLOOP_BOOTSTRAP_SERVERS", file=sys.stderr)
-        return 2
+        return _fail("rollback", "no broker to announce it on: start the stack (driftloop up -d) or set "
+                                 "DRIFTLOOP_BOOTSTRAP_SERVERS", 2)
     try:
-        ev = models.rollback(s, make_producer(s), a.model, to=a.to)
-    except models.RollbackError as e:
-        print(f"driftloop rollback: {e}", file=sys.stderr)
-        return 1
+        ev = rollback(s, make_producer(s), a.model, to=a.to)
+    except RollbackError as e:
+        return _fail("rollback", str(e))
     print(f"{ev.model_name}: champion v{ev.previous_version} → v{ev.version} (announced on models.promoted)")
     return 0
 
@@ -211,87 +331,103 @@ def cmd_bench(a: argparse.Namespace, s: Settings) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="driftloop", description=__doc__)
-    p.add_argument("--data-dir", help="state folder (default .driftloop, env DRIFTLOOP_DATA_DIR)")
+    # the global options, accepted before or after the command
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data-dir", default=argparse.SUPPRESS,
+                        help="state folder (default .driftloop, env DRIFTLOOP_DATA_DIR)")
+    common.add_argument("--repo", default=argparse.SUPPRESS,
+                        help="the feature repo: Feast definitions and model declarations (env DRIFTLOOP_REPO; "
+                             "default <data-dir>/feature_repo)")
+    p = argparse.ArgumentParser(prog="driftloop", description=__doc__, parents=[common])
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    w = sub.add_parser("worker", help="run one worker in the foreground")
-    w.add_argument("name", choices=WORKERS)
-    w.set_defaults(fn=cmd_worker)
+    def cmd(name: str, fn: Any, help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, parents=[common])
+        sp.set_defaults(fn=fn)
+        return sp
 
-    pr = sub.add_parser("produce", help="publish synthetic impressions and clicks")
-    pr.add_argument("--rate", type=float, default=500.0, help="impressions per second")
+    w = cmd("worker", cmd_worker, "run one worker in the foreground")
+    w.add_argument("name", choices=WORKERS)
+
+    i = cmd("init", cmd_init, "scaffold a feature repo from an example (run again with another example to "
+                              "combine them)")
+    i.add_argument("dir", nargs="?", default=".", help="the repo folder (default: the current one)")
+    i.add_argument("--example", default=None, choices=example_names(),
+                   help=f"which example (default {DEFAULT_EXAMPLE})")
+
+    ap = cmd("apply", cmd_apply, "validate the feature repo (Feast definitions and model declarations), show "
+                                 "what changes, and apply it")
+    ap.add_argument("--plan", action="store_true", help="show what would change; write nothing")
+
+    ms = cmd("models", cmd_models, "list the declared models with their label rule and champion version")
+    ms.add_argument("--json", action="store_true")
+
+    pr = cmd("produce", cmd_produce, "publish each model's synthetic traffic (its declared generator)")
+    pr.add_argument("--model", action="append", help="a model (repeatable; default: every model with a generator)")
+    pr.add_argument("--rate", type=float, default=500.0, help="scored events per second, per model")
     g = pr.add_mutually_exclusive_group(required=True)
-    g.add_argument("--count", type=int)
+    g.add_argument("--count", type=int, help="scored events per model")
     g.add_argument("--duration", type=float, help="seconds")
     pr.add_argument("--seed", type=int, default=7)
-    pr.add_argument("--drift-at", type=int, default=None, help="drift from the N-th impression on")
-    pr.set_defaults(fn=cmd_produce)
+    pr.add_argument("--drift-at", type=int, default=None, help="drift from the N-th scored event on")
+    pr.add_argument("--drift-model", action="append",
+                    help="the model(s) --drift-at applies to (repeatable; default: all produced)")
 
-    t = sub.add_parser("tail", help="print records of a topic (logical name, e.g. predictions)")
+    t = cmd("tail", cmd_tail, "print records of a topic (logical name, e.g. predictions)")
     t.add_argument("topic")
     t.add_argument("--from-beginning", action="store_true")
     t.add_argument("--max", type=int, default=None, help="stop after N records")
     t.add_argument("--timeout", type=float, default=None, help="stop after N seconds")
-    t.set_defaults(fn=cmd_tail)
 
-    ap = sub.add_parser("apply", help="apply the Feast feature repo in the data directory")
-    ap.set_defaults(fn=cmd_apply)
-
-    up = sub.add_parser("up", help="start the embedded stack (broker + workers)")
+    up = cmd("up", cmd_up, "apply the repo and start the embedded stack (broker + workers)")
     up.add_argument("--detach", "-d", action="store_true", help="return once the stack is ready")
     up.add_argument("--timeout", type=float, default=180.0)
-    up.set_defaults(fn=cmd_up)
 
-    dn = sub.add_parser("down", help="stop the embedded stack")
+    dn = cmd("down", cmd_down, "stop the embedded stack")
     dn.add_argument("--timeout", type=float, default=30.0)
-    dn.set_defaults(fn=cmd_down)
 
-    d = sub.add_parser("demo", help="run the end-to-end loop with a drift in the middle")
+    d = cmd("demo", cmd_demo, "run the end-to-end loop with a drift in the middle")
     d.add_argument("--rate", type=float, default=400.0)
     d.add_argument("--timeout", type=float, default=540.0)
-    d.set_defaults(fn=cmd_demo)
-    rb = sub.add_parser("rollback", help="move the champion alias back to the version it replaced")
-    rb.add_argument("model", help="registered model name (e.g. ctr)")
-    rb.add_argument("--to", help="a specific version instead of the previous champion")
-    rb.set_defaults(fn=cmd_rollback)
+    d.add_argument("--drift-model", default=None, help="the model whose traffic drifts")
 
-    bf = sub.add_parser("backfill", help="recompute a stream feature view from bronze with Spark (Spark Connect)")
+    rb = cmd("rollback", cmd_rollback, "move a model's champion alias back to the version it replaced")
+    rb.add_argument("model", help="a declared model's name")
+    rb.add_argument("--to", help="a specific version instead of the previous champion")
+
+    bf = cmd("backfill", cmd_backfill, "recompute a stream feature view from bronze with Spark (Spark Connect)")
     bf.add_argument("--view", required=True, help="stream feature view name")
     bf.add_argument("--start", required=True, type=_utc, help="ISO 8601 event time, inclusive (naive = UTC)")
     bf.add_argument("--end", required=True, type=_utc, help="ISO 8601 event time, exclusive")
     bf.add_argument("--materialize", action="store_true", help="also materialize the range to the online store")
     bf.add_argument("--dry-run", action="store_true", help="compute only; write nothing")
-    bf.set_defaults(fn=cmd_backfill)
 
-    cs = sub.add_parser("consistency", help="mismatch share: stream offline rows vs Spark recompute, online vs "
-                                            "latest; exits 1 on any mismatch with --fail-on-mismatch")
+    cs = cmd("consistency", cmd_consistency, "mismatch share: stream offline rows vs Spark recompute, online vs "
+                                             "latest; exits 1 on any mismatch with --fail-on-mismatch")
     cs.add_argument("--view", action="append", help="a view (repeatable; default: every stream feature view)")
     cs.add_argument("--start", type=_utc, default=None)
     cs.add_argument("--end", type=_utc, default=None)
     cs.add_argument("--offline-only", action="store_true", help="skip the online check")
     cs.add_argument("--fail-on-mismatch", action="store_true")
-    cs.set_defaults(fn=cmd_consistency)
 
-    mt = sub.add_parser("maintain", help="compact, checkpoint and vacuum the Delta tables (safe while writing)")
+    mt = cmd("maintain", cmd_maintain, "compact, checkpoint and vacuum the Delta tables (safe while writing)")
     mt.add_argument("--retention-hours", type=float, default=168.0, help="vacuum files unreferenced this long")
     mt.add_argument("--no-vacuum", action="store_true")
-    mt.set_defaults(fn=cmd_maintain)
 
-    b = sub.add_parser("bench", help="run a benchmark; the last line of output is one JSON object")
+    b = cmd("bench", cmd_bench, "run a benchmark; the last line of output is one JSON object")
     bs = b.add_subparsers(dest="what", required=True)
     st = bs.add_parser("streams", help="streams throughput, freshness and the per-event baseline")
-    st.add_argument("--events", type=int, default=200_000, help="impressions in the backlog (+20%% clicks)")
+    st.add_argument("--events", type=int, default=200_000, help="scored events in the backlog (+20%% outcomes)")
     st.add_argument("--rate", type=float, default=5000.0, help="events/s for the freshness phase")
     st.add_argument("--fresh-seconds", type=float, default=20.0)
     st.add_argument("--baseline-events", type=int, default=5000)
     sv = bs.add_parser("serving", help="serving throughput with feature lookup, and latency at a fixed rate")
-    sv.add_argument("--events", type=int, default=100_000, help="impressions in the backlog (+20%% clicks)")
-    sv.add_argument("--rate", type=float, default=5000.0, help="impressions/s for the latency phase")
+    sv.add_argument("--events", type=int, default=100_000, help="scored events in the backlog (+20%% outcomes)")
+    sv.add_argument("--rate", type=float, default=5000.0, help="scored events/s for the latency phase")
     sv.add_argument("--seconds", type=float, default=20.0, help="length of the latency phase")
     sw = bs.add_parser("swap", help="champion promotions under load; every prediction audited")
     sw.add_argument("--swaps", type=int, default=10)
-    sw.add_argument("--rate", type=float, default=2000.0, help="impressions/s during the swaps")
+    sw.add_argument("--rate", type=float, default=2000.0, help="scored events/s during the swaps")
     sw.add_argument("--every", type=float, default=2.0, help="seconds between promotions")
     on = bs.add_parser("online", help="online store read latency p50/p99 for 1 and 100 entities")
     on.add_argument("--users", type=int, default=10_000, help="entities written to the online store")
@@ -302,7 +438,6 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--users", type=int, default=50_000)
     tr.add_argument("--baseline-labels", type=int, default=100_000,
                     help="also join this many labels on Feast's DuckDB store over Parquet (0: skip)")
-    b.set_defaults(fn=cmd_bench)
     return p
 
 
@@ -311,7 +446,13 @@ def main(argv: list[str] | None = None) -> int:
     if mp_dir and not os.path.isdir(mp_dir):  # left over from a Feast import in a parent process
         del os.environ["PROMETHEUS_MULTIPROC_DIR"]
     args = build_parser().parse_args(argv)
-    overrides = {"data_dir": args.data_dir} if args.data_dir else {}
+    # Feast warns on every load that stream and on-demand views are experimental: noise on a command line
+    warnings.filterwarnings("ignore", message=".*experimental.*", category=RuntimeWarning)
+    overrides: dict[str, object] = {}
+    if getattr(args, "data_dir", None):
+        overrides["data_dir"] = Path(args.data_dir)
+    if getattr(args, "repo", None):
+        overrides["repo"] = Path(args.repo).expanduser().resolve()
     settings = get_settings(**overrides)
     setup_logging(settings.log_level, component=getattr(args, "name", None) or args.cmd)
     if args.cmd in ("produce", "tail"):

@@ -1,6 +1,6 @@
-"""The embedded stack behind ``driftloop up``: broker, topics, feature repo, and each worker as a
-supervised child process (restarted with backoff if it crashes). ``<data-dir>/stack.json`` is written
-once everything is ready and removed on stop."""
+"""The embedded stack behind ``driftloop up``: feature repo, broker, topics, and each worker as a
+supervised child process (restarted with backoff if it crashes, at once if it exits to pick up new
+declarations). ``<data-dir>/stack.json`` is written once everything is ready and removed on stop."""
 
 from __future__ import annotations
 
@@ -15,11 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from driftloop.features.repo import apply
-from driftloop.registry import models
+from confluent_kafka.admin import AdminClient
+
 from driftloop.core.broker import EmbeddedBroker, free_port
+from driftloop.core.contracts import TOPICS
+from driftloop.core.declarations import Declarations
+from driftloop.core.kafka import bootstrap
 from driftloop.core.settings import Settings
 from driftloop.core.topics import ensure_topics
+from driftloop.core.worker import RESTART_EXIT
+from driftloop.features.repo import apply
+from driftloop.registry.versions import init_store
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +74,31 @@ def settings_env(settings: Settings) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # Feast points it at a temp dir that dies with this process
     for k, v in settings.model_dump().items():
-        if v is not None:
-            env[f"DRIFTLOOP_{k.upper()}"] = str(settings.root if k == "data_dir" else v)
+        if v is None:
+            continue
+        if k == "data_dir":
+            v = settings.root
+        elif k == "repo":
+            v = settings.feature_repo_dir
+        env[f"DRIFTLOOP_{k.upper()}"] = json.dumps(v) if isinstance(v, (dict, list)) else str(v)
     return env
+
+
+def ensure_all_topics(settings: Settings, decls: Declarations, timeout: float = 30.0) -> list[str]:
+    """Create driftloop's own topics and the declared event topics that do not exist yet.
+
+    Returns one line per declared topic whose partition count is not ``settings.partitions``: a scored
+    event and its outcome are joined per partition, so the declared topics must be partitioned alike."""
+    ensure_topics(settings, [*TOPICS, *decls.topics], timeout=timeout)
+    have = AdminClient({"bootstrap.servers": bootstrap(settings)}).list_topics(timeout=timeout).topics
+    problems = []
+    for name in decls.topics:
+        n = len(have[settings.topic(name)].partitions)
+        if n != settings.partitions:
+            problems.append(f"topic {settings.topic(name)} has {n} partitions, not {settings.partitions} "
+                            f"(DRIFTLOOP_PARTITIONS): declared topics are joined per partition, so all need the same "
+                            f"count; recreate it or set DRIFTLOOP_PARTITIONS={n}")
+    return problems
 
 
 class Stack:
@@ -81,6 +109,7 @@ class Stack:
         self.children: list[Child] = []
         self.info: dict[str, Any] = {}
         self.stopping = False
+        self.topics_for: float | None = None  # the declarations' mtime the topics were last ensured for
 
     def start(self, timeout: float = 180.0) -> dict[str, Any]:
         if self.s.stack_file.exists():
@@ -90,12 +119,12 @@ class Stack:
             self.s.stack_file.unlink()
         logs = self.s.root / "logs"
         logs.mkdir(exist_ok=True)
+        _, _, decls = apply(self.s)  # first: a repo with problems starts nothing (RepoError)
         if not self.s.bootstrap_servers:
             self.broker = EmbeddedBroker(log_file=logs / "broker.log").start()
             self.s = self.s.model_copy(update={"bootstrap_servers": self.broker.bootstrap_servers})
-        ensure_topics(self.s)
-        apply(self.s)
-        models.init_store(self.s)
+        self.ensure_topics(decls)
+        init_store(self.s)
         for f in self.s.run_dir.glob("*.ready"):
             f.unlink()
         webhook_port = self.s.webhook_port or free_port()
@@ -128,11 +157,32 @@ class Stack:
         log.info("stack ready: %s", self.s.stack_file)
         return self.info
 
+    def ensure_topics(self, decls: Declarations) -> None:
+        problems = ensure_all_topics(self.s, decls)
+        if problems:
+            self.stop()
+            raise RuntimeError("; ".join(problems))
+        self.topics_for = self._declarations_stamp()
+
+    def _declarations_stamp(self) -> float | None:
+        f = self.s.declarations_file
+        return f.stat().st_mtime if f.exists() else None
+
     def supervise_once(self) -> None:
-        """Restart crashed workers with exponential backoff."""
+        """Restart crashed workers with exponential backoff, and workers that exited to pick up new
+        declarations (``RESTART_EXIT``) at once."""
         now = time.monotonic()
         for c in self.children:
             if self.stopping or c.proc is None or c.proc.poll() is None:
+                continue
+            if c.proc.returncode == RESTART_EXIT and c.next_start == 0.0:
+                log.info("%s exited to pick up new declarations; restarting it", c.name)
+                if self._declarations_stamp() != self.topics_for:  # a model added while running may bring topics
+                    problems = ensure_all_topics(self.s, Declarations.load(self.s.declarations_file))
+                    self.topics_for = self._declarations_stamp()
+                    for p in problems:
+                        log.error("%s", p)
+                self.restart(c)
                 continue
             if c.next_start == 0.0:
                 if now - c.started_at > 60:
@@ -143,10 +193,13 @@ class Stack:
             elif now >= c.next_start:
                 c.restarts += 1
                 c.next_start = 0.0
-                c.start()
-                if self.info:
-                    self.info["workers"][c.name] = c.proc.pid  # type: ignore[union-attr]
-                    self.s.stack_file.write_text(json.dumps(self.info, indent=2))
+                self.restart(c)
+
+    def restart(self, c: Child) -> None:
+        c.start()
+        if self.info:
+            self.info["workers"][c.name] = c.proc.pid  # type: ignore[union-attr]
+            self.s.stack_file.write_text(json.dumps(self.info, indent=2))
 
     def run_forever(self) -> None:
         def _stop(*_: object) -> None:
@@ -208,7 +261,10 @@ def start_detached(settings: Settings, timeout: float = 180.0) -> dict[str, Any]
         if settings.stack_file.exists():
             return json.loads(settings.stack_file.read_text())
         if proc.poll() is not None:
-            raise RuntimeError(f"driftloop up exited with {proc.returncode}; see {logs / 'supervisor.log'}")
+            out.close()
+            tail = (logs / "supervisor.log").read_text(errors="replace").strip().splitlines()[-5:]
+            raise RuntimeError(f"driftloop up exited with {proc.returncode}; see {logs / 'supervisor.log'}:\n"
+                               + "\n".join(tail))
         time.sleep(0.3)
     raise TimeoutError(f"stack not ready after {timeout}s; see {logs}")
 

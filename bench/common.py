@@ -12,10 +12,11 @@ from collections.abc import Iterator
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from driftloop.app.supervisor import Child, settings_env
 from driftloop.core.broker import EmbeddedBroker, free_port
 from driftloop.core.settings import Settings
-from driftloop.app.supervisor import Child, settings_env
 from driftloop.core.topics import ensure_topics
+from driftloop.features.repo import apply, init_repo
 
 log = logging.getLogger(__name__)
 
@@ -30,15 +31,27 @@ def broker(settings: Settings) -> Iterator[str]:
         yield b.bootstrap_servers
 
 
-def isolated(base: Settings, bootstrap: str, name: str, **overrides: object) -> Settings:
-    """Settings with a data directory and topic prefix of their own; topics created."""
+def isolated(base: Settings, bootstrap: str, name: str, example: str | None = None,
+             repo_files: dict[str, str] | None = None, **overrides: object) -> Settings:
+    """Settings with a data directory and topic prefix of their own; topics created.
+
+    With ``example``, the settings get a feature repo of their own (``<data dir>/repo``): that example's
+    files plus ``repo_files`` (file name → text), applied, and its declared topics created too."""
     run = uuid.uuid4().hex[:6]
-    s = Settings(**{**base.model_dump(), "data_dir": base.root / "bench" / f"{name}-{run}",
+    data_dir = base.root / "bench" / f"{name}-{run}"
+    if example:
+        init_repo(data_dir / "repo", example)
+        for fname, text in (repo_files or {}).items():
+            (data_dir / "repo" / fname).write_text(text)
+        overrides = {"repo": data_dir / "repo", **overrides}
+    s = Settings(**{**base.model_dump(), "data_dir": data_dir,
                     "bootstrap_servers": bootstrap, "topic_prefix": f"b{run}.", "metrics_port": free_port(),
                     **overrides})
     s.root.mkdir(parents=True, exist_ok=True)
     s.run_dir.mkdir(parents=True, exist_ok=True)
     ensure_topics(s)
+    if example:
+        ensure_topics(s, sorted(apply(s)[2].topics))
     return s
 
 

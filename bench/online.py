@@ -1,11 +1,12 @@
 """``driftloop bench online``: online feature read latency for 1 and 100 entities.
 
-Fills the online store (sqlite by default, Redis when ``DRIFTLOOP_REDIS_URL`` is set) with the ``ctr_v1``
-views for N users, then times two read paths, each ``reads`` times per size on random users:
+Fills the online store (sqlite by default, Redis when ``DRIFTLOOP_REDIS_URL`` is set) with the views of
+the ads example's ``ctr`` model for N users, then times two read paths, each ``reads`` times per size on
+random users:
 
-* ``serving``: what the serving worker does per batch (``BatchScorer.online_features``: one provider
-  ``online_read`` per view of the feature service, straight into a float matrix);
-* ``feast``: Feast's public ``get_online_features(features=<feature service>)``.
+* ``serving``: what the serving worker does per batch (the ``OnlineReader`` of the model's vectorizer:
+  one sqlite query, or one provider ``online_read`` per view, straight into a float matrix);
+* ``feast``: Feast's public ``get_online_features`` of the same view features.
 
 The headline ``p99_1_ms``/``p99_100_ms`` are the serving path's.
 """
@@ -20,10 +21,9 @@ from datetime import UTC, datetime
 import numpy as np
 import pandas as pd
 
-from driftloop.features.repo import apply
-from driftloop.features.vectors import FEATURE_SERVICE
 from driftloop.core.settings import Settings
-from driftloop.serving.worker import BatchScorer
+from driftloop.features.repo import apply, init_repo
+from driftloop.features.vectors import Vectorizer
 
 SIZES = (1, 100)
 
@@ -42,18 +42,20 @@ def _percentiles(ms: list[float]) -> tuple[float, float]:
 
 
 def run(base: Settings, users: int = 10_000, reads: int = 2000, seed: int = 1) -> dict[str, object]:
-    s = Settings(**{**base.model_dump(), "data_dir": base.root / "bench" / f"online-{uuid.uuid4().hex[:6]}"})
+    root = base.root / "bench" / f"online-{uuid.uuid4().hex[:6]}"
+    init_repo(root / "repo", "ads")
+    s = Settings(**{**base.model_dump(), "data_dir": root, "repo": root / "repo"})
     rng = np.random.default_rng(seed)
-    store = apply(s)
+    store, _plan, decls = apply(s)
     t = time.perf_counter()
     _fill(store, users, rng)
     print(f"online store {type(store._provider.online_store).__name__}: {users:,} users × 2 views written in "
           f"{time.perf_counter() - t:.1f} s")
-    scorer = BatchScorer(s)
-    svc = store.get_feature_service(FEATURE_SERVICE)
+    reader = Vectorizer(store, decls.models["ctr"]).reader
+    refs = [f"{view}:{feature}" for view, feature in reader.columns]
     paths = {
-        "serving": lambda ids: scorer.online_features(ids),
-        "feast": lambda ids: store.get_online_features(features=svc, entity_rows=[{"user_id": u} for u in ids]),
+        "serving": reader.matrix,
+        "feast": lambda ids: store.get_online_features(features=refs, entity_rows=[{"user_id": u} for u in ids]),
     }
     out: dict[str, object] = {"store": type(store._provider.online_store).__name__, "users": users, "reads": reads}
     for name, read in paths.items():

@@ -1,9 +1,10 @@
 """``driftloop bench serving`` and ``driftloop bench swap``, and the prediction audit both share with
-the tests.
+the tests. Both run the ads example (model ``ctr``, scored topic ``events.impressions``).
 
 * serving: one serving process over a backlog of impressions whose users have online features
-  (the streams worker computed them first) → predictions/s including the feature lookup; then
-  impressions at a fixed rate → p99 event → prediction latency.
+  (written to the online store first) → predictions/s including the feature lookup; then impressions
+  at a fixed rate → p50/p99 event → prediction latency. Then the same backlog with three models
+  declared on the topic (``ctr`` and two copies) → predictions/s of all three together.
 * swap: impressions at a fixed rate while the champion alias moves ``--swaps`` times; afterwards every
   prediction is re-scored by the version it names, for the feature vector it carries.
 """
@@ -21,17 +22,31 @@ import numpy as np
 import orjson
 from confluent_kafka import Consumer, TopicPartition
 
+from driftloop.app.producer import load_generator, produce, publish
 from driftloop.bench.common import broker, isolated, report, running
 from driftloop.bench.model_fixtures import register_good
-from driftloop.features.repo import apply
-from driftloop.features.vectors import FEATURE_COLUMNS
-from driftloop.registry import models
+from driftloop.bench.online import _fill
 from driftloop.core.contracts import now_us
+from driftloop.core.declarations import Declarations
 from driftloop.core.kafka import consumer_config, good_messages, make_producer
-from driftloop.app.producer import produce, publish, synthetic_events
 from driftloop.core.settings import Settings
+from driftloop.examples.ads.ads_generator import synthetic_events
+from driftloop.features.repo import open_store
+from driftloop.registry.aliases import promote
+from driftloop.registry.verify import load_scorer
+from driftloop.serving.worker import scores_of
 
 log = logging.getLogger(__name__)
+
+MODEL = "ctr"
+
+
+def copies_of_ctr(names: list[str]) -> str:
+    """A repo file declaring more models like the ads example's ``ctr`` (same topic, label and features)."""
+    decls = "\n".join(f"{n} = Model(name={n!r}, task='binary', metric='log_loss', source=impressions, "
+                      f"features=ctr_v1, label=OutcomeLabel(source=clicks, join_on='impression_id'))" for n in names)
+    return ("from ads import clicks, ctr_v1, impressions\n\n"
+            f"from driftloop.core.declarations import Model, OutcomeLabel\n\n{decls}\n")
 
 
 def read_all(settings: Settings, topic: str, until: int, timeout: float, idle_s: float = 5.0) -> list[Any]:
@@ -59,10 +74,10 @@ def read_all(settings: Settings, topic: str, until: int, timeout: float, idle_s:
         c.close()
 
 
-def source_offsets(settings: Settings, n: int, timeout: float = 60) -> dict[str, tuple[int, int]]:
-    """event_id → (partition, offset) of the impressions on the topic."""
+def source_offsets(settings: Settings, topic: str, n: int, timeout: float = 60) -> dict[str, tuple[int, int]]:
+    """event_id → (partition, offset) of the events on a logical topic."""
     out = {}
-    for m in read_all(settings, "events.impressions", n, timeout):
+    for m in read_all(settings, topic, n, timeout):
         try:
             out[orjson.loads(m.value())["event_id"]] = (m.partition(), m.offset())
         except (orjson.JSONDecodeError, KeyError, TypeError):
@@ -71,24 +86,28 @@ def source_offsets(settings: Settings, n: int, timeout: float = 60) -> dict[str,
 
 
 def audit(settings: Settings, event_ids: set[str], preds: list[dict[str, Any]]) -> dict[str, Any]:
-    """Lost, duplicated and mis-versioned predictions: each prediction is re-scored by the version it
-    names, on the feature vector it carries (atol 1e-5)."""
+    """Lost, duplicated and mis-versioned predictions of one model: each prediction is re-scored by the
+    version it names, on the feature vector it carries (atol 1e-5)."""
+    decls = Declarations.load(settings.declarations_file)
     per_event = Counter(p["event_id"] for p in preds)
-    by_version: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    by_version: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for p in preds:
-        by_version[p["model_version"]].append(p)
+        by_version[(p["model_name"], p["model_version"])].append(p)
     misversioned = 0
-    for version, ps in by_version.items():
-        scorer = models.load_scorer(settings, version, FEATURE_COLUMNS, name=ps[0]["model_name"],
-                                    verify_reference=False)
-        x = np.array([[p["features"][c] for c in FEATURE_COLUMNS] for p in ps], np.float32)
-        want = np.clip(scorer.score(x), 0.0, 1.0)
-        got = np.array([p["score"] for p in ps])
-        misversioned += int(np.sum(~np.isclose(got, want, atol=1e-5, rtol=0)))
+    for (name, version), ps in by_version.items():
+        spec = decls.model(name)
+        scorer = load_scorer(settings, name, version, spec.features, spec.task, spec.n_outputs,
+                             verify_reference=False)
+        x = np.array([[p["features"][c] for c in spec.features] for p in ps], np.float32)
+        want, want_p = scores_of(spec.task, scorer.score(x))
+        bad = ~np.isclose([p["score"] for p in ps], want, atol=1e-5, rtol=0)
+        if want_p is not None:
+            bad |= ~np.isclose([p["probabilities"] for p in ps], want_p, atol=1e-5, rtol=0).all(axis=1)
+        misversioned += int(bad.sum())
     return {"predictions": len(preds), "lost": len(event_ids - set(per_event)),
             "duplicated": sum(n - 1 for n in per_event.values() if n > 1),
             "unexpected": len(set(per_event) - event_ids), "misversioned": misversioned,
-            "versions": sorted(by_version, key=int)}
+            "versions": sorted({v for _, v in by_version}, key=int)}
 
 
 def scored_at(p: dict[str, Any]) -> float:
@@ -117,27 +136,46 @@ def swap_timings(preds: list[dict[str, Any]], promotions: list[tuple[str, float]
             "alias_to_serving_p99_s": round(float(np.percentile(delays, 99)), 4) if delays else float("nan")}
 
 
+def _backlog(base: Settings, bootstrap: str, models: list[str], events: int, rate: float) -> tuple[Settings, int]:
+    """Isolated settings serving ``models`` (each with a champion), a backlog of impressions published and
+    the online features of its users written; returns (settings, impressions)."""
+    extra = {"more_models.py": copies_of_ctr([m for m in models if m != MODEL])} if models != [MODEL] else {}
+    s = isolated(base, bootstrap, "serving", example="ads", repo_files=extra, serving_shadow=False)
+    producer = make_producer(s)
+    for m in models:
+        promote(s, producer, m, register_good(s, seed=1, model=m), reason="bench")
+    users = 5000
+    _fill(open_store(s), users, np.random.default_rng(2))  # every user of the backlog has online features
+    backlog = [(t, r) for t, r in synthetic_events(events, users=users, rate=rate, seed=3, start_us=now_us())
+               if t == "events.impressions"]
+    publish(s, backlog)
+    return s, len(backlog)
+
+
+def _throughput(s: Settings, expected: int) -> tuple[float, int]:
+    """Predictions/s of a serving process over the backlog (from ready to the last prediction)."""
+    t0 = time.perf_counter()
+    preds = read_all(s, "predictions", expected, 600)
+    took = time.perf_counter() - t0
+    log.info("backlog: %d predictions in %.1fs", len(preds), took)
+    return len(preds) / took, len(preds)
+
+
 def run_serving(base: Settings, events: int = 100_000, rate: float = 5000.0, seconds: float = 20.0) -> dict:
     with broker(base) as bootstrap:
-        s = isolated(base, bootstrap, "serving", serving_shadow=False)
-        apply(s)
-        models.promote(s, make_producer(s), register_good(s, seed=1), reason="bench")
-        backlog = synthetic_events(events, users=5000, rate=rate, seed=3)
-        publish(s, backlog)
-        n_imps = sum(t == "events.impressions" for t, _ in backlog)
-        with running(s, "streams"):  # online features for every user of the backlog
-            _wait_group(s, "streams", ["events.impressions", "events.clicks"], 600)
+        s, n_imps = _backlog(base, bootstrap, [MODEL], events, rate)
         with running(s, "serving"):
-            t0 = time.perf_counter()
-            preds = read_all(s, "predictions", n_imps, 600)
-            backlog_s = time.perf_counter() - t0
-            throughput = len(preds) / backlog_s
-            log.info("backlog: %d predictions in %.1fs", len(preds), backlog_s)
+            throughput, n_preds = _throughput(s, n_imps)
             live_from = now_us()
-            live = produce(s, rate=rate, duration=seconds, seed=9, progress=False)
-            recs = [orjson.loads(m.value()) for m in read_all(s, "predictions", n_imps + live.produced, 60)]
+            live = produce(s, [load_generator(s, MODEL, seed=9)], rate=rate, duration=seconds, progress=False)
+            recs = [orjson.loads(m.value()) for m in read_all(s, "predictions", n_imps + live, 60)]
             lat = [p["latency_s"] for p in recs if p["ts"] >= live_from]
-    result = {"predictions_per_s": round(throughput, 1), "backlog_predictions": len(preds),
+        models = [MODEL, f"{MODEL}_copy1", f"{MODEL}_copy2"]
+        s3, n3 = _backlog(base, bootstrap, models, events, rate)
+        with running(s3, "serving"):
+            throughput3, n_preds3 = _throughput(s3, n3 * len(models))
+    result = {"predictions_per_s": round(throughput, 1), "backlog_predictions": n_preds,
+              "predictions_per_s_3_models": round(throughput3, 1), "backlog_predictions_3_models": n_preds3,
               "rate": rate, "live_predictions": len(lat),
               "p50_latency_s": round(float(np.percentile(lat, 50)), 4) if lat else None,
               "p99_latency_s": round(float(np.percentile(lat, 99)), 4) if lat else None}
@@ -145,44 +183,28 @@ def run_serving(base: Settings, events: int = 100_000, rate: float = 5000.0, sec
     return result
 
 
-def _wait_group(s: Settings, group: str, topics: list[str], timeout: float) -> None:
-    """Until ``group`` (prefixed) has committed all records of ``topics`` and stops moving."""
-    c = Consumer(consumer_config(s, f"{s.topic_prefix}{group}"))
-    tps = [TopicPartition(s.topic(t), p) for t in topics for p in range(s.partitions)]
-    deadline, prev, still = time.monotonic() + timeout, None, 0
-    try:
-        while time.monotonic() < deadline and still < 3:
-            time.sleep(1.0)
-            got = [tp.offset for tp in c.committed(tps, timeout=10)]
-            hi = [c.get_watermark_offsets(tp, timeout=10)[1] for tp in tps]
-            at_end = all(o >= h - 1 for o, h in zip(got, hi, strict=True))  # Tansu reports ends short
-            still = still + 1 if at_end and got == prev else 0
-            prev = got
-    finally:
-        c.close()
-
-
 def run_swap(base: Settings, swaps: int = 10, rate: float = 2000.0, every_s: float = 2.0) -> dict:
     with broker(base) as bootstrap:
-        s = isolated(base, bootstrap, "swap", serving_shadow=False)
-        apply(s)
+        s = isolated(base, bootstrap, "swap", example="ads", serving_shadow=False)
         producer = make_producer(s)
-        models.promote(s, producer, register_good(s, seed=100), reason="bench")
+        promote(s, producer, MODEL, register_good(s, seed=100), reason="bench")
         versions = [register_good(s, seed=101 + i, challenger=False) for i in range(swaps)]
+        topic = Declarations.load(s.declarations_file).model(MODEL).topic
         with running(s, "serving"):
             stop = threading.Event()
-            gen_box: dict[str, Any] = {}
-            t = threading.Thread(target=lambda: gen_box.update(g=produce(
-                s, rate=rate, duration=every_s * (swaps + 2), seed=4, progress=False, should_stop=stop.is_set)))
+            box: dict[str, Any] = {}
+            t = threading.Thread(target=lambda: box.update(n=produce(
+                s, [load_generator(s, MODEL, seed=4)], rate=rate, duration=every_s * (swaps + 2), progress=False,
+                should_stop=stop.is_set)))
             t.start()
             time.sleep(every_s)
             promotions = []
             for v in versions:
-                ev = models.promote(s, producer, v, reason="bench")
+                ev = promote(s, producer, MODEL, v, reason="bench")
                 promotions.append((v, ev.timeline["promoted"] / 1e6))
                 time.sleep(every_s)
             t.join()
-            imps = source_offsets(s, gen_box["g"].produced)
+            imps = source_offsets(s, topic, box["n"])
             preds = [orjson.loads(m.value()) for m in read_all(s, "predictions", len(imps), 60)]
     result = {"swaps": len(promotions), **audit(s, set(imps), preds), **swap_timings(preds, promotions)}
     result.pop("versions")

@@ -16,17 +16,19 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from driftloop.app.producer import publish
 from driftloop.bench.common import broker, histogram_quantile, isolated, report, running, scrape, total
-from driftloop.features.repo import apply
 from driftloop.core.contracts import now_us
-from driftloop.app.producer import publish, synthetic_events
 from driftloop.core.settings import Settings
+from driftloop.core.topics import ensure_topics
+from driftloop.examples.ads.ads_generator import synthetic_events
+from driftloop.features.repo import apply
 
 log = logging.getLogger(__name__)
 
 
 def bronze_rows(samples: dict) -> float:
-    """Events durable in Delta: bronze rows of both topics (every generated event is valid and on time)."""
+    """Events durable in Delta: bronze rows of every topic (every generated event is valid and on time)."""
     return sum(v for (n, lb), v in samples.items()
                if n == "driftloop_rows_written_total" and dict(lb).get("sink", "").startswith("delta:bronze_"))
 
@@ -58,7 +60,8 @@ def run(base: Settings, events: int = 200_000, rate: float = 5000.0, fresh_s: fl
     with broker(base) as bootstrap:
         s = isolated(base, bootstrap, "streams")
         apply(s)
-        backlog = synthetic_events(events, disorder_s=2.0, seed=1)
+        ensure_topics(s)  # the declared topics
+        backlog = synthetic_events(events, disorder_s=2.0, seed=1, start_us=now_us() - 3_600_000_000)
         print(f"producing a backlog of {len(backlog):,} events ...", flush=True)
         publish(s, backlog)
         with running(s, "streams"):
@@ -77,7 +80,8 @@ def run(base: Settings, events: int = 200_000, rate: float = 5000.0, fresh_s: fl
 
         b = isolated(base, bootstrap, "baseline")
         apply(b)
-        back = synthetic_events(baseline_events, disorder_s=2.0, seed=3)
+        ensure_topics(b)
+        back = synthetic_events(baseline_events, disorder_s=2.0, seed=3, start_us=now_us() - 3_600_000_000)
         publish(b, back)
         argv = [sys.executable, "-m", "driftloop.bench.streams_baseline"]
         with running(b, "baseline", argv=argv):

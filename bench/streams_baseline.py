@@ -12,14 +12,13 @@ from typing import Any
 import faust
 import pandas as pd
 
-from driftloop.features import windows
-from driftloop.features.repo import open_store
+from driftloop.core.events import Invalid, parse
 from driftloop.core.kafka import faust_broker_settings
 from driftloop.core.logsetup import setup_logging
 from driftloop.core.metrics import EVENTS_IN, serve_metrics
 from driftloop.core.settings import get_settings
-from driftloop.streams.app import CONTRACTS
-from driftloop.streams.validation import Invalid, parse
+from driftloop.features import windows
+from driftloop.features.repo import declarations, open_store
 
 
 def main() -> None:
@@ -30,12 +29,13 @@ def main() -> None:
     from driftloop.streams.faust_patches import ShortFetchConsumer
 
     aiokafka.AIOKafkaConsumer = ShortFetchConsumer  # type: ignore[misc]  # the same fetch wait as the real app
+    topics = declarations(settings).topics
     store = open_store(settings)
     views = windows.specs_from_feast(store.list_stream_feature_views())
     app = faust.App(f"{settings.topic_prefix}baseline", web_enabled=False, store="memory://",
                     table_standby_replicas=0, **faust_broker_settings(settings))
     raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
-    source = app.topic(*(settings.topic(t) for t in CONTRACTS), **raw)
+    source = app.topic(*(settings.topic(t) for t in sorted(topics)), **raw)
     state = app.Table("baseline-state", default=dict, partitions=settings.partitions)
     prefix = len(settings.topic_prefix)
 
@@ -44,18 +44,18 @@ def main() -> None:
         async for ev in stream.events():
             topic = ev.message.topic[prefix:]
             try:
-                rec = parse(ev.message.value, CONTRACTS[topic])
+                row = parse(ev.message.value, topics[topic])
             except Invalid:
                 continue
-            row = rec.model_dump()
+            ts = row["ts"]
             for view in (v for v in views if v.topic == topic):
                 key = f"{view.name}|{row[view.entity_key]}"
                 st = dict(state[key])
-                windows.update(st, view, row, rec.ts / 1e6)
+                windows.update(st, view, row, ts / 1e6)
                 state[key] = st
-                vals = windows.values(st, view, rec.ts / 1e6)
+                vals = windows.values(st, view, ts / 1e6)
                 df = pd.DataFrame([{view.entity_key: row[view.entity_key], **vals,
-                                    "event_timestamp": pd.Timestamp(rec.ts, unit="us", tz="UTC")}])
+                                    "event_timestamp": pd.Timestamp(ts, unit="us", tz="UTC")}])
                 store.write_to_online_store(view.name, df)
             EVENTS_IN.labels(component="baseline", topic=topic).inc()
 

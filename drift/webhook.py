@@ -1,6 +1,7 @@
 """The drift alert webhook: external monitors POST JSON alerts that become retraining requests.
 
-``POST /alerts`` with ``{"model_name": "...", "reason": "...", ...}`` → 202 ``{"request_id": ...}``.
+``POST /alerts`` with ``{"model_name": "...", ...}`` → 202 ``{"request_id": ...}``; 400 for a body that is
+not a JSON object or has no ``model_name``; 404 (naming the declared models) for a model that is not declared.
 """
 
 from __future__ import annotations
@@ -16,6 +17,14 @@ import orjson
 log = logging.getLogger(__name__)
 
 MAX_BODY = 256 * 1024
+
+
+class UnknownModel(LookupError):
+    """An alert names a model that is not declared."""
+
+    def __init__(self, name: object, declared: list[str]):
+        super().__init__(f"unknown model {name!r}; declared models: {', '.join(declared) or 'none'}")
+        self.declared = declared
 
 
 def start_webhook(port: int, on_alert: Callable[[dict[str, Any]], str]) -> ThreadingHTTPServer:
@@ -41,6 +50,8 @@ def start_webhook(port: int, on_alert: Callable[[dict[str, Any]], str]) -> Threa
                 if not isinstance(alert, dict):
                     raise ValueError("alert must be a JSON object")
                 rid = on_alert(alert)
+            except UnknownModel as e:
+                return self._reply(404, {"error": str(e), "models": e.declared})
             except ValueError as e:
                 return self._reply(400, {"error": str(e)})
             self._reply(202, {"request_id": rid})

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 EXAMPLES = Path(__file__).parent
+DEFAULT = "ads"  # the example a data dir without a configured repo is scaffolded from
 
 
 def names() -> list[str]:

@@ -24,11 +24,12 @@ from pathlib import Path
 import pyarrow as pa
 from deltalake import write_deltalake
 
+from driftloop.core.declarations import bronze_table
+from driftloop.core.delta import TS, open_table
+from driftloop.core.settings import Settings
 from driftloop.features.online_write import OnlineSink
 from driftloop.features.repo import open_store
 from driftloop.features.windows import ViewSpec, specs_from_feast
-from driftloop.core.delta import TS, open_table
-from driftloop.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def spark_session(settings: Settings) -> Iterator[object]:
 
 
 def bronze_path(settings: Settings, view: ViewSpec) -> Path:
-    return settings.offline_dir / f"bronze_{view.topic.split('.')[-1]}"
+    return settings.offline_dir / bronze_table(view.topic)
 
 
 def view_spec(settings: Settings, name: str) -> ViewSpec:

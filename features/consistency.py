@@ -20,12 +20,12 @@ import numpy as np
 import pandas as pd
 from prometheus_client import write_to_textfile
 
-from driftloop.features.backfill import US, compute, spark_session, view_spec
-from driftloop.features.repo import open_store
-from driftloop.features.windows import ViewSpec
 from driftloop.core import delta
 from driftloop.core.metrics import CONSISTENCY, JOBS
 from driftloop.core.settings import Settings
+from driftloop.features.backfill import US, compute, spark_session, view_spec
+from driftloop.features.repo import open_store
+from driftloop.features.windows import ViewSpec
 
 log = logging.getLogger(__name__)
 

@@ -61,10 +61,20 @@ class _Resolver:
         self.repo = repo
         self.problems: list[str] = []
         self.topics: dict[str, TopicSpec] = {}
-        self.topic_owner: dict[str, str] = {}  # topic → the source that first declared it
+        self.topic_owner: dict[str, tuple[Any, str, str]] = {}  # topic → (object, kind, source) that first declared it
         self.keys: dict[str, tuple[str, str, str]] = {}  # topic → (key, key type, who said so)
         views = [o for o in objs.feast if isinstance(o, (FeatureView, OnDemandFeatureView))]
         self.views: dict[str, Any] = {v.name: v for v in views}
+
+    def duplicates(self) -> None:
+        """Two different Feast objects of one kind and name (e.g. two examples' files defining the same view)."""
+        seen: dict[tuple[str, str], Any] = {}
+        for o in self.objs.feast:
+            k = (type(o).__name__, getattr(o, "name", "?"))
+            if k in seen and seen[k] != o:
+                self.problem(o, k[0], f"also defined, differently, in {self.objs.where(seen[k])}: names of one kind "
+                                      "must be unique in a repo")
+            seen.setdefault(k, o)
 
     def problem(self, obj: Any, kind: str, text: str) -> None:
         self.problems.append(f"{self.objs.where(obj)}: {kind} {getattr(obj, 'name', '?')}: {text}")
@@ -77,10 +87,10 @@ class _Resolver:
         have = self.topics.get(spec.name)
         if have is None:
             self.topics[spec.name] = spec
-            self.topic_owner[spec.name] = source.name
+            self.topic_owner[spec.name] = (obj, kind, source.name)
         elif (have.fields, have.version) != (spec.fields, spec.version):
             self.problem(obj, kind, f"source {source.name!r} declares topic {spec.name} with another schema or "
-                                    f"version than source {self.topic_owner[spec.name]!r}: one schema per topic")
+                                    f"version than source {self.topic_owner[spec.name][2]!r}: one schema per topic")
             return None
         return self.topics[spec.name]
 
@@ -282,21 +292,20 @@ class _Resolver:
             after = self.topics.get(name)
             if name not in used or after is None or after.version != before.version:
                 continue
-            for f, typ in before.fields.items():
-                if f not in after.fields:
-                    change = f"removes field {f!r}"
-                elif after.fields[f] != typ:
-                    change = f"changes field {f!r} from {typ} to {after.fields[f]}"
-                else:
-                    continue
-                self.problems.append(f"{self.topic_owner.get(name, name)}: topic {name} {change}, which breaks the "
-                                     f"contract of deployed model {used[name]!r}: bump the schema version "
-                                     f"(event_source(..., version={before.version + 1}))")
+            changes = [f"removes field {f!r}" if f not in after.fields else
+                       f"changes field {f!r} from {typ} to {after.fields[f]}"
+                       for f, typ in before.fields.items() if after.fields.get(f) != typ]
+            if changes:
+                obj, kind, source = self.topic_owner[name]
+                self.problem(obj, kind, f"source {source!r}: topic {name} {', '.join(changes)}, which breaks the "
+                                        f"contract of deployed model {used[name]!r}: bump the schema version of "
+                                        f"every source of the topic (event_source(..., version={before.version + 1}))")
 
 
 def resolve(objs: RepoObjects, repo: Path, old: Declarations | None = None) -> Declarations:
     """The repo's declarations, or RepoError with one line per problem."""
     r = _Resolver(objs, repo)
+    r.duplicates()
     r.stream_views()
     models: dict[str, ModelSpec] = {}
     for m in objs.models:

@@ -1,72 +1,145 @@
-"""Online feature values of a feature service for many entities, straight into a float matrix.
+"""Online values of the stored views a feature service reads, for many entities, straight into a float matrix.
 
-Serving reads a batch's users once per batch. Through Feast's provider ``online_read`` that costs, per
+Serving reads a batch's entities once per batch. Through Feast's provider ``online_read`` that costs, per
 view, a serialisation of every entity key, a timestamp conversion per stored value and a response
 built per entity. On Feast's sqlite store this reader instead serialises each key once per batch and
 runs one ``SELECT entity_key, feature_name, value`` over every view's table (Feast's own layout, read
 only). Any other online store (Redis, Postgres) goes through the provider's ``online_read``.
+
+The views read are the service's stored views (batch ``FeatureView``, ``StreamFeatureView``, and
+on-demand views written to the online store) plus the views its on-demand views read; the on-demand
+transformations themselves are computed by ``features/vectors.py``.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
-from feast import FeatureStore
+from feast import FeatureStore, OnDemandFeatureView, ValueType
 from feast.infra.key_encoding_utils import serialize_entity_key
 from feast.infra.online_stores.sqlite import SqliteOnlineStore, _quote_id, _table_id
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey
 from feast.protos.feast.types.Value_pb2 import Value
 
+log = logging.getLogger(__name__)
+
+# entity key value type -> (field of the Value proto, how an event's key becomes that value)
+KEY_VALUES: dict[ValueType, tuple[str, type]] = {
+    ValueType.STRING: ("string_val", str), ValueType.INT64: ("int64_val", int), ValueType.INT32: ("int32_val", int)}
+NUMERIC = {"int64_val", "int32_val", "double_val", "float_val", "bool_val"}
+NUMERIC_TYPES = {ValueType.INT64, ValueType.INT32, ValueType.DOUBLE, ValueType.FLOAT, ValueType.BOOL}
+
+
+def stored(view: Any) -> bool:
+    """Whether a view's values are read from the online store (an on-demand view only when written there)."""
+    return not isinstance(view, OnDemandFeatureView) or bool(view.write_to_online_store)
+
+
+def service_reads(store: FeatureStore, service: str) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """Every view of the registry by name, and the stored views (→ feature names, in order) ``service`` reads:
+    its own stored views' projected features and the source features of its on-demand views."""
+    views = {v.name: v for v in store.list_all_feature_views(allow_cache=True)}
+    wanted: dict[str, list[str]] = {}
+
+    def want(view: str, names: Sequence[str]) -> None:
+        have = wanted.setdefault(view, [])
+        have += [n for n in names if n not in have]
+
+    for p in store.get_feature_service(service, allow_cache=True).feature_view_projections:
+        view = views.get(p.name)
+        if view is None:
+            raise KeyError(f"feature service {service!r} uses view {p.name!r}, which the registry lacks")
+        if stored(view):
+            want(p.name, [f.name for f in p.features])
+        else:
+            for src in view.source_feature_view_projections.values():
+                want(src.name, [f.name for f in src.features])
+    return views, wanted
+
 
 class OnlineReader:
-    def __init__(self, store: FeatureStore, service: str, columns: Sequence[str], join_key: str):
-        """``columns``: the output order of the service's features (by feature name)."""
+    """Reads ``columns`` — (view, feature) pairs — of one feature service's stored views for entities of
+    its one join key (``key_type`` "string" or "int": how event keys are converted)."""
+
+    def __init__(self, store: FeatureStore, service: str, join_key: str, key_type: str = "string"):
         self.store = store
         self.provider = store._get_provider()
         self.join_key = join_key
-        svc = store.get_feature_service(service)
-        by_name = {v.name: v for v in [*store.list_feature_views(), *store.list_stream_feature_views()]}
-        self.views = [(by_name[p.name], [f.name for f in p.features]) for p in svc.feature_view_projections]
-        self.column = {n: list(columns).index(n) for _, names in self.views for n in names}
-        self.width = len(columns)
+        self.key_type = key_type
+        views, wanted = service_reads(store, service)
+        self.views = [(views[v], names) for v, names in wanted.items()]
+        self.columns: list[tuple[str, str]] = [(fv.name, n) for fv, names in self.views for n in names]
+        self.index = {c: j for j, c in enumerate(self.columns)}
+        self.view_types = [self._key_value_type(fv) for fv, _ in self.views]
+        kinds = {(fv.name, f.name): f.dtype.to_value_type() for fv, _ in self.views for f in fv.features}
+        other = [f"{v}:{n}" for v, n in self.columns if kinds.get((v, n)) not in NUMERIC_TYPES]
+        if other:
+            log.warning("%s: features %s are not numbers; they read as missing", service, other)
         online = self.provider.online_store
         self.sqlite = online if isinstance(online, SqliteOnlineStore) else None
         if self.sqlite is not None:
             cfg = store.config
             versioned = cfg.registry.enable_online_feature_view_versioning
-            self.tables = [(_quote_id(_table_id(cfg.project, fv, versioned)), names) for fv, names in self.views]
+            self.tables = [_quote_id(_table_id(cfg.project, fv, versioned)) for fv, _ in self.views]
 
-    def matrix(self, entities: Sequence[str]) -> np.ndarray:
-        """One row per entity (repeats allowed), one column per feature; missing values are 0."""
+    def _key_value_type(self, view: Any) -> ValueType:
+        cols = [c for c in view.entity_columns if c.name == self.join_key]
+        vt = cols[0].dtype.to_value_type() if cols else None
+        if vt not in KEY_VALUES:
+            raise ValueError(f"view {view.name!r}: entity key {self.join_key!r} must be a string or integer "
+                             f"column (found {[(c.name, str(c.dtype)) for c in view.entity_columns]})")
+        return vt
+
+    def _keys(self, uniq: list[Any], vt: ValueType) -> list[EntityKey]:
+        field, cast = KEY_VALUES[vt]
+        return [EntityKey(join_keys=[self.join_key], entity_values=[Value(**{field: cast(u)})]) for u in uniq]
+
+    def matrix(self, entities: Sequence[Any], missing: float = 0.0) -> np.ndarray:
+        """One float64 row per entity (repeats allowed), one column per ``columns`` entry; values that are
+        not stored (or not numbers) are ``missing``."""
         uniq = list(dict.fromkeys(entities))
-        table = np.zeros((len(uniq), self.width), np.float32)
-        keys = [EntityKey(join_keys=[self.join_key], entity_values=[Value(string_val=u)]) for u in uniq]
-        if self.sqlite is not None:
-            self._sqlite(keys, table)
-        else:
-            for fv, names in self.views:
-                for i, (_ts, values) in enumerate(self.provider.online_read(self.store.config, fv, keys, names)):
-                    for name, v in (values or {}).items():
-                        self._put(table, i, name, v)
+        table = np.full((len(uniq), len(self.columns)), np.nan)
+        if uniq and self.columns:
+            if self.sqlite is not None:
+                self._sqlite(uniq, table)
+            else:
+                self._provider(uniq, table)
+        if not np.isnan(missing):
+            table[np.isnan(table)] = missing
         pos = {u: i for i, u in enumerate(uniq)}
         return table[[pos[u] for u in entities]]
 
-    def _put(self, table: np.ndarray, i: int, name: str, v: Value) -> None:
-        kind = v.WhichOneof("val")
-        if kind is not None and name in self.column:
-            table[i, self.column[name]] = getattr(v, kind)
+    def _provider(self, uniq: list[Any], table: np.ndarray) -> None:
+        keys = {vt: self._keys(uniq, vt) for vt in set(self.view_types)}
+        for (fv, names), vt in zip(self.views, self.view_types, strict=True):
+            col = {n: self.index[(fv.name, n)] for n in names}
+            for i, (_ts, values) in enumerate(self.provider.online_read(self.store.config, fv, keys[vt], names)):
+                for name, v in (values or {}).items():
+                    if name in col:
+                        _put(table, i, col[name], v)
 
-    def _sqlite(self, keys: list[EntityKey], table: np.ndarray) -> None:
+    def _sqlite(self, uniq: list[Any], table: np.ndarray) -> None:
         version = self.store.config.entity_key_serialization_version
-        blobs = [serialize_entity_key(k, entity_key_serialization_version=version) for k in keys]
-        row = {b: i for i, b in enumerate(blobs)}
-        marks = ",".join("?" * len(blobs))
-        sql = " UNION ALL ".join(f"SELECT entity_key, feature_name, value FROM {t} WHERE entity_key IN ({marks})"
-                                 for t, _ in self.tables)
-        conn = self.sqlite._get_conn(self.store.config)
+        blobs = {vt: [serialize_entity_key(k, entity_key_serialization_version=version) for k in self._keys(uniq, vt)]
+                 for vt in set(self.view_types)}
+        rows = {vt: {b: i for i, b in enumerate(bs)} for vt, bs in blobs.items()}
+        marks = ",".join("?" * len(uniq))
+        sql = " UNION ALL ".join(f"SELECT {n}, entity_key, feature_name, value FROM {t} WHERE entity_key IN ({marks})"
+                                 for n, t in enumerate(self.tables))
+        cols = [{name: self.index[(fv.name, name)] for name in names} for fv, names in self.views]
+        params = [b for vt in self.view_types for b in blobs[vt]]
         v = Value()
-        for key, name, blob in conn.execute(sql, blobs * len(self.tables)).fetchall():
-            if name in self.column:
+        for n, key, name, blob in self.sqlite._get_conn(self.store.config).execute(sql, params).fetchall():
+            j = cols[n].get(name)
+            if j is not None:
                 v.ParseFromString(blob)
-                self._put(table, row[key], name, v)
+                _put(table, rows[self.view_types[n]][key], j, v)
+
+
+def _put(table: np.ndarray, i: int, j: int, v: Value) -> None:
+    kind = v.WhichOneof("val")
+    if kind in NUMERIC:
+        table[i, j] = getattr(v, kind)

@@ -1,10 +1,11 @@
-"""Point-in-time training sets through Feast and the Delta offline store.
+"""Point-in-time training sets of a declared model through Feast and the Delta offline store.
 
-Each label (one impression) becomes an entity row at the impression's event time, carrying the
-impression's request features (from the bronze table). ``build_training_set`` joins every view of a
-feature service with Feast's ``get_historical_features`` on the Delta plugin, one microsecond *before*
-the impression: the stream writes a view row at the impression's own time that already counts it, and
-serving scored the impression with the value from before it.
+Each label of the model (``labels`` table, one per scored event) becomes an entity row at the scored
+event's time, carrying the event's key and request fields (from the scored topic's bronze table).
+``build_training_set`` joins every view of the model's feature service with Feast's
+``get_historical_features`` on the Delta plugin, one microsecond *before* the event: the stream writes
+a view row at the event's own time that already counts it, and serving scored the event with the
+value from before it.
 """
 
 from __future__ import annotations
@@ -14,43 +15,54 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.compute as pc
 from feast import FeatureService, FeatureStore
 
+from driftloop.core import delta
+from driftloop.core.declarations import ModelSpec, bronze_table
+from driftloop.core.settings import Settings
 from driftloop.features.delta_offline_store import DeltaRetrievalJob
 from driftloop.features.repo import open_store
-from driftloop.features.vectors import FEATURE_COLUMNS, FEATURE_SERVICE, request_frame
-from driftloop.core import delta
-from driftloop.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
 BEFORE = pd.Timedelta(microseconds=1)
+LABELS = "labels"
 
 
-def count_labels(offline: Path, since_ts: int | None = None) -> int:
-    df = delta.read(offline / "labels", columns=["impression_id", "ts"])
+def _labels(offline: Path, model: str, since_ts: int | None, columns: list[str]) -> pd.DataFrame:
+    """The rows of ``model`` in the labels table (optionally at or after ``since_ts``), as stored."""
+    dt = delta.open_table(offline / LABELS)
+    if dt is None:
+        return pd.DataFrame(columns=columns)
+    cond = pc.field("model_name") == model
     if since_ts is not None:
-        df = df[df["ts"] >= since_ts]
-    return int(df["impression_id"].nunique()) if len(df) else 0
+        cond = cond & (pc.field("ts") >= since_ts)
+    return dt.to_pyarrow_dataset().to_table(columns=columns, filter=cond).to_pandas()
 
 
-def labelled_impressions(offline: Path, since_ts: int | None = None,
-                         max_rows: int | None = None) -> tuple[pd.DataFrame, dict[str, int | None]]:
-    """Entity rows: ``impression_id, user_id, label, ts, event_timestamp`` + request features, oldest first;
-    plus the Delta versions of ``labels`` and ``bronze_impressions`` read."""
-    versions = {name: delta.version(offline / name) for name in ["labels", "bronze_impressions"]}
-    labels = delta.read(offline / "labels", columns=["impression_id", "user_id", "label", "ts"])
-    labels = labels.drop_duplicates("impression_id", keep="last")
-    if since_ts is not None:
-        labels = labels[labels["ts"] >= since_ts]
-    labels = labels.sort_values("ts", kind="stable")
+def count_labels(offline_dir: Path, model: str, since_ts: int | None = None) -> int:
+    """Labelled scored events of ``model`` (distinct event ids), at or after ``since_ts`` when given."""
+    df = _labels(offline_dir, model, since_ts, ["event_id"])
+    return int(df["event_id"].nunique())
+
+
+def labelled_events(settings: Settings, spec: ModelSpec, since_ts: int | None = None,
+                    max_rows: int | None = None) -> tuple[pd.DataFrame, dict[str, int | None]]:
+    """Feast entity rows of the model's labels: ``event_id``, the key, ``ts``, ``label``, ``event_timestamp``
+    and the request fields, oldest first (the newest ``max_rows``); plus the Delta versions read."""
+    offline, bronze = settings.offline_dir, bronze_table(spec.topic)
+    versions = {name: delta.version(offline / name) for name in (LABELS, bronze)}
+    labels = _labels(offline, spec.name, since_ts, ["event_id", "label"])
+    labels = labels.drop_duplicates("event_id", keep="last")
+    events = delta.read(offline / bronze, ["event_id", spec.key, "ts", *spec.request_fields])
+    events = events.drop_duplicates("event_id", keep="first")
+    df = labels.merge(events, on="event_id", how="inner", validate="one_to_one")
+    df = df.sort_values("ts", kind="stable")
     if max_rows:
-        labels = labels.tail(max_rows)
-    imps = delta.read(offline / "bronze_impressions", columns=["event_id", "position", "bid", "device"])
-    imps = imps.drop_duplicates("event_id").rename(columns={"event_id": "impression_id"})
-    df = labels.merge(imps, on="impression_id", how="inner")
-    df = pd.concat([df[["impression_id", "user_id", "label", "ts"]], request_frame(df)], axis=1)
-    df["event_timestamp"] = pd.to_datetime(df["ts"], unit="us", utc=True)
+        df = df.tail(max_rows)
+    df[spec.key] = df[spec.key].astype("int64" if spec.key_type == "int" else str)
+    df["event_timestamp"] = pd.to_datetime(df["ts"].astype("int64"), unit="us", utc=True)
     return df.reset_index(drop=True), versions
 
 
@@ -72,12 +84,14 @@ def build_training_set(labels: pd.DataFrame, feature_service: str | FeatureServi
     return df, versions
 
 
-def training_set(settings: Settings, since_ts: int | None = None,
+def training_set(settings: Settings, spec: ModelSpec, since_ts: int | None = None,
                  max_rows: int | None = None) -> tuple[pd.DataFrame, dict[str, int | None]]:
-    """The model's training set: ``impression_id, user_id, ts, label`` + FEATURE_COLUMNS, oldest first."""
-    labels, versions = labelled_impressions(settings.offline_dir, since_ts, max_rows)
+    """The model's training set: ``event_id``, the key, ``ts``, ``label`` + ``spec.features`` (missing
+    values NaN), oldest first; plus the Delta versions of the labels, bronze and view tables read."""
+    columns = ["event_id", spec.key, "ts", "label", *spec.features]
+    labels, versions = labelled_events(settings, spec, since_ts, max_rows)
     if labels.empty:
-        return pd.DataFrame(columns=["impression_id", "user_id", "ts", "label", *FEATURE_COLUMNS]), versions
-    df, fv_versions = build_training_set(labels, FEATURE_SERVICE, open_store(settings))
+        return pd.DataFrame(columns=columns), versions
+    df, fv_versions = build_training_set(labels, spec.feature_service, open_store(settings))
     df = df.sort_values("ts", kind="stable").reset_index(drop=True)
-    return df[["impression_id", "user_id", "ts", "label", *FEATURE_COLUMNS]], {**versions, **fv_versions}
+    return df[columns], {**versions, **fv_versions}

@@ -1,36 +1,106 @@
-"""The model's input vector: request features from the impression + online features of ``ctr_v1``.
+"""A model's input vectors, built from its Feast ``FeatureService``.
 
-Serving and training both build vectors here, so what the model sees online is what it trained on.
+Serving: :class:`Vectorizer` reads the service's stored views online for each event's entity
+(``features/online_read.py``) and computes its on-demand views from the event's request fields (and
+the view features they read) through Feast's public on-demand API, so an on-demand feature is computed
+by the same user function Feast runs. Training: :func:`to_matrix` turns a training frame into the same
+column order. Missing values are 0 in both.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+from feast import FeatureStore, OnDemandFeatureView
+from feast.type_map import feast_value_type_to_pa
 
-FEATURE_SERVICE = "ctr_v1"
-REQUEST_FEATURES = ["position", "bid", "is_mobile", "is_tablet"]
-ONLINE_FEATURES = ["impressions_1m", "mean_bid_1m", "clicks_5m"]
-FEATURE_COLUMNS = REQUEST_FEATURES + ONLINE_FEATURES
+from driftloop.core.declarations import ModelSpec
+from driftloop.features.online_read import OnlineReader, service_reads, stored
 
-
-def request_frame(imps: pd.DataFrame) -> pd.DataFrame:
-    """REQUEST_FEATURES (float64) from impression columns ``position``, ``bid``, ``device``."""
-    device = imps["device"]
-    return pd.DataFrame({"position": imps["position"].astype("float64"), "bid": imps["bid"].astype("float64"),
-                         "is_mobile": (device == "mobile").astype("float64"),
-                         "is_tablet": (device == "tablet").astype("float64")}, index=imps.index)
+KEY_TYPES = {"string": pa.string(), "int": pa.int64()}
 
 
-def request_matrix(impressions: Iterable[Mapping[str, Any]]) -> np.ndarray:
-    """REQUEST_FEATURES of each impression as a float32 matrix (serving's batch form of the above)."""
-    df = pd.DataFrame(list(impressions), columns=["position", "bid", "device"])
-    return request_frame(df).to_numpy(np.float32).reshape(-1, len(REQUEST_FEATURES))
+def to_matrix(df: pd.DataFrame, columns: list[str]) -> np.ndarray:
+    """Float32 matrix of ``columns`` in order; missing values (no history) become 0."""
+    return df[columns].astype("float64").fillna(0.0).to_numpy(np.float32)
 
 
-def to_matrix(df: pd.DataFrame) -> np.ndarray:
-    """Float32 matrix in FEATURE_COLUMNS order; missing online values (no history) become 0."""
-    return df[FEATURE_COLUMNS].astype("float64").fillna(0.0).to_numpy(np.float32)
+@dataclass
+class _OnDemand:
+    """One on-demand view of the service: where its inputs come from and where its outputs go."""
+
+    view: OnDemandFeatureView
+    request: dict[str, pa.DataType]  # request field -> type the view declares
+    inputs: list[tuple[int, str, pa.DataType]]  # (reader column, feature name, type) of the view features it reads
+    outputs: list[tuple[str, int]]  # (feature, output column)
+
+    def compute(self, events: Sequence[dict[str, Any]], key: str, keys: pa.Array, online: np.ndarray,
+                out: np.ndarray) -> None:
+        cols: dict[str, pa.Array] = {key: keys}
+        for name, typ in self.request.items():
+            cols[name] = pa.array([ev[name] for ev in events]).cast(typ)
+        for j, name, typ in self.inputs:
+            col = online[:, j]
+            missing = np.isnan(col)
+            cols[name] = pa.array(np.where(missing, 0.0, col), mask=missing).cast(typ, safe=False)
+        table = pa.table(cols)
+        if self.view.mode == "python":
+            if self.view.singleton:
+                rows = table.to_pylist()
+                res = [self.view.transform_dict({k: [v] for k, v in r.items()}) for r in rows]
+                got: Any = {f: [r[f] for r in res] for f, _ in self.outputs}
+            else:
+                got = self.view.transform_dict(table.to_pydict())
+            for f, c in self.outputs:
+                out[:, c] = np.asarray(got[f], dtype=np.float64)
+        else:
+            got = self.view.transform_arrow(table)
+            for f, c in self.outputs:
+                out[:, c] = pc.cast(got[f], pa.float64()).to_numpy(zero_copy_only=False)
+
+
+class Vectorizer:
+    """Feature vectors of one model: ``matrix(events)`` has one float32 row per event, ``spec.features`` in order."""
+
+    def __init__(self, store: FeatureStore, spec: ModelSpec):
+        self.spec = spec
+        self.reader = OnlineReader(store, spec.feature_service, spec.key, spec.key_type)
+        views, _ = service_reads(store, spec.feature_service)
+        col = {f: c for c, f in enumerate(spec.features)}
+        self.online_out: list[int] = []  # output columns read online
+        self.online_in: list[int] = []  # ... and their reader columns
+        self.on_demand: list[_OnDemand] = []
+        found: list[str] = []
+        for p in store.get_feature_service(spec.feature_service, allow_cache=True).feature_view_projections:
+            view, names = views[p.name], [f.name for f in p.features if f.name in col]
+            found += names
+            if stored(view):
+                self.online_out += [col[n] for n in names]
+                self.online_in += [self.reader.index[(p.name, n)] for n in names]
+                continue
+            inputs = [(self.reader.index[(src.name, f.name)], f.name, feast_value_type_to_pa(f.dtype.to_value_type()))
+                      for src in view.source_feature_view_projections.values() for f in src.features]
+            request = {n: feast_value_type_to_pa(vt) for n, vt in view.get_request_data_schema().items()}
+            self.on_demand.append(_OnDemand(view, request, inputs, [(n, col[n]) for n in names]))
+        if sorted(found) != sorted(spec.features):
+            raise ValueError(f"model {spec.name}: feature service {spec.feature_service!r} in the registry serves "
+                             f"{found}, the declarations {spec.features}: apply the repo again")
+
+    def matrix(self, events: Sequence[dict[str, Any]]) -> np.ndarray:
+        """The model's input matrix for validated events (each holds the key and the request fields)."""
+        keys = [ev[self.spec.key] for ev in events]
+        online = self.reader.matrix(keys, missing=np.nan)
+        out = np.zeros((len(events), len(self.spec.features)), np.float64)
+        out[:, self.online_out] = online[:, self.online_in]
+        if events:
+            key_array = pa.array(keys, KEY_TYPES[self.spec.key_type])
+            for od in self.on_demand:
+                od.compute(events, self.spec.key, key_array, online, out)
+        out[np.isnan(out)] = 0.0
+        return out.astype(np.float32)

@@ -33,6 +33,7 @@ from functools import cached_property
 from typing import Any
 
 FUNCTIONS = ("count", "sum", "mean", "min", "max")
+INT_KEYS = ("INT64", "INT32")  # Feast value types of an integer entity join key
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,11 @@ class ViewSpec:
     lateness_s: float
     udf: Callable[[Any], Any] | None = None
     mode: str = "python"
+    key_type: str = "string"  # the entity join key's type: "string" or "int" (online rows carry it typed)
+
+    def entity(self, text: str) -> str | int:
+        """The typed entity value of its text form (the state key holds ``join_key=text``)."""
+        return int(text) if self.key_type == "int" else text
 
     @property
     def horizon_s(self) -> float:
@@ -113,8 +119,9 @@ def specs_from_feast(views: list[Any]) -> list[ViewSpec]:
         kopts = v.stream_source.kafka_options
         late = kopts.watermark_delay_threshold.total_seconds() if kopts.watermark_delay_threshold else 0.0
         mode = getattr(v.mode, "value", v.mode) or "python"
+        key_type = "int" if v.entity_columns[0].dtype.to_value_type().name in INT_KEYS else "string"
         out.append(ViewSpec(v.name, kopts.topic, v.entity_columns[0].name, tuple(aggs), late,
-                            udf=v.udf, mode=str(mode).lower()))
+                            udf=v.udf, mode=str(mode).lower(), key_type=key_type))
     return out
 
 

@@ -1,157 +1,253 @@
-"""The retraining controller: ``retrain.requests`` → training set → Ray job → MLflow → gate → alias.
+"""The retraining controller: ``retrain.requests`` → training set → Ray job → MLflow → gate → alias, per model.
 
-A challenger is promoted (alias ``champion`` moved, ``models.promoted`` published) only when its log
-loss on the newest 20 % of the training window beats the champion's on the same rows; otherwise
-``models.rejected`` says why. With no champion, it publishes a ``bootstrap`` request itself once
-enough labelled events exist, and again if that one did not produce a champion. A request's offset
-is committed after its outcome is published.
+A request names a declared model. Its labelled events (at least the model's ``min_labels``) are split
+in time order: the newest 20 % are the holdout, a seeded 10 % of the rest validates the trainer, the
+remainder trains it (the declared ``trainer`` or the built-in one for the task). The challenger is
+registered, then promoted (alias ``champion`` moved, ``models.promoted`` published) only when it beats
+the champion on the model's primary metric on the same holdout by the declared margin; otherwise
+``models.rejected`` says why. For each model with no champion it publishes a ``bootstrap`` request itself
+once enough labels exist, and again if that one did not produce a champion. A request's offset is
+committed after its outcome is published.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import time
+from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
+from mlflow.exceptions import MlflowException
 from pydantic import ValidationError
 
-from driftloop.features.training import count_labels, training_set
-from driftloop.features.vectors import FEATURE_COLUMNS, to_matrix
-from driftloop.registry import models
 from driftloop.core.contracts import ModelPromoted, ModelRejected, RetrainRequest, now_us
+from driftloop.core.declarations import Declarations, ModelSpec
 from driftloop.core.kafka import flush_or_raise, good_messages, make_consumer, make_producer, produce_event
 from driftloop.core.metrics import TRAINING_RUNS
 from driftloop.core.settings import Settings
-from driftloop.core.worker import StopFlag, mark_ready
-from driftloop.retrain.launcher import Launcher, RayLauncher
-from driftloop.retrain.model import ClickMLP, log_loss, to_onnx
+from driftloop.core.worker import RESTART_EXIT, DeclarationsWatch, StopFlag, mark_ready
+from driftloop.features.repo import declarations, on_path
+from driftloop.features.training import count_labels, training_set
+from driftloop.features.vectors import to_matrix
+from driftloop.registry.aliases import promote
+from driftloop.registry.verify import ModelCheckError, check_outputs, load_scorer
+from driftloop.registry.versions import CHAMPION, alias_version, register_version
+from driftloop.retrain import metrics as m
+from driftloop.retrain.launcher import Launcher, RayLauncher, TrainJob
+from driftloop.retrain.trainers import checked_onnx, outputs
 
 log = logging.getLogger(__name__)
 
 HOLDOUT_SHARE = 0.2
+VALID_SHARE = 0.1  # of the rows before the holdout
 MIN_ROWS = 200
-MIN_IMPROVEMENT = 1e-3  # log loss the challenger must gain over the champion on the same rows
-
+SEED = 0
 BOOTSTRAP_RETRY_S = 15.0  # after a bootstrap request that did not produce a champion
+BOOTSTRAP_POLL_S = 3.0
+
+
+def split(df: pd.DataFrame, seed: int = SEED) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(train, valid, holdout) of a frame ordered oldest first: the newest 20 % hold out, a seeded 10 %
+    of the rest validates."""
+    cut = int(len(df) * (1 - HOLDOUT_SHARE))
+    rest, hold = df.iloc[:cut], df.iloc[cut:]
+    valid_idx = rest.sample(frac=VALID_SHARE, random_state=seed).index
+    return rest.drop(index=valid_idx), rest.loc[valid_idx], hold
+
+
+def usable_labels(df: pd.DataFrame, spec: ModelSpec) -> pd.DataFrame:
+    """The rows whose label fits the task (finite; binary 0/1; multiclass a class index)."""
+    y = pd.to_numeric(df["label"], errors="coerce")
+    ok = np.isfinite(y)
+    if spec.task == "binary":
+        ok &= y.isin([0.0, 1.0])
+    elif spec.task == "multiclass":
+        ok &= (y == y.round()) & (y >= 0) & (y < spec.n_outputs)
+    if not ok.all():
+        log.warning("%s: %d rows with labels that do not fit a %s model dropped", spec.name, int((~ok).sum()),
+                    spec.task)
+    return df[ok].assign(label=y[ok].astype("float64"))
+
+
+def reference_frame(x: np.ndarray, out: np.ndarray, spec: ModelSpec) -> pd.DataFrame:
+    """The version's reference sample: its inputs (as served) and its outputs on them (``score``; for a
+    multiclass model ``p0..pK-1`` besides, and ``score`` = the most probable class)."""
+    ref = pd.DataFrame(x, columns=spec.features)
+    if spec.task == "multiclass":
+        for i in range(out.shape[1]):
+            ref[f"p{i}"] = out[:, i]
+        ref["score"] = out.argmax(axis=1).astype("float64")
+    else:
+        ref["score"] = out
+    return ref
 
 
 class Controller:
-    def __init__(self, settings: Settings, launcher: Launcher):
+    def __init__(self, settings: Settings, launcher: Launcher, decls: Declarations | None = None):
         self.s = settings
         self.launcher = launcher
+        self.decls = decls or declarations(settings)
         self.producer = make_producer(settings)
-        self.last_promotion_us = 0
+        self.last_promotion_us: dict[str, int] = {}
+        self.next_bootstrap: dict[str, float] = {}  # model → when to check it for a bootstrap again
+        on_path(settings.feature_repo_dir)  # declared trainers' modules, and unpickling their models
 
-    def wait_for_labels(self, since_ts: int | None, need: int, stop: StopFlag | None = None) -> int:
+    def wait_for_labels(self, spec: ModelSpec, since_ts: int | None, stop: StopFlag | None = None) -> int:
         deadline = time.monotonic() + self.s.retrain_wait_s
-        n = count_labels(self.s.offline_dir, since_ts)
-        while n < need and time.monotonic() < deadline and not stop:
+        n = count_labels(self.s.offline_dir, spec.name, since_ts)
+        while n < spec.min_labels and time.monotonic() < deadline and not stop:
             time.sleep(2.0)
-            n = count_labels(self.s.offline_dir, since_ts)
+            n = count_labels(self.s.offline_dir, spec.name, since_ts)
         return n
 
     def handle(self, req: RetrainRequest, stop: StopFlag | None = None) -> ModelPromoted | ModelRejected | None:
-        if req.ts < self.last_promotion_us:
-            log.info("request %s predates the last promotion: superseded", req.request_id)
+        """Train, register and gate one request; None when a later promotion superseded it."""
+        try:
+            spec = self.decls.model(req.model_name)
+        except KeyError as e:
+            return self._reject(req, None, None, {"model": str(e.args[0])})
+        if req.ts < self.last_promotion_us.get(spec.name, 0):
+            log.info("%s request %s predates the last promotion: superseded", spec.name, req.request_id)
             return None
         timeline = {"request": req.ts, "handled": now_us()}
-        need = self.s.min_labels_first_model if req.reason == "bootstrap" else self.s.min_labels_retrain
-        self.wait_for_labels(req.since_ts, need, stop)
-        df, versions = training_set(self.s, req.since_ts, self.s.train_max_rows)
+        n = self.wait_for_labels(spec, req.since_ts, stop)
+        if n < spec.min_labels:
+            return self._reject(req, None, None, {"labels": f"{n} labelled events < min_labels {spec.min_labels}"})
+        df, versions = training_set(self.s, spec, req.since_ts, spec.train_max_rows)
+        df = usable_labels(df, spec)
         if len(df) < MIN_ROWS:
             return self._reject(req, None, None, {"rows": f"{len(df)} labelled rows < {MIN_ROWS}"})
-        cut = int(len(df) * (1 - HOLDOUT_SHARE))
-        train, hold = df.iloc[:cut], df.iloc[cut:]
-        x_tr, y_tr = to_matrix(train), train["label"].to_numpy(np.float32)
-        x_ho, y_ho = to_matrix(hold), hold["label"].to_numpy(np.float32)
-
+        train, valid, hold = split(df)
+        job = TrainJob(model=spec.name, features=list(spec.features), task=spec.task, classes=list(spec.classes),
+                       trainer=spec.trainer, repo=str(self.s.feature_repo_dir) if spec.trainer else None,
+                       seed=SEED, epochs=spec.epochs)
         timeline["job_submitted"] = now_us()
-        result = self.launcher.run(x_tr, y_tr, {"epochs": 40})
+        result = self.launcher.run(train, valid, job)
         timeline["job_started"], timeline["job_finished"] = result.started_us, result.finished_us
-        model = ClickMLP(len(FEATURE_COLUMNS))
-        model.load_state_dict(torch.load(io.BytesIO(result.state_dict)))
-        model.eval()
-        with torch.no_grad():
-            p_new = model(torch.from_numpy(x_ho)).numpy().reshape(-1)
-        onnx_bytes = to_onnx(model, len(FEATURE_COLUMNS))
-        metrics = {"holdout_logloss": log_loss(y_ho, p_new), "train_logloss": result.history[-1],
-                   "rows": float(len(df)), "holdout_rows": float(len(hold)), "train_seconds": result.seconds}
 
-        champ_version = models.alias_version(self.s)
+        x_ho, y_ho = to_matrix(hold, list(spec.features)), hold["label"].to_numpy(np.float64)
+        where = f"{spec.name} challenger of request {req.request_id}"
+        try:
+            out = outputs(result.model, x_ho, spec.n_outputs)
+            check_outputs(out, len(x_ho), spec.task, spec.n_outputs, where)
+        except ModelCheckError as e:
+            return self._reject(req, None, None, {e.check: str(e)})
+        except Exception as e:  # a declared module that cannot score its own inputs
+            return self._reject(req, None, None, {"outputs": f"{where}: scoring failed: {type(e).__name__}: {e}"})
+        onnx_bytes, onnx_note = checked_onnx(result.model, x_ho, spec.n_outputs)
+        if onnx_bytes is None:
+            log.warning("%s: no ONNX copy (%s); serving will use torch", where, onnx_note)
+        metrics = {f"holdout_{k}": v for k, v in m.evaluate(spec.task, y_ho, out).items()}
+        metrics |= {"rows": float(len(df)), "train_rows": float(len(train)), "holdout_rows": float(len(hold)),
+                    "train_seconds": result.seconds}
+        if result.history:
+            metrics["train_loss"] = result.history[-1]
+        champ_version, champ_note = alias_version(self.s, spec.name, CHAMPION), ""
         if champ_version is not None:
-            champ = models.load_scorer(self.s, champ_version, FEATURE_COLUMNS)
-            metrics["champion_holdout_logloss"] = log_loss(y_ho, champ.score(x_ho))
+            try:
+                champ = load_scorer(self.s, spec.name, champ_version, list(spec.features), spec.task,
+                                    spec.n_outputs, verify_reference=False)
+                metrics[f"champion_holdout_{spec.metric}"] = m.FUNCTIONS[spec.metric](y_ho, champ.score(x_ho))
+            except (ModelCheckError, MlflowException) as e:  # e.g. trained on features no longer declared
+                champ_note = f"champion v{champ_version} cannot score this holdout: {e}"
+                log.warning("%s: %s; the challenger is gated against nothing", spec.name, champ_note)
+                champ_version = None
 
-        ref = pd.DataFrame(x_ho, columns=FEATURE_COLUMNS)  # the model's inputs (missing values as served: 0)
-        ref["score"] = p_new
-        params = {"reason": req.reason, "request_id": req.request_id, "since_ts": req.since_ts,
-                  "device": result.device, **{f"delta_version.{k}": v for k, v in versions.items()}}
-        version, run_id = models.register_version(self.s, model, FEATURE_COLUMNS, ref, onnx_bytes=onnx_bytes,
-                                                  params=params, metrics=metrics, history=result.history)
+        mine = metrics[f"holdout_{spec.metric}"]
+        theirs = metrics.get(f"champion_holdout_{spec.metric}", float("nan"))
+        metrics = {k: v for k, v in metrics.items() if np.isfinite(v)}  # e.g. no AUC of a one-class holdout
+        params: dict[str, Any] = {"reason": req.reason, "request_id": req.request_id, "since_ts": req.since_ts,
+                                  "device": result.device, "trainer": spec.trainer or f"builtin:{spec.task}",
+                                  "seed": SEED, "epochs": spec.epochs, "onnx": onnx_note[:250],
+                                  **{f"delta_version.{k}": v for k, v in versions.items()}}
+        version, run_id = register_version(
+            self.s, spec.name, result.model, spec.features, reference_frame(x_ho, out, spec),
+            onnx_bytes=onnx_bytes, task=spec.task, params=params,
+            metrics=metrics, history=result.history)
         timeline["registered"] = now_us()
-        TRAINING_RUNS.labels(outcome="trained").inc()
-        if champ_version is not None and metrics["holdout_logloss"] > \
-                metrics["champion_holdout_logloss"] - MIN_IMPROVEMENT:
-            return self._reject(req, version, run_id, {
-                "gate": f"holdout log loss {metrics['holdout_logloss']:.4f} does not beat champion "
-                        f"v{champ_version} {metrics['champion_holdout_logloss']:.4f} by {MIN_IMPROVEMENT}"})
-        ev = models.promote(self.s, self.producer, version, reason=req.reason, metrics=metrics,
-                            request_id=req.request_id, timeline=timeline)
-        self.last_promotion_us = ev.timeline["promoted"]
+        TRAINING_RUNS.labels(model=spec.name, outcome="trained").inc()
+        if champ_version is not None:
+            if not m.better(mine, theirs, spec.higher_is_better, spec.gate_margin):
+                return self._reject(req, version, run_id, {
+                    "gate": f"holdout {spec.metric} {mine:.4f} does not beat champion v{champ_version} "
+                            f"{theirs:.4f} by {spec.gate_margin} ({'higher' if spec.higher_is_better else 'lower'}"
+                            " is better)"})
+        elif not np.isfinite(mine):
+            return self._reject(req, version, run_id, {"gate": f"holdout {spec.metric} is {mine}"})
+        reason = req.reason if not champ_note else f"{req.reason} ({champ_note})"
+        ev = promote(self.s, self.producer, spec.name, version, reason=reason[:500], metrics=metrics,
+                     request_id=req.request_id, timeline=timeline)
+        TRAINING_RUNS.labels(model=spec.name, outcome="promoted").inc()
+        self.last_promotion_us[spec.name] = ev.timeline["promoted"]
         return ev
 
     def _reject(self, req: RetrainRequest, version: str | None, run_id: str | None,
-                checks: dict[str, str]) -> ModelRejected:
-        TRAINING_RUNS.labels(outcome="rejected").inc()
-        ev = ModelRejected(model_name=self.s.model_name, version=version, run_id=run_id, checks=checks,
+                checks: dict[str, str], outcome: str = "rejected") -> ModelRejected:
+        TRAINING_RUNS.labels(model=req.model_name, outcome=outcome).inc()
+        ev = ModelRejected(model_name=req.model_name, version=version, run_id=run_id, checks=checks,
                            request_id=req.request_id)
-        produce_event(self.producer, self.s, "models.rejected", ev, self.s.model_name)
+        produce_event(self.producer, self.s, "models.rejected", ev, req.model_name)
         flush_or_raise(self.producer)
-        log.warning("rejected %s: %s", version, checks)
+        log.warning("rejected %s v%s: %s", req.model_name, version, checks)
         return ev
 
-    def bootstrap_request(self) -> RetrainRequest | None:
-        """A request for the first champion, once enough labels exist."""
-        if models.alias_version(self.s) is not None:
+    def bootstrap_request(self, name: str) -> RetrainRequest | None:
+        """A request for model ``name``'s first champion, once it has enough labels (and none is pending)."""
+        spec = self.decls.model(name)
+        if time.monotonic() < self.next_bootstrap.get(name, 0.0):
             return None
-        n = count_labels(self.s.offline_dir)
-        if n < self.s.min_labels_first_model:
+        self.next_bootstrap[name] = time.monotonic() + BOOTSTRAP_POLL_S
+        if alias_version(self.s, name, CHAMPION) is not None:
             return None
-        req = RetrainRequest(model_name=self.s.model_name, reason="bootstrap", evidence={"labels": n})
-        produce_event(self.producer, self.s, "retrain.requests", req, self.s.model_name)
+        n = count_labels(self.s.offline_dir, name)
+        if n < spec.min_labels:
+            return None
+        req = RetrainRequest(model_name=name, reason="bootstrap", evidence={"labels": n})
+        produce_event(self.producer, self.s, "retrain.requests", req, name)
         flush_or_raise(self.producer)
+        self.next_bootstrap[name] = float("inf")  # until that request is handled
+        log.info("%s: %d labels and no champion: bootstrap request %s", name, n, req.request_id)
         return req
+
+    def bootstrap_requests(self) -> list[RetrainRequest]:
+        """Bootstrap requests for every declared model that is due one."""
+        return [r for name in self.decls.models if (r := self.bootstrap_request(name)) is not None]
+
+    def handled(self, req: RetrainRequest) -> None:
+        """After a bootstrap request: if it did not produce a champion, try again later."""
+        if req.reason == "bootstrap" and req.model_name in self.decls.models:
+            self.next_bootstrap[req.model_name] = time.monotonic() + BOOTSTRAP_RETRY_S
 
 
 def run(settings: Settings, launcher: Launcher | None = None) -> None:
     stop = StopFlag()
+    watch = DeclarationsWatch(settings)
     consumer = make_consumer(settings, f"{settings.topic_prefix}retrain", ["retrain.requests"])
     ctl = Controller(settings, launcher or RayLauncher(settings))
+    log.info("retraining models %s", sorted(ctl.decls.models) or "none (nothing declared)")
     mark_ready(settings, "retrain")
-    next_bootstrap = 0.0  # while there is no champion: when to check for enough labels again
+    restart = False
     try:
-        while not stop:
-            for m in good_messages(consumer.consume(10, 0.5)):
+        while not stop and not restart:
+            for msg in good_messages(consumer.consume(1, 0.5)):
                 try:
-                    req = RetrainRequest.from_bytes(m.value())
+                    req = RetrainRequest.from_bytes(msg.value())
                 except (ValidationError, ValueError) as e:
-                    log.warning("skipping malformed retrain request at offset %s: %s", m.offset(), e)
+                    log.warning("skipping malformed retrain request at offset %s: %s", msg.offset(), e)
                 else:
-                    if req.model_name == settings.model_name:
-                        try:
-                            ctl.handle(req, stop)
-                        except Exception as e:  # a failed job must not take the controller down
-                            log.exception("request %s failed", req.request_id)
-                            ctl._reject(req, None, None, {"error": f"{type(e).__name__}: {e}"[:500]})
-                        if req.reason == "bootstrap":  # handled: if it did not promote, try again later
-                            next_bootstrap = time.monotonic() + BOOTSTRAP_RETRY_S
-                consumer.commit(message=m, asynchronous=False)
-            if time.monotonic() >= next_bootstrap:
-                sent = ctl.bootstrap_request() is not None
-                next_bootstrap = time.monotonic() + (float("inf") if sent else 3.0)
+                    try:
+                        ctl.handle(req, stop)
+                    except Exception as e:  # a failed job must not take the controller down
+                        log.exception("%s request %s failed", req.model_name, req.request_id)
+                        ctl._reject(req, None, None, {"error": f"{type(e).__name__}: {e}"[:500]}, outcome="failed")
+                    ctl.handled(req)
+                consumer.commit(message=msg, asynchronous=False)
+            restart = watch.changed()
+            if not restart:
+                ctl.bootstrap_requests()
     finally:
         consumer.close()
         ctl.launcher.close()
+    if restart:
+        raise SystemExit(RESTART_EXIT)

@@ -1,26 +1,41 @@
 """Launchers run a training job somewhere and return its result. ``RayLauncher`` is the default:
 local ``ray.init()``, or a cluster when ``DRIFTLOOP_RAY_ADDRESS`` is set; it asks for a GPU when
-the cluster has one, and the job then trains on CUDA."""
+the cluster has one, and the job then trains on CUDA. A declared trainer is imported inside the job
+from the feature repo folder the job carries (Ray workers do not share the driver's ``sys.path``)."""
 
 from __future__ import annotations
 
-import io
 import logging
+import sys
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
+import pandas as pd
 
 from driftloop.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class TrainJob:
+    """What to train: the model's features and task, the trainer (None = built-in) and where it lives."""
+
+    model: str
+    features: list[str]
+    task: str
+    classes: list[str] = field(default_factory=list)
+    trainer: str | None = None  # "module:function" in ``repo``
+    repo: str | None = None  # the feature repo folder, put on sys.path to import the trainer
+    seed: int = 0
+    epochs: int = 40
+
+
 @dataclass
 class JobResult:
-    state_dict: bytes
+    model: Any  # the trained torch nn.Module, on CPU, in eval mode
     history: list[float]
     device: str
     seconds: float
@@ -28,25 +43,34 @@ class JobResult:
     finished_us: int
 
 
-def train_job(x: np.ndarray, y: np.ndarray, params: dict[str, Any]) -> JobResult:
+def train_job(train_df: pd.DataFrame, valid_df: pd.DataFrame, job: TrainJob) -> JobResult:
     """The training job body (runs inside a Ray task, or in-process)."""
-    import torch
+    import torch  # noqa: PLC0415 - heavy; only the job needs it
 
-    from driftloop.retrain.model import fit
+    from driftloop.retrain.trainers import fit, load_trainer  # noqa: PLC0415
 
     started = time.time_ns() // 1000
     t0 = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_num_threads(1)
-    model, history = fit(x, y, device=device, **params)
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    return JobResult(buf.getvalue(), history, device, time.perf_counter() - t0, started, time.time_ns() // 1000)
+    kw: dict[str, Any] = {"features": list(job.features), "task": job.task, "seed": job.seed, "device": device,
+                          "classes": list(job.classes)}
+    history: list[float] = []
+    if job.trainer:
+        if job.repo and job.repo not in sys.path:
+            sys.path.insert(0, job.repo)
+        model = load_trainer(job.trainer)(train_df, valid_df, **kw)
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"trainer {job.trainer} returned {type(model).__name__}, not a torch nn.Module")
+    else:
+        model, history = fit(train_df, valid_df, epochs=job.epochs, **kw)
+    model = model.cpu().eval()
+    return JobResult(model, history, device, time.perf_counter() - t0, started, time.time_ns() // 1000)
 
 
 class Launcher(ABC):
     @abstractmethod
-    def run(self, x: np.ndarray, y: np.ndarray, params: dict[str, Any]) -> JobResult: ...
+    def run(self, train_df: pd.DataFrame, valid_df: pd.DataFrame, job: TrainJob) -> JobResult: ...
 
     def close(self) -> None:  # noqa: B027 - optional hook
         pass
@@ -55,13 +79,13 @@ class Launcher(ABC):
 class LocalLauncher(Launcher):
     """Runs the job in this process (tests of the controller logic, no Ray)."""
 
-    def run(self, x: np.ndarray, y: np.ndarray, params: dict[str, Any]) -> JobResult:
-        return train_job(x, y, params)
+    def run(self, train_df: pd.DataFrame, valid_df: pd.DataFrame, job: TrainJob) -> JobResult:
+        return train_job(train_df, valid_df, job)
 
 
 class RayLauncher(Launcher):
     def __init__(self, settings: Settings):
-        import ray
+        import ray  # noqa: PLC0415
 
         self.ray = ray
         if not ray.is_initialized():
@@ -73,8 +97,8 @@ class RayLauncher(Launcher):
         self.remote = ray.remote(num_cpus=1, num_gpus=self.gpus, max_retries=1)(train_job)
         log.info("Ray ready: %s (training on %s)", ray.cluster_resources(), "GPU" if self.gpus else "CPU")
 
-    def run(self, x: np.ndarray, y: np.ndarray, params: dict[str, Any]) -> JobResult:
-        return self.ray.get(self.remote.remote(x, y, params))
+    def run(self, train_df: pd.DataFrame, valid_df: pd.DataFrame, job: TrainJob) -> JobResult:
+        return self.ray.get(self.remote.remote(train_df, valid_df, job))
 
     def close(self) -> None:
         self.ray.shutdown()

@@ -1,8 +1,11 @@
-"""The hot-swap slot: load + verify a pinned version in the background, swap one reference between batches.
+"""The hot-swap slot of one model and alias: load + verify a pinned version in the background, swap one
+reference between batches.
 
 The scoring loop reads ``slot.current`` once per batch, so a batch is never scored by two versions and
-no weights are ever copied into a live model. A version that fails verification is never made current;
-``on_reject`` is told why (serving publishes ``models.rejected``) and the slot keeps what it serves.
+no weights are ever copied into a live model. A version that fails verification is never made current
+and never tried again; ``on_reject`` is told why (serving publishes ``models.rejected``) and the slot
+keeps what it serves. Any other load error (the registry or artifact store unreachable) is retried on
+the next refresh.
 """
 
 from __future__ import annotations
@@ -12,9 +15,11 @@ import threading
 import time
 from collections.abc import Callable
 
-from driftloop.registry import models
+from driftloop.core.declarations import ModelSpec
 from driftloop.core.metrics import MODEL_REJECTS, SERVING_VERSION, SWAP_SECONDS, SWAPS
 from driftloop.core.settings import Settings
+from driftloop.registry.verify import ModelCheckError, Scorer, load_scorer
+from driftloop.registry.versions import CHAMPION, alias_version
 
 log = logging.getLogger(__name__)
 
@@ -22,47 +27,50 @@ RejectHook = Callable[[str, str, str], None]  # (version, check, message)
 
 
 class ModelSlot:
-    def __init__(self, settings: Settings, features: list[str], alias: str = models.CHAMPION,
+    def __init__(self, settings: Settings, spec: ModelSpec, alias: str = CHAMPION,
                  on_reject: RejectHook | None = None):
         self.s = settings
-        self.features = features
+        self.spec = spec
         self.alias = alias
-        self.current: models.Scorer | None = None
-        self._pending: tuple[models.Scorer, float] | None = None  # (scorer, when the alias was seen)
+        self.current: Scorer | None = None
+        self._pending: tuple[Scorer, float] | None = None  # (scorer, when the alias was seen)
         self._loading = threading.Lock()
         self._bad: set[str] = set()
         self.on_reject = on_reject
 
-    def refresh(self, wait: bool = False) -> None:
-        """Resolve the alias and load that version in the background if it is new."""
-        t = threading.Thread(target=self._load_alias, daemon=True, name=f"load-{self.alias}")
+    def refresh(self, wait: bool = False) -> threading.Thread:
+        """Resolve the alias and load that version in the background if it is new (the loading thread)."""
+        t = threading.Thread(target=self._load_alias, daemon=True, name=f"load-{self.spec.name}-{self.alias}")
         t.start()
         if wait:
             t.join()
+        return t
 
     def _load_alias(self) -> None:
         if not self._loading.acquire(blocking=False):
             return
+        name = self.spec.name
         try:
             seen = time.perf_counter()
-            version = models.alias_version(self.s, self.alias)
+            version = alias_version(self.s, name, self.alias)
             have = self._pending[0] if self._pending else self.current
             if version is None or (have and have.version == version) or version in self._bad:
                 return
             try:
-                scorer = models.load_scorer(self.s, version, self.features)
-            except models.ModelCheckError as e:
+                scorer = load_scorer(self.s, name, version, list(self.spec.features), self.spec.task,
+                                     self.spec.n_outputs)
+            except ModelCheckError as e:
                 self._bad.add(version)
-                MODEL_REJECTS.labels(check=e.check).inc()
-                log.error("not serving %s v%s (%s): %s", self.alias, version, e.check, e)
+                MODEL_REJECTS.labels(model=name, check=e.check).inc()
+                log.error("not serving %s %s v%s (%s): %s", name, self.alias, version, e.check, e)
                 if self.on_reject:
                     self.on_reject(version, e.check, str(e))
                 return
             self._pending = (scorer, seen)
-            log.info("%s v%s loaded and verified (%s) in %.3fs", self.alias, version, scorer.runtime,
+            log.info("%s %s v%s loaded and verified (%s) in %.3fs", name, self.alias, version, scorer.runtime,
                      time.perf_counter() - seen)
-        except Exception:  # a registry hiccup must not kill the poller; the next refresh retries
-            log.exception("resolving %s failed", self.alias)
+        except Exception:  # a registry hiccup is not the version's fault: the next refresh tries it again
+            log.exception("loading %s %s failed; retrying on the next refresh", name, self.alias)
         finally:
             self._loading.release()
 
@@ -76,8 +84,8 @@ class ModelSlot:
         old = self.current
         self.current = new
         SWAP_SECONDS.observe(time.perf_counter() - seen)
-        if self.alias == models.CHAMPION:
+        if self.alias == CHAMPION:
             SERVING_VERSION.labels(model=new.name).set(float(new.version))
             SWAPS.labels(model=new.name).inc()
-        log.info("%s: serving %s v%s (was %s)", self.alias, new.name, new.version, old.version if old else None)
+        log.info("%s %s: serving v%s (was %s)", new.name, self.alias, new.version, old.version if old else None)
         return True

@@ -1,34 +1,40 @@
-"""The streaming inference consumer: impressions → online features → champion score → ``predictions``.
+"""The streaming inference worker: every declared model scores its topic's events → ``predictions``.
 
-* Scales by partitions (one consumer group); scores a batch (``serving_batch_size`` records or
-  ``serving_linger_s``) with one online-feature lookup and one model call.
-* Offsets are committed only after the batch's predictions are acknowledged by the broker, so a crash
-  re-scores at most the records after the last commit (never loses one).
-* Hot swap (``ModelSlot``): ``models.promoted`` or an alias poll (``serving_alias_poll_s``) starts a
-  background load + verification; the verified version replaces one reference between batches.
-* Shadow: with ``serving_shadow``, the ``challenger`` version (when it is not the champion) scores the
+* One :class:`ModelServer` per declared model, each on a thread of its own (confluent-kafka, ONNX
+  Runtime and sqlite release the GIL while they wait) with its own consumer group
+  ``<prefix>serving.<model>`` on the model's scored topic, its own producer and its own slots. A batch
+  (``serving_batch_size`` records or ``serving_linger_s``) is scored with one online-feature read and
+  one model call.
+* Offsets are committed only after the batch's predictions (and dead letters) are acknowledged by the
+  broker on the model's own producer, so a crash re-scores at most the records after the last commit
+  and never loses one; one model's delivery failure never fails another model's batch.
+* Events that fail their topic's schema go to ``dlq`` (headers as the streams worker's, plus
+  ``consumer: serving.<model>``).
+* Hot swap (``ModelSlot``): a ``models.promoted`` record naming the model (one control consumer for
+  all models) or the alias poll (``serving_alias_poll_s``) starts a background load + verification;
+  the verified version replaces one reference between batches.
+* Shadow: with ``serving_shadow``, the model's ``challenger`` (when it is not the champion) scores the
   same vectors and its predictions go to ``predictions.shadow``.
-
-Records that fail validation are skipped here (the streams worker dead-letters them).
+* ``driftloop apply`` writing new declarations makes the worker finish its batches and exit with
+  ``RESTART_EXIT``; the supervisor starts it on the new models.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import orjson
-from confluent_kafka import Producer
-from pydantic import ValidationError
+from confluent_kafka import Message
 
-from driftloop.features.online_read import OnlineReader
-from driftloop.features.repo import open_store
-from driftloop.features.vectors import FEATURE_COLUMNS, FEATURE_SERVICE, ONLINE_FEATURES, request_matrix
-from driftloop.registry import models
-from driftloop.core.contracts import Impression, ModelRejected, Prediction
+from driftloop.core.contracts import ModelRejected, Prediction
+from driftloop.core.declarations import Declarations, ModelSpec
+from driftloop.core.events import Invalid, parse
 from driftloop.core.kafka import (
     flush_or_raise,
     good_messages,
@@ -37,124 +43,197 @@ from driftloop.core.kafka import (
     produce_event,
     produce_raw,
 )
-from driftloop.core.metrics import BATCH_SIZE, EVENTS_IN, PREDICTION_LATENCY, PREDICTIONS
+from driftloop.core.metrics import BATCH_SIZE, DLQ, EVENTS_IN, PREDICTION_LATENCY, PREDICTIONS
 from driftloop.core.settings import Settings
-from driftloop.core.worker import StopFlag, mark_ready
+from driftloop.core.worker import RESTART_EXIT, DeclarationsWatch, StopFlag, mark_ready
+from driftloop.features.repo import declarations, open_store
+from driftloop.features.vectors import Vectorizer
+from driftloop.registry.verify import Scorer
+from driftloop.registry.versions import CHALLENGER, CHAMPION
 from driftloop.serving.model_slot import ModelSlot
 
 log = logging.getLogger(__name__)
 
 
-class BatchScorer:
-    """Turns a batch of impressions into feature vectors (one online lookup) and prediction records."""
+def scores_of(task: str, out: np.ndarray) -> tuple[list[float], list[list[float]] | None]:
+    """A scorer's outputs as prediction scores (and, multiclass, per-class probabilities): binary
+    P(positive) clipped to [0, 1], regression the value, multiclass the index of the likeliest class."""
+    if task == "multiclass":
+        return np.argmax(out, axis=1).astype(np.float64).tolist(), out.tolist()
+    if task == "binary":
+        return np.clip(out, 0.0, 1.0).tolist(), None
+    return out.tolist(), None
 
-    def __init__(self, settings: Settings):
+
+def prediction_records(spec: ModelSpec, scorer: Scorer, events: Sequence[dict[str, Any]], x: np.ndarray,
+                       out: np.ndarray, now_s: float) -> list[tuple[bytes, bytes, float]]:
+    """(key, ``Prediction`` JSON, latency) per event, serialised straight from the batch arrays."""
+    scores, probs = scores_of(spec.task, out)
+    rows = x.tolist()
+    names = spec.features
+    recs = []
+    for i, ev in enumerate(events):
+        key = str(ev[spec.key])
+        latency = max(0.0, now_s - ev["ts"] / 1e6)
+        value = orjson.dumps({"schema_version": Prediction.SCHEMA_VERSION, "event_id": ev["event_id"], "ts": ev["ts"],
+                              "key": key, "model_name": spec.name, "model_version": scorer.version,
+                              "score": scores[i], "probabilities": probs[i] if probs is not None else None,
+                              "features": dict(zip(names, rows[i], strict=True)), "latency_s": latency})
+        recs.append((key.encode(), value, latency))
+    return recs
+
+
+class ModelServer:
+    """Scores one model's topic: consumer group, producer, champion (and challenger) slots of its own."""
+
+    def __init__(self, settings: Settings, decls: Declarations, spec: ModelSpec, halt: threading.Event):
         self.s = settings
-        self.store = open_store(settings)
-        self.reader = OnlineReader(self.store, FEATURE_SERVICE, ONLINE_FEATURES, "user_id")
+        self.spec = spec
+        self.schema = decls.topics[spec.topic]
+        self.halt = halt
+        self.name = f"serving.{spec.name}"
+        self.vectorizer = Vectorizer(open_store(settings), spec)
+        self.producer = make_producer(settings)
+        self._control = make_producer(settings)  # models.rejected, from the slots' loading threads
+        self._control_lock = threading.Lock()
+        self.champion = ModelSlot(settings, spec, CHAMPION, self._on_reject(CHAMPION))
+        self.challenger = ModelSlot(settings, spec, CHALLENGER, self._on_reject(CHALLENGER)) \
+            if settings.serving_shadow else None
+        self.slots = [s for s in (self.champion, self.challenger) if s is not None]
+        self.topics = {t: settings.topic(t) for t in ("predictions", "predictions.shadow", "dlq")}
+        self.refresh_requested = threading.Event()
+        self.error: BaseException | None = None
+        self._unscored_logged = 0.0
+        self.thread = threading.Thread(target=self._run, name=self.name, daemon=True)
 
-    def online_features(self, users: list[str]) -> np.ndarray:
-        """ONLINE_FEATURES for each user (missing = 0): one online-store read for the batch's unique users."""
-        return self.reader.matrix(users)
-
-    def vectors(self, imps: list[Impression]) -> np.ndarray:
-        req = request_matrix(imp.__dict__ for imp in imps)
-        return np.hstack([req, self.online_features([i.user_id for i in imps])])
-
-    @staticmethod
-    def records(imps: list[Impression], x: np.ndarray, scorer: models.Scorer, scores: np.ndarray,
-                now_s: float) -> list[tuple[bytes, bytes, float]]:
-        """(key, value, latency) per prediction, serialised straight from the batch arrays."""
-        out = []
-        rows = x.tolist()
-        for imp, row, sc in zip(imps, rows, np.clip(scores, 0.0, 1.0).tolist(), strict=True):
-            latency = max(0.0, now_s - imp.ts / 1e6)
-            value = orjson.dumps({"schema_version": Prediction.SCHEMA_VERSION, "event_id": imp.event_id, "ts": imp.ts,
-                                  "user_id": imp.user_id, "model_name": scorer.name,
-                                  "model_version": scorer.version, "score": sc,
-                                  "features": dict(zip(FEATURE_COLUMNS, row, strict=True)), "latency_s": latency})
-            out.append((imp.user_id.encode(), value, latency))
-        return out
-
-
-def parse_impressions(msgs: list[Any]) -> list[Impression]:
-    out = []
-    for m in msgs:
-        try:
-            out.append(Impression.model_validate_json(m.value()))
-        except (ValidationError, ValueError):
-            continue
-    return out
-
-
-def run(settings: Settings) -> None:
-    stop = StopFlag()
-    producer = make_producer(settings)
-    predictions, shadow_topic = settings.topic("predictions"), settings.topic("predictions.shadow")
-
-    def on_reject(alias: str) -> Any:
+    def _on_reject(self, alias: str) -> Any:
         def hook(version: str, check: str, why: str) -> None:
-            ev = ModelRejected(model_name=settings.model_name, version=version, run_id=None,
+            ev = ModelRejected(model_name=self.spec.name, version=version, run_id=None,
                                checks={f"serving_verification.{check}": why, "alias": alias})
-            produce_event(producer, settings, "models.rejected", ev, settings.model_name)
-            flush_or_raise(producer)
+            with self._control_lock:
+                produce_event(self._control, self.s, "models.rejected", ev, self.spec.name)
+                flush_or_raise(self._control)
         return hook
 
-    champion = ModelSlot(settings, FEATURE_COLUMNS, models.CHAMPION, on_reject(models.CHAMPION))
-    challenger = ModelSlot(settings, FEATURE_COLUMNS, models.CHALLENGER, on_reject(models.CHALLENGER)) \
-        if settings.serving_shadow else None
-    slots = [s for s in (champion, challenger) if s is not None]
-    batcher = BatchScorer(settings)
-    consumer = make_consumer(settings, f"{settings.topic_prefix}serving", ["events.impressions"])
+    def load(self) -> list[threading.Thread]:
+        """Start loading every slot's version (the loading threads)."""
+        return [slot.refresh() for slot in self.slots]
+
+    def start(self) -> None:
+        for slot in self.slots:
+            slot.swap_if_ready()
+        self.thread.start()
+
+    def _run(self) -> None:
+        s = self.s
+        consumer = make_consumer(s, f"{s.topic_prefix}{self.name}", [self.spec.topic])
+        next_poll = time.monotonic() + s.serving_alias_poll_s
+        try:
+            while not self.halt.is_set():
+                msgs = good_messages(consumer.consume(s.serving_batch_size, s.serving_linger_s))
+                if self.refresh_requested.is_set() or time.monotonic() >= next_poll:
+                    self.refresh_requested.clear()
+                    next_poll = time.monotonic() + s.serving_alias_poll_s
+                    for slot in self.slots:
+                        slot.refresh()
+                for slot in self.slots:
+                    slot.swap_if_ready()
+                if msgs:
+                    self.score_batch(msgs)
+                    consumer.commit(asynchronous=False)
+        except BaseException as e:  # the main thread stops the worker; the uncommitted batch is re-scored
+            log.exception("%s failed", self.name)
+            self.error = e
+        finally:
+            consumer.close()
+
+    def score_batch(self, msgs: list[Message]) -> int:
+        """Score one batch with the champion (and challenger), dead-letter invalid events, publish, and wait
+        for the broker's acks; returns the number of predictions."""
+        spec = self.spec
+        BATCH_SIZE.labels(component="serving").observe(len(msgs))
+        EVENTS_IN.labels(component="serving", topic=spec.topic).inc(len(msgs))
+        events = []
+        for m in msgs:
+            try:
+                events.append(parse(m.value(), self.schema))
+            except Invalid as e:
+                self.dead_letter(m, e)
+        model, shadow = self.champion.current, self.challenger.current if self.challenger else None
+        recs: list[tuple[bytes, bytes, float]] = []
+        if model is not None and events:
+            t0 = time.perf_counter()
+            x = self.vectorizer.matrix(events)
+            t1 = time.perf_counter()
+            recs = prediction_records(spec, model, events, x, model.score(x), time.time())
+            for key, value, _lat in recs:
+                produce_raw(self.producer, self.topics["predictions"], key, value)
+            if shadow is not None and shadow.version != model.version:
+                for key, value, _lat in prediction_records(spec, shadow, events, x, shadow.score(x), time.time()):
+                    produce_raw(self.producer, self.topics["predictions.shadow"], key, value)
+            log.debug("%s: batch of %d: features %.3fs, score+publish %.3fs", self.name, len(events), t1 - t0,
+                      time.perf_counter() - t1)
+        elif events and time.monotonic() - self._unscored_logged > 30:
+            self._unscored_logged = time.monotonic()
+            log.warning("%s: no champion yet; events pass unscored", self.name)
+        flush_or_raise(self.producer)
+        if recs and model is not None:
+            PREDICTIONS.labels(model=spec.name, model_version=model.version).inc(len(recs))
+            latency = PREDICTION_LATENCY.labels(model=spec.name)
+            for _k, _v, lat in recs:
+                latency.observe(lat)
+        return len(recs)
+
+    def dead_letter(self, m: Message, e: Invalid) -> None:
+        DLQ.labels(reason=e.reason).inc()
+        headers = {"error": e.detail, "reason": e.reason, "source_topic": m.topic(), "partition": str(m.partition()),
+                   "offset": str(m.offset()), "consumer": self.name}
+        produce_raw(self.producer, self.topics["dlq"], m.key(), m.value(), headers=headers)
+
+
+def _promoted_model(m: Message) -> str | None:
+    """The model a ``models.promoted`` record names (None when it cannot be read)."""
+    try:
+        return str(orjson.loads(m.value())["model_name"])
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return m.key().decode(errors="replace") if m.key() else None
+
+
+def run(settings: Settings) -> int:
+    """Serve every declared model until SIGTERM (0) or new declarations (``RESTART_EXIT``)."""
+    stop = StopFlag()
+    watch = DeclarationsWatch(settings)  # before reading them, so a change in between is not missed
+    decls = declarations(settings)
+    halt = threading.Event()
+    servers = {name: ModelServer(settings, decls, spec, halt) for name, spec in decls.models.items()}
+    if not servers:
+        log.warning("no models declared: waiting for driftloop apply")
     control = make_consumer(settings, f"{settings.topic_prefix}serving-ctl-{uuid.uuid4().hex[:8]}",
                             ["models.promoted"], **{"auto.offset.reset": "latest"})
-    for slot in slots:
-        slot.refresh(wait=True)
-        slot.swap_if_ready()
+    for t in [t for srv in servers.values() for t in srv.load()]:
+        t.join()
+    for srv in servers.values():
+        srv.start()
     mark_ready(settings, "serving")
-    next_poll = time.monotonic() + settings.serving_alias_poll_s
+    log.info("serving %s", ", ".join(f"{n} ({s.spec.topic})" for n, s in servers.items()) or "no models")
+    code = 0
     try:
         while not stop:
-            msgs = good_messages(consumer.consume(settings.serving_batch_size, settings.serving_linger_s))
-            if good_messages(control.consume(10, 0)) or time.monotonic() >= next_poll:
-                next_poll = time.monotonic() + settings.serving_alias_poll_s
-                for slot in slots:
-                    slot.refresh()
-            for slot in slots:
-                slot.swap_if_ready()
-            if not msgs:
-                continue
-            score_batch(msgs, batcher, champion.current, challenger.current if challenger else None,
-                        producer, predictions, shadow_topic)
-            consumer.commit(asynchronous=False)
+            failed = next((srv for srv in servers.values() if not srv.thread.is_alive()), None)
+            if failed is not None:
+                raise RuntimeError(f"{failed.name} stopped: {failed.error!r}") from failed.error
+            if watch.changed():
+                code = RESTART_EXIT
+                break
+            for m in good_messages(control.consume(100, 0.2)):
+                name = _promoted_model(m)
+                targets = list(servers.values()) if name is None else [servers[name]] if name in servers else []
+                for srv in targets:
+                    srv.refresh_requested.set()
     finally:
-        consumer.close()
+        halt.set()
+        for srv in servers.values():
+            if srv.thread.is_alive():
+                srv.thread.join()
         control.close()
-
-
-def score_batch(msgs: list[Any], batcher: BatchScorer, model: models.Scorer | None,
-                shadow: models.Scorer | None, producer: Producer, topic: str, shadow_topic: str) -> int:
-    """Score one batch with ``model`` (and ``shadow``), publish, and wait for the broker's acks."""
-    BATCH_SIZE.labels(component="serving").observe(len(msgs))
-    EVENTS_IN.labels(component="serving", topic="events.impressions").inc(len(msgs))
-    imps = parse_impressions(msgs)
-    if model is None or not imps:
-        return 0
-    t0 = time.perf_counter()
-    x = batcher.vectors(imps)
-    t1 = time.perf_counter()
-    outputs = [(topic, batcher.records(imps, x, model, model.score(x), time.time()))]
-    if shadow is not None and shadow.version != model.version:
-        outputs.append((shadow_topic, batcher.records(imps, x, shadow, shadow.score(x), time.time())))
-    for t, recs in outputs:
-        for key, value, _lat in recs:
-            produce_raw(producer, t, key, value)
-    t2 = time.perf_counter()
-    flush_or_raise(producer)
-    log.debug("batch of %d: features %.3fs, score+serialise %.3fs, publish %.3fs", len(imps), t1 - t0, t2 - t1,
-              time.perf_counter() - t2)
-    PREDICTIONS.labels(model_version=model.version).inc(len(imps))
-    for _k, _v, lat in outputs[0][1]:
-        PREDICTION_LATENCY.observe(lat)
-    return len(imps)
-
+    return code

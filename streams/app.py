@@ -1,11 +1,14 @@
-"""The streams worker: a Faust app that runs the Feast stream feature views of the registry.
+"""The streams worker: a Faust app over every declared topic (``driftloop apply``'s declarations) that
+validates each record against its topic's schema, runs the Feast stream feature views of the registry
+and joins each model's labels.
 
 Per micro-batch (one fetch round, see ``faust_patches.route_batches``): the engine (``engine.py``)
-validates, de-duplicates and aggregates; then this app writes, in order, the Delta tables (in parallel,
-idempotent by source offsets) and the online store, then the state records (changelog), labels and dead
-letters, and flushes. The batch's records are acked only after that and Faust's commit loop commits
-acked offsets, so offsets never run ahead of durable writes. A batch that fails stops the worker (the
-supervisor restarts it) rather than committing past it.
+validates, de-duplicates, aggregates and joins labels; then this app writes, in order, the Delta tables
+(in parallel, idempotent by source offsets) and the online store, then the state records (changelog),
+labels and dead letters, and flushes. The batch's records are acked only after that and Faust's commit
+loop commits acked offsets, so offsets never run ahead of durable writes. A batch that fails stops the
+worker (the supervisor restarts it) rather than committing past it. When the declarations change, the
+worker finishes its batch, stops and exits with ``RESTART_EXIT`` (the supervisor starts it again).
 
 Output records go through one confluent-kafka producer (about 1 µs a record against several hundred
 through Faust's producer here); changelog records are written exactly as Faust's table would write
@@ -18,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -25,10 +29,7 @@ from typing import Any
 import faust
 import orjson
 
-from driftloop.features import windows
-from driftloop.features.online_write import OnlineSink
-from driftloop.features.repo import open_store
-from driftloop.core.contracts import Click, Impression
+from driftloop.core.declarations import Declarations
 from driftloop.core.kafka import (
     faust_broker_settings,
     flush_or_raise,
@@ -36,23 +37,46 @@ from driftloop.core.kafka import (
     produce_raw,
     read_past_reported_end,
 )
-from driftloop.core.metrics import BATCH_SIZE, CONSUMER_LAG, DLQ, EVENTS_IN, serve_metrics
+from driftloop.core.metrics import BATCH_SIZE, CONSUMER_LAG, DLQ, EVENTS_IN, LABELS, LATE_OUTCOMES, serve_metrics
 from driftloop.core.settings import Settings
+from driftloop.core.topics import ensure_topics
+from driftloop.core.worker import RESTART_EXIT, DeclarationsWatch, StopFlag, mark_ready
+from driftloop.features import windows
+from driftloop.features.online_write import OnlineSink
+from driftloop.features.repo import declarations, open_store
 from driftloop.streams import faust_patches
-from driftloop.streams.engine import BatchOutput, FeatureEngine, LabelRule, Record
+from driftloop.streams.engine import BatchOutput, FeatureEngine, Record
 from driftloop.streams.sinks import OfflineSink
 
 log = logging.getLogger(__name__)
 
-CONTRACTS = {"events.impressions": Impression, "events.clicks": Click}
+
+class Restart:
+    """Set when ``driftloop apply`` wrote new declarations: the worker stops after its batch and exits
+    with ``RESTART_EXIT`` so the supervisor starts it on the new topics, views and models."""
+
+    requested = False
+
+    @classmethod
+    def request(cls) -> None:
+        if not cls.requested:
+            cls.requested = True
+            os.kill(os.getpid(), signal.SIGTERM)  # Faust's own graceful stop
 
 
 def create_app(settings: Settings) -> faust.App:
     faust_patches.apply()
+    declarations(settings)  # applies the repo if it never was
+    watch = DeclarationsWatch(settings)
+    decls = Declarations.load(settings.declarations_file)  # read after the watch's stamp: a change is seen
+    ensure_topics(settings)
     store = open_store(settings)
     views = windows.specs_from_feast(store.list_stream_feature_views())
-    log.info("stream feature views: %s", ", ".join(f"{v.name} ({v.topic})" for v in views) or "none")
-    engine = FeatureEngine(views, CONTRACTS, LabelRule(window_s=settings.label_window_s))
+    log.info("topics: %s; stream feature views: %s; models: %s", ", ".join(decls.topics),
+             ", ".join(f"{v.name} ({v.topic})" for v in views) or "none",
+             ", ".join(f"{m.name} ({m.label.kind} label from {m.label.topic})" for m in decls.models.values())
+             or "none")
+    engine = FeatureEngine(views, decls)
 
     app = faust.App(
         f"{settings.topic_prefix}streams",
@@ -63,7 +87,7 @@ def create_app(settings: Settings) -> faust.App:
         **faust_broker_settings(settings),
     )
     raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
-    source = app.topic(*(settings.topic(t) for t in CONTRACTS), **raw)
+    source = app.topic(*(settings.topic(t) for t in sorted(decls.topics)), **raw)
     dlq, labels_topic = settings.topic("dlq"), settings.topic("labels")
     state = app.Table("feature-state", default=None, partitions=settings.partitions)
     changelog = state.changelog_topic.get_topic_name()
@@ -104,6 +128,8 @@ def create_app(settings: Settings) -> faust.App:
                     offline.reset()
                     fresh_assignment = False
                 await _process_batch(messages)
+                if watch.changed():
+                    Restart.request()
         except Exception:
             log.exception("batch of %d records failed; stopping so nothing is committed past it", len(messages))
             os._exit(70)
@@ -133,15 +159,15 @@ def create_app(settings: Settings) -> faust.App:
             state.data[key] = value
             produce_raw(producer, changelog, orjson.dumps(key), orjson.dumps(value), partition=r.partition)
         for r, reason, detail in out.dlq:
-            DLQ.labels(reason=reason).inc()
             headers = {"error": detail, "reason": reason, "source_topic": settings.topic(r.topic),
                        "partition": str(r.partition), "offset": str(r.offset)}
             produce_raw(producer, dlq, r.key, r.value, headers=headers)
-        for lb in out.labels:
-            produce_raw(producer, labels_topic, lb.user_id.encode(), lb.to_bytes())
+        for lb, _r in out.labels:
+            produce_raw(producer, labels_topic, lb.key.encode(), lb.to_bytes())
         t3 = time.perf_counter()
         await loop.run_in_executor(None, flush_or_raise, producer)
         t4 = time.perf_counter()
+        _count(out)
         log.debug("batch %d records: engine %.3fs, sinks %.3fs, state %.3fs, flush %.3fs (%d keys)", len(records),
                   t1 - t0, t2 - t1, t3 - t2, t4 - t3, len(out.states))
 
@@ -163,6 +189,16 @@ def create_app(settings: Settings) -> faust.App:
             n += 1
         return n
 
+    def _count(out: BatchOutput) -> None:
+        for _r, reason, _detail in out.dlq:
+            DLQ.labels(reason=reason).inc()
+        for lb, _r in out.labels:
+            LABELS.labels(model=lb.model_name).inc()
+        for model, n in out.late_outcomes.items():
+            LATE_OUTCOMES.labels(model=model).inc(n)
+        if out.unlabelled:
+            log.info("scored events without an outcome in their label window (no label): %s", dict(out.unlabelled))
+
     def _write_online(out: BatchOutput) -> None:
         for name, rows in out.online.items():
             online.write(name, rows)
@@ -170,13 +206,40 @@ def create_app(settings: Settings) -> faust.App:
     @app.task
     async def _ready() -> None:
         serve_metrics(settings.metrics_port)
-        (settings.run_dir / "streams.ready").write_text(str(time.time()))
+        mark_ready(settings, "streams")
+
+    @app.timer(interval=watch.every_s)
+    async def _watch() -> None:  # an idle worker sees new declarations too
+        async with batch_lock:
+            if watch.changed():
+                Restart.request()
 
     return app
 
 
+def _wait_for_topics(settings: Settings) -> None:
+    """Nothing is declared: idle until ``driftloop apply`` writes declarations, then ask for a restart."""
+    log.warning("no declared topics in %s: waiting for `driftloop apply`", settings.declarations_file)
+    serve_metrics(settings.metrics_port)
+    mark_ready(settings, "streams")
+    watch, stop = DeclarationsWatch(settings), StopFlag()
+    while not stop:
+        if watch.changed():
+            raise SystemExit(RESTART_EXIT)
+        time.sleep(0.5)
+
+
 def run(settings: Settings) -> None:
-    """Run the streams worker until SIGTERM/SIGINT."""
+    """Run the streams worker until SIGTERM/SIGINT, or until new declarations (exit ``RESTART_EXIT``)."""
+    if not declarations(settings).topics:
+        _wait_for_topics(settings)
+        return
     app = create_app(settings)
     worker = faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True)
-    worker.execute_from_commandline()
+    try:
+        worker.execute_from_commandline()
+    except SystemExit:
+        if Restart.requested:
+            log.info("exiting with %d to restart on the new declarations", RESTART_EXIT)
+            raise SystemExit(RESTART_EXIT) from None
+        raise

@@ -1,16 +1,39 @@
 """The feature engine: one micro-batch of source records in, state updates and sink rows out.
 
-No I/O here: the Faust app (``app.py``) feeds batches and writes what comes back, in this order:
-offline rows (Delta, idempotent by source offsets) → online rows → state records (changelog) → flush
-→ offsets committed. That order makes aggregates exact after a kill -9 without transactions:
+No I/O here: the Faust app (``app.py``) feeds batches of every declared topic and writes what comes
+back, in this order: offline rows (Delta, idempotent by source offsets) → online rows → state records
+(changelog) → flush → offsets committed. That order makes aggregates and labels exact after a kill -9
+without transactions:
 
 * every entity record carries ``_o``, the last source offset applied per topic-partition; a replayed
-  record at or below it is skipped (its rows were durable before the state was written);
+  record at or below it is skipped (its rows were durable before the state was written), but still
+  moves the watermark as it did the first time;
 * the per-topic-partition watermark is kept in the same table (``_wm|topic|partition``), written after
   the entity records of the batch, so a restart evaluates lateness as the first run did.
 
-State per entity (table key ``join_key=value``): ``{"_o": {"topic:p": offset}, "v": {view: view_state},
-"l": {impression_id: [ts, clicked, click_ts]}}`` (``l``: the label joiner's pending impressions).
+State per entity (table key ``join_key=value``, the value as text)::
+
+    {"_o": {"topic:p": offset}, "v": {view: view_state},
+     "l": {model: {scored event id: [scored ts, outcome ts, value, partition, orphans]}},
+     "f": {model: {scored event id: scored ts}}}
+
+``l`` holds the label joins in progress (``outcome ts``/``value``: the earliest outcome seen;
+``orphans``: ``[[offset, outcome record], ...]`` while the scored event has not arrived), ``f`` the ids
+whose label is final (kept for ``FINAL_HORIZON`` windows, so a late outcome is recognised).
+
+Label rules (``ModelSpec.label``):
+
+* ``outcome``: the outcome topic's ``id_field`` names the scored event. Binary: 1 if an outcome's time is
+  at most ``window_s`` after the scored event's, else 0. Regression / multiclass: the value of the
+  earliest outcome, if that is within the window; else no label. A label is final once the outcome
+  topic's watermark (same partition; the scored topic's while the outcome topic has none) passes the
+  scored time + window. An outcome for a final label is dead-lettered (``late_outcome``); one whose scored
+  event never came is dead-lettered when pruned (``unmatched_outcome``).
+* ``field``: each labels-topic record is a label of the event its ``id_field`` names.
+
+A label row in Delta carries the origin of the record that made it final (the outcome that moved the
+watermark, or the scored event itself, or the field record): that record is the same in a replay, so the
+sink's offset check keeps labels idempotent too.
 """
 
 from __future__ import annotations
@@ -18,21 +41,26 @@ from __future__ import annotations
 import heapq
 import logging
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 import pandas as pd
+from pydantic import ValidationError
 
+from driftloop.core.contracts import Label
+from driftloop.core.declarations import Declarations, ModelSpec, TopicSpec, bronze_table
+from driftloop.core.events import Invalid, parse
 from driftloop.features import windows
 from driftloop.features.windows import ViewSpec
-from driftloop.core.contracts import Event, Label
-from driftloop.streams.validation import Invalid, parse
 
 log = logging.getLogger(__name__)
 
 StateGet = Callable[[str], dict[str, Any] | None]
+FINAL_HORIZON = 60  # windows of event time a final label's id (and an unmatched outcome) is kept
+LABELS_TABLE = "labels"
 
 
 @dataclass
@@ -53,8 +81,10 @@ class BatchOutput:
     dlq: list[tuple[Record, str, str]] = field(default_factory=list)  # record, reason, detail
     states: dict[str, tuple[dict[str, Any], Record]] = field(default_factory=dict)  # key → (state, routing)
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)  # (logical topic, p) → last offset
-    labels: list[Label] = field(default_factory=list)
+    labels: list[tuple[Label, Record]] = field(default_factory=list)  # label, the record that made it final
     touched: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))  # key → views updated
+    late_outcomes: Counter[str] = field(default_factory=Counter)  # model → outcomes after the label was final
+    unlabelled: Counter[str] = field(default_factory=Counter)  # model → scored events without an outcome
     accepted: int = 0
     skipped: int = 0
 
@@ -66,94 +96,127 @@ class BatchOutput:
             cols[k].append(v)
 
 
-@dataclass
-class LabelRule:
-    """Which topics are impressions and clicks, and the label window (the ad domain's label)."""
-
-    impressions: str = "events.impressions"
-    clicks: str = "events.clicks"
-    window_s: float = 5.0
+Accepted = tuple[Record, dict[str, Any], str]  # record, validated row, entity key
 
 
 class FeatureEngine:
-    def __init__(self, views: list[ViewSpec], contracts: dict[str, type[Event]], label_rule: LabelRule | None):
+    """Validation, de-duplication, the stream feature views and the label joins of every declared topic."""
+
+    def __init__(self, views: list[ViewSpec], decls: Declarations):
         self.views = views
-        self.contracts = contracts
+        self.topics: dict[str, TopicSpec] = dict(decls.topics)
         self.by_topic: dict[str, list[ViewSpec]] = defaultdict(list)
         for v in views:
-            if v.topic not in contracts:
-                raise ValueError(f"view {v.name}: topic {v.topic!r} is not a known event topic {sorted(contracts)}")
+            spec = self.topics.get(v.topic)
+            if spec is None:
+                raise ValueError(f"view {v.name}: topic {v.topic!r} is not a declared topic {sorted(self.topics)}")
+            if v.entity_key != spec.key:
+                raise ValueError(f"view {v.name}: entity key {v.entity_key!r} is not {v.topic}'s key {spec.key!r}")
             self.by_topic[v.topic].append(v)
-        for topic, vs in self.by_topic.items():
-            if len({v.entity_key for v in vs}) > 1:
-                raise ValueError(f"views on {topic} must share one entity join key (the message key)")
-        self.lateness_us = {t: int(max(v.lateness_s for v in vs) * 1e6) for t, vs in self.by_topic.items()}
-        self.label = label_rule
+        self.lateness_us = {t: int(max([s.lateness_s, *(v.lateness_s for v in self.by_topic.get(t, ()))]) * 1e6)
+                            for t, s in self.topics.items()}
+        self.models = dict(decls.models)
+        self.scored_by: dict[str, list[ModelSpec]] = defaultdict(list)  # topic → outcome-joined models it scores
+        self.outcome_of: dict[str, list[ModelSpec]] = defaultdict(list)  # topic → models it is the outcome of
+        self.field_of: dict[str, list[ModelSpec]] = defaultdict(list)  # topic → models it labels directly
+        self.finalise_on: dict[str, list[ModelSpec]] = defaultdict(list)  # topic → joins its watermark may close
+        for m in self.models.values():
+            for t in (m.topic, m.label.topic):
+                if t not in self.topics:
+                    raise ValueError(f"model {m.name}: topic {t!r} is not a declared topic {sorted(self.topics)}")
+            if m.label.kind == "field":
+                self.field_of[m.label.topic].append(m)
+                continue
+            self.scored_by[m.topic].append(m)
+            self.outcome_of[m.label.topic].append(m)
+            self.finalise_on[m.topic].append(m)
+            self.finalise_on[m.label.topic].append(m)
+        self.label_topics = set(self.finalise_on) | set(self.field_of)
         self.watermarks: dict[tuple[str, int], int] = {}
-        self.due: dict[int, list[tuple[int, str, str]]] = defaultdict(list)  # p → heap (due ts, entity, iid)
+        self.due: dict[tuple[str, int], list[tuple[int, str, str]]] = defaultdict(list)  # (model, p) → heap
 
     def entity_key(self, topic: str, row: dict[str, Any]) -> str:
-        vs = self.by_topic.get(topic)
-        jk = vs[0].entity_key if vs else "user_id"
-        return f"{jk}={row[jk]}"
+        k = self.topics[topic].key
+        return f"{k}={row[k]}"
+
+    @staticmethod
+    def window_us(m: ModelSpec) -> int:
+        return int(m.label.window_s * 1e6)
 
     def reset(self, items: Any = ()) -> None:
         """Forget in-memory watermarks and label timers (after a rebalance) and re-index ``items``."""
         self.watermarks.clear()
         self.due.clear()
-        if self.label is None:
-            return
-        window_us = int(self.label.window_s * 1e6)
         for key, st in items:
             if key.startswith("_") or not st:
                 continue
-            for iid, (ts, _c, _cts, p) in st.get("l", {}).items():
-                if ts is not None:
-                    heapq.heappush(self.due[p], (ts + window_us, key, iid))
+            for name, joins in st.get("l", {}).items():
+                m = self.models.get(name)
+                if m is None or m.label.kind != "outcome":
+                    continue
+                w = self.window_us(m)
+                for eid, e in joins.items():
+                    if e[0] is not None:
+                        self.due[(name, e[3])].append((e[0] + w, key, eid))
+        for heap in self.due.values():
+            heapq.heapify(heap)
 
     def process(self, records: list[Record], get: StateGet, now_us: int | None = None) -> BatchOutput:
         out = BatchOutput()
         now_us = now_us or time.time_ns() // 1000
         cache: dict[str, dict[str, Any]] = {}
-        accepted: list[tuple[Record, Event, dict[str, Any], str]] = []
+        accepted: list[Accepted] = []
         wm_touched: dict[tuple[str, int], Record] = {}
+        last_ok: dict[tuple[str, int], Record] = {}  # the last record of each topic-partition not dead-lettered
         for r in records:
             tp = (r.topic, r.partition)
             out.offsets[tp] = max(out.offsets.get(tp, -1), r.offset)
             try:
-                ev = parse(r.value, self.contracts[r.topic])
+                row = parse(r.value, self.topics[r.topic])
             except Invalid as e:
                 out.dlq.append((r, e.reason, e.detail))
                 continue
-            row = ev.__dict__
+            ts = row["ts"]
             key = self.entity_key(r.topic, row)
-            st = cache.get(key)
-            if st is None:
-                st = cache[key] = get(key) or {"_o": {}, "v": {}, "l": {}}
+            st = self._state(key, cache, get)
             okey = f"{r.topic}:{r.partition}"
-            if r.offset <= st["_o"].get(okey, -1):
-                out.skipped += 1
-                continue
             wm = self._watermark(tp, get)
-            if wm is not None and ev.ts < wm - self.lateness_us.get(r.topic, 0):
-                out.dlq.append((r, "late", f"ts {ev.ts} is more than {self.lateness_us.get(r.topic, 0) / 1e6:g}s "
-                                            f"behind the watermark {wm}"))
-                continue
-            if wm is None or ev.ts > wm:
-                self.watermarks[tp] = ev.ts
-            wm_touched[tp] = r
-            st["_o"][okey] = r.offset
-            out.states[key] = (st, r)
-            accepted.append((r, ev, row, key))
+            fresh = r.offset > st["_o"].get(okey, -1)
+            if not fresh:  # applied before a crash: it moved the watermark then too
+                out.skipped += 1
+            else:
+                late = self.lateness_us[r.topic]
+                if wm is not None and ts < wm - late:
+                    out.dlq.append((r, "late", f"ts {ts} is more than {late / 1e6:g}s behind the watermark {wm}"))
+                    continue
+                st["_o"][okey] = r.offset
+                out.states[key] = (st, r)
+                accepted.append((r, row, key))
+            if wm is None or ts > wm:
+                self.watermarks[tp] = ts
+                wm_touched[tp] = r
+            last_ok[tp] = r
+            if r.topic in self.label_topics:
+                self._join(r, row, key, st, out, fresh, cache, get)
         out.accepted = len(accepted)
         self._aggregate(accepted, cache, out, now_us)
         self._bronze(accepted, out, now_us)
-        if self.label is not None:
-            self._labels(accepted, cache, out, get, now_us)
-        self._finish(cache, out, now_us)
+        self._fallback_finalise(last_ok, cache, get, out)
+        self._finish(cache, out, get, now_us)
+        for lb, r in out.labels:
+            out.add_row(LABELS_TABLE, {"model_name": lb.model_name, "event_id": lb.event_id, "key": lb.key,
+                                       "label": lb.label, "ts": lb.ts, "event_timestamp": lb.ts, "created": now_us,
+                                       "_topic": r.topic, "_partition": r.partition, "_offset": r.offset})
         for (topic, p), r in wm_touched.items():
             out.states[f"_wm|{topic}|{p}"] = ({"wm": self.watermarks[(topic, p)], "o": r.offset}, r)
         return out
+
+    @staticmethod
+    def _state(key: str, cache: dict[str, dict[str, Any]], get: StateGet) -> dict[str, Any]:
+        st = cache.get(key)
+        if st is None:
+            st = cache[key] = get(key) or {"_o": {}, "v": {}}
+        return st
 
     def _watermark(self, tp: tuple[str, int], get: StateGet) -> int | None:
         if tp not in self.watermarks:
@@ -162,6 +225,8 @@ class FeatureEngine:
                 return None
             self.watermarks[tp] = saved["wm"]
         return self.watermarks[tp]
+
+    # --- stream feature views -------------------------------------------------------------------
 
     def _view_inputs(self, view: ViewSpec, rows: list[dict[str, Any]]) -> list[dict[str, Any] | None]:
         """The rows the view aggregates: the events, or the udf's output aligned with them (None = dropped)."""
@@ -184,82 +249,193 @@ class FeatureEngine:
             raise ValueError(f"view {view.name}: a python udf must return a dict of lists as long as its input")
         return [{k: v[i] for k, v in res.items()} for i in range(n)]
 
-    def _aggregate(self, accepted: list[tuple[Record, Event, dict[str, Any], str]],
-                   cache: dict[str, dict[str, Any]], out: BatchOutput, now_us: int) -> None:
+    def _aggregate(self, accepted: list[Accepted], cache: dict[str, dict[str, Any]], out: BatchOutput,
+                   now_us: int) -> None:
         for topic, views in self.by_topic.items():
             mine = [a for a in accepted if a[0].topic == topic]
             if not mine:
                 continue
             for view in views:
-                inputs = self._view_inputs(view, [a[2] for a in mine])
-                for (r, ev, row, key), vrow in zip(mine, inputs, strict=True):
+                inputs = self._view_inputs(view, [a[1] for a in mine])
+                for (r, row, key), vrow in zip(mine, inputs, strict=True):
                     if vrow is None:
                         continue
+                    ts = row["ts"]
                     vst = cache[key]["v"].get(view.name)
                     if vst is None:
-                        vst = cache[key]["v"][view.name] = {"t": ev.ts, "b": {}}
-                    ts_s = ev.ts / 1e6
+                        vst = cache[key]["v"][view.name] = {"t": ts, "b": {}}
+                    ts_s = ts / 1e6
                     windows.update(vst, view, vrow, ts_s)
-                    if ev.ts > vst["t"]:
-                        vst["t"] = ev.ts
+                    if ts > vst["t"]:
+                        vst["t"] = ts
                     out.touched[key].add(view.name)
                     out.add_row(view.name, {view.entity_key: row[view.entity_key],
-                                            **windows.values(vst, view, ts_s), "event_timestamp": ev.ts,
+                                            **windows.values(vst, view, ts_s), "event_timestamp": ts,
                                             "created": now_us + len(out.offline.get(view.name, {}).get("_offset", ())),
                                             "_topic": r.topic, "_partition": r.partition,
                                             "_offset": r.offset})
 
     @staticmethod
-    def _bronze(accepted: list[tuple[Record, Event, dict[str, Any], str]], out: BatchOutput, now_us: int) -> None:
-        for r, ev, row, _key in accepted:
-            out.add_row(f"bronze_{r.topic.split('.')[-1]}",
-                        {**row, "event_timestamp": ev.ts, "ingested_at": now_us, "_topic": r.topic,
-                         "_partition": r.partition, "_offset": r.offset})
+    def _bronze(accepted: list[Accepted], out: BatchOutput, now_us: int) -> None:
+        for r, row, _key in accepted:
+            out.add_row(bronze_table(r.topic), {**row, "event_timestamp": row["ts"], "ingested_at": now_us,
+                                                "_topic": r.topic, "_partition": r.partition, "_offset": r.offset})
 
-    def _labels(self, accepted: list[tuple[Record, Event, dict[str, Any], str]],
-                cache: dict[str, dict[str, Any]], out: BatchOutput, get: StateGet, now_us: int) -> None:
-        rule = self.label
-        assert rule is not None
-        window_us = int(rule.window_s * 1e6)
-        for r, ev, row, key in accepted:
-            pending = cache[key]["l"]
-            if r.topic == rule.impressions:
-                ts, c, cts, _p = pending.get(ev.event_id) or (None, 0, None, r.partition)
-                clicked = 1 if c and (cts is None or cts - ev.ts <= window_us) else 0
-                pending[ev.event_id] = [ev.ts, clicked, cts, r.partition]
-                heapq.heappush(self.due[r.partition], (ev.ts + window_us, key, ev.event_id))
-            elif r.topic == rule.clicks:
-                iid = row["impression_id"]
-                cur = pending.get(iid)
-                if cur is None:  # the click was consumed before its impression (the other topic lagged)
-                    pending[iid] = [None, 1, ev.ts, r.partition]
-                elif cur[0] is None or ev.ts - cur[0] <= window_us:
-                    cur[1] = 1
-        last = {r.partition: r for r, *_ in accepted}
-        for p, routing in last.items():
-            heap = self.due[p]
-            # a label is final once the clicks' event time passed its window (impressions' if no click yet)
-            wm = self.watermarks.get((rule.clicks, p), self.watermarks.get((rule.impressions, p)))
+    # --- label joins ----------------------------------------------------------------------------
+
+    def _join(self, r: Record, row: dict[str, Any], key: str, st: dict[str, Any], out: BatchOutput, applied: bool,
+              cache: dict[str, dict[str, Any]], get: StateGet) -> None:
+        """Apply one record to the label joins (unless it was applied before a crash), then close the joins
+        its watermark passed."""
+        if applied:
+            for m in self.scored_by.get(r.topic, ()):
+                self._scored(m, r, row, key, st)
+            for m in self.outcome_of.get(r.topic, ()):
+                self._outcome(m, r, row, st, out)
+            for m in self.field_of.get(r.topic, ()):
+                self._field_label(m, r, row, key, out)
+        for m in self.finalise_on.get(r.topic, ()):
+            wm = self._watermark((m.label.topic, r.partition), get)
+            if wm is not None:
+                self._finalise(m, r.partition, wm, r, cache, get, out)
+
+    def _scored(self, m: ModelSpec, r: Record, row: dict[str, Any], key: str, st: dict[str, Any]) -> None:
+        eid, ts = row["event_id"], row["ts"]
+        if eid in st.get("f", {}).get(m.name, ()):
+            return  # a copy of an event already labelled
+        joins = st.setdefault("l", {}).setdefault(m.name, {})
+        e = joins.get(eid)
+        if e is None:
+            joins[eid] = [ts, None, None, r.partition, None]
+        elif e[0] is None:  # its outcome came first
+            e[0], e[4] = ts, None
+        else:
+            return  # a copy of an event in flight
+        heapq.heappush(self.due[(m.name, r.partition)], (ts + self.window_us(m), key, eid))
+
+    def _outcome(self, m: ModelSpec, r: Record, row: dict[str, Any], st: dict[str, Any], out: BatchOutput) -> None:
+        eid, ts = row[m.label.id_field], row["ts"]
+        if eid in st.get("f", {}).get(m.name, ()):
+            out.late_outcomes[m.name] += 1
+            out.dlq.append((r, "late_outcome", f"model {m.name}: the label of event {eid} was final before "
+                                               f"this outcome arrived"))
+            return
+        value = None
+        if m.label.value_field is not None:
+            try:
+                value = self._label_value(m, row[m.label.value_field])
+            except ValueError as e:
+                out.dlq.append((r, "invalid_label", f"model {m.name}: {e}"))
+                return
+        joins = st.setdefault("l", {}).setdefault(m.name, {})
+        e = joins.get(eid)
+        if e is None:  # the scored event has not arrived (yet)
+            joins[eid] = [None, ts, value, r.partition, [[r.offset, row]]]
+            return
+        if e[0] is None:
+            e[4].append([r.offset, row])
+        if e[1] is None or ts < e[1]:
+            e[1], e[2] = ts, value
+
+    @staticmethod
+    def _label_value(m: ModelSpec, v: Any) -> float:
+        """A label value as the model's float: a class index (multiclass), 0/1 (binary) or the number."""
+        if m.task == "multiclass":
+            try:
+                return float(m.classes.index(str(v)))
+            except ValueError:
+                raise ValueError(f"label {v!r} is not one of the classes {m.classes}") from None
+        if isinstance(v, str):
+            raise ValueError(f"label {v!r} is not a number")
+        x = float(v)
+        if m.task == "binary" and x not in (0.0, 1.0):
+            raise ValueError(f"binary label {v!r} is not 0 or 1")
+        return x
+
+    def _field_label(self, m: ModelSpec, r: Record, row: dict[str, Any], key: str, out: BatchOutput) -> None:
+        try:
+            value = self._label_value(m, row[m.label.value_field or "label"])
+            lb = Label(model_name=m.name, key=key.split("=", 1)[1], label=value, event_id=row[m.label.id_field],
+                       ts=row["ts"])
+        except (ValueError, ValidationError) as e:
+            out.dlq.append((r, "invalid_label", f"model {m.name}: {str(e).splitlines()[0]}"))
+            return
+        out.labels.append((lb, r))
+
+    def _finalise(self, m: ModelSpec, p: int, wm: int, trigger: Record, cache: dict[str, dict[str, Any]],
+                  get: StateGet, out: BatchOutput) -> None:
+        """Emit the labels of ``m``'s scored events on partition ``p`` whose window the watermark passed."""
+        heap = self.due.get((m.name, p))
+        window = self.window_us(m)
+        while heap and heap[0][0] <= wm:
+            _, key, eid = heapq.heappop(heap)
+            st = self._state(key, cache, get)
+            e = st.get("l", {}).get(m.name, {}).pop(eid, None)
+            if e is None or e[0] is None:
+                continue
+            s_ts, o_ts, value = e[0], e[1], e[2]
+            hit = o_ts is not None and o_ts - s_ts <= window
+            st.setdefault("f", {}).setdefault(m.name, {})[eid] = s_ts
+            if key not in out.states:
+                out.states[key] = (st, trigger)
+            if m.task == "binary":
+                label = 1.0 if hit else 0.0
+            elif hit:
+                label = value
+            else:
+                out.unlabelled[m.name] += 1
+                continue
+            out.labels.append((Label(model_name=m.name, key=key.split("=", 1)[1], label=label, event_id=eid,
+                                     ts=s_ts), trigger))
+
+    def _fallback_finalise(self, last_ok: dict[tuple[str, int], Record], cache: dict[str, dict[str, Any]],
+                           get: StateGet, out: BatchOutput) -> None:
+        """Close joins by the scored topic's watermark on partitions where the outcome topic has none yet
+        (at the batch's end, so outcomes of the same batch still count)."""
+        for (topic, p), r in last_ok.items():
+            for m in self.scored_by.get(topic, ()):
+                if self._watermark((m.label.topic, p), get) is None:
+                    self._finalise(m, p, self.watermarks[(topic, p)], r, cache, get, out)
+
+    def _join_watermark(self, m: ModelSpec, p: int, get: StateGet) -> int | None:
+        wm = self._watermark((m.label.topic, p), get)
+        return wm if wm is not None else self._watermark((m.topic, p), get)
+
+    def _prune_joins(self, key: str, st: dict[str, Any], r: Record, get: StateGet, out: BatchOutput) -> None:
+        """Forget final ids past the horizon; dead-letter outcomes whose scored event never came."""
+        for part in ("l", "f"):
+            for name in [n for n in st.get(part, {}) if n not in self.models or not st[part][n]]:
+                del st[part][name]
+        entity = key.split("=", 1)[1].encode()
+        for name, joins in st.get("l", {}).items():
+            m = self.models[name]
+            wm = self._join_watermark(m, r.partition, get)
             if wm is None:
                 continue
-            while heap and heap[0][0] <= wm:
-                _, key, iid = heapq.heappop(heap)
-                st = cache.get(key)
-                if st is None:
-                    st = cache[key] = get(key) or {"_o": {}, "v": {}, "l": {}}
-                cur = st["l"].pop(iid, None)
-                if cur is None or cur[0] is None:
+            horizon = wm - FINAL_HORIZON * self.window_us(m)
+            for eid in [i for i, e in joins.items() if e[0] is None and e[1] < horizon]:
+                e = joins[eid]
+                for off, rec in e[4]:
+                    if rec["ts"] < horizon:
+                        out.dlq.append((Record(m.label.topic, r.partition, off, entity, orjson.dumps(rec)),
+                                        "unmatched_outcome", f"model {m.name}: scored event {eid} did not arrive "
+                                                             f"within {FINAL_HORIZON} label windows"))
+                e[4] = [o for o in e[4] if o[1]["ts"] >= horizon]
+                if not e[4]:
+                    del joins[eid]
                     continue
-                user = key.split("=", 1)[1]
-                out.labels.append(Label.model_construct(schema_version=1, event_id=iid, impression_id=iid,
-                                                        user_id=user, label=cur[1], ts=cur[0]))
-                if key not in out.states:
-                    out.states[key] = (st, routing)
-        for lb in out.labels:
-            out.add_row("labels", {**lb.model_dump(), "event_timestamp": lb.ts, "created": now_us,
-                                   "_topic": "labels", "_partition": 0, "_offset": 0})
+                first = min(e[4], key=lambda o: o[1]["ts"])[1]  # the earliest outcome left
+                e[1] = first["ts"]
+                e[2] = self._label_value(m, first[m.label.value_field]) if m.label.value_field else None
+        for name, final in st.get("f", {}).items():
+            m = self.models[name]
+            wm = self._join_watermark(m, r.partition, get)
+            if wm is not None:
+                horizon = wm - FINAL_HORIZON * self.window_us(m)
+                for eid in [i for i, t in final.items() if t < horizon]:
+                    del final[eid]
 
-    def _finish(self, cache: dict[str, dict[str, Any]], out: BatchOutput, now_us: int) -> None:
+    def _finish(self, cache: dict[str, dict[str, Any]], out: BatchOutput, get: StateGet, now_us: int) -> None:
         """Online rows at each updated entity's newest time; prune state behind the watermark."""
         by_name = {v.name: v for v in self.views}
         for key, names in out.touched.items():
@@ -269,17 +445,11 @@ class FeatureEngine:
                 view = by_name[name]
                 vst = st["v"][name]
                 out.online.setdefault(name, []).append(
-                    {view.entity_key: entity, **windows.values(vst, view, vst["t"] / 1e6),
+                    {view.entity_key: view.entity(entity), **windows.values(vst, view, vst["t"] / 1e6),
                      "event_timestamp": vst["t"], "created": now_us})
                 wm = self.watermarks.get((view.topic, r.partition))
                 if wm is not None:  # after the online value: an idle entity keeps its value at its last time
                     windows.prune(vst, view, wm / 1e6)
-        if self.label is None:
-            return
         for key, (st, r) in out.states.items():
-            wm = self.watermarks.get((r.topic, r.partition))
-            if key.startswith("_") or wm is None:
-                continue
-            horizon = wm - int(60 * self.label.window_s * 1e6)
-            for iid in [i for i, v in st["l"].items() if v[0] is None and v[2] < horizon]:
-                del st["l"][iid]  # a click whose impression never came
+            if not key.startswith("_") and ("l" in st or "f" in st):
+                self._prune_joins(key, st, r, get, out)

@@ -47,13 +47,14 @@ class OfflineSink:
         return done
 
     def write(self, name: str, cols: dict[str, list[Any]], offsets: dict[tuple[str, int], int]) -> int:
-        """``cols`` carries ``_topic``, ``_partition``, ``_offset``; ``offsets`` the batch's last offsets."""
+        """``cols`` carries ``_topic``, ``_partition``, ``_offset`` (each row's origin, a record of the batch);
+        ``offsets`` the batch's last offsets."""
         ids = {self.txn_id(t, p): o for (t, p), o in offsets.items()}
         done = self._applied(name, list(ids))
         if any(done[a] >= 0 for a in ids):
             keep = [i for i, (t, p, o) in enumerate(zip(cols["_topic"], cols["_partition"], cols["_offset"],
                                                           strict=True))
-                    if t == "labels" or o > done.get(self.txn_id(t, p), -1)]
+                    if o > done.get(self.txn_id(t, p), -1)]
             if len(keep) < len(cols["_offset"]):
                 cols = {k: [v[i] for i in keep] for k, v in cols.items()}
             ids = {a: o for a, o in ids.items() if o > done[a]}

@@ -11,10 +11,15 @@ import uuid
 from collections.abc import Callable, Iterator
 
 from confluent_kafka import Consumer, TopicPartition
+from feast import FeatureStore
 
+from driftloop.app.supervisor import settings_env
+from driftloop.core import delta
+from driftloop.core.declarations import Declarations, bronze_table
 from driftloop.core.kafka import consumer_config, good_messages, make_consumer, read_past_reported_end
 from driftloop.core.settings import Settings
-from driftloop.app.supervisor import settings_env
+from driftloop.core.topics import ensure_topics
+from driftloop.features.repo import apply
 
 
 @contextlib.contextmanager
@@ -34,6 +39,13 @@ def worker(settings: Settings, name: str, ready_timeout: float = 90) -> Iterator
             proc.kill()
             proc.wait()
         log.close()
+
+
+def apply_repo(settings: Settings) -> tuple[FeatureStore, Declarations]:
+    """``driftloop apply`` the settings' repo and create its declared topics."""
+    store, _plan, decls = apply(settings)
+    ensure_topics(settings)
+    return store, decls
 
 
 def wait_for(cond: Callable[[], object], timeout: float, every: float = 0.3) -> object:
@@ -100,14 +112,14 @@ def valid(events: list[tuple[str, dict]], topic: str) -> list[dict]:
 
 
 def wait_streamed(s: Settings, events: list[tuple[str, dict]], views: list, timeout: float) -> None:
-    """Until every valid event is in bronze, every view table has its rows, and the streams group has
-    committed every source partition (so the online rows of the last batch are written too)."""
-    from driftloop.core import delta
-
+    """Until every event (all valid and on time) is in its topic's bronze table, every view without a udf has
+    a row per event of its topic, and the streams group has committed every source partition (so the online
+    rows and labels of the last batch are written too)."""
     def rows(name: str) -> int:
         return len(delta.read(s.offline_dir / name, ["_offset"]))
 
-    want = {f"bronze_{t.split('.')[-1]}": len(valid(events, t)) for t in {t for t, _ in events}}
+    topics = sorted({t for t, _ in events})
+    want = {bronze_table(t): len(valid(events, t)) for t in topics}
     want.update({v.name: len(valid(events, v.topic)) for v in views if v.udf is None})
     wait_for(lambda: all(rows(n) >= c for n, c in want.items()), timeout, every=1.0)
-    wait_committed(s, f"{s.topic_prefix}streams", sorted({t for t, _ in events}), 120)
+    wait_committed(s, f"{s.topic_prefix}streams", topics, 120)

@@ -1,6 +1,7 @@
 """A brute-force pandas/numpy reference of the stream feature views, written from the semantics in
 ``features/windows.py`` independently of the engine: for every event, aggregate all earlier-consumed
-events of its entity (and itself) whose slide bucket lies in ``(b(t) - ceil(W/slide), b(t)]``."""
+events of its entity (and itself) whose slide bucket lies in ``(b(t) - ceil(W/slide), b(t)]``; and of the
+outcome label joins (``streams/engine.py``'s rule on complete data)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 
-from driftloop.features.windows import ViewSpec
 from driftloop.core import delta
+from driftloop.core.declarations import ModelSpec, bronze_table
 from driftloop.core.settings import Settings
+from driftloop.features.windows import ViewSpec
 
 CHUNK = 512
 
@@ -66,7 +68,7 @@ def expected(events: list[dict], view: ViewSpec,
 def offline_rows(settings: Settings, view: ViewSpec) -> pd.DataFrame:
     """The view's Delta rows joined to the bronze table's event ids through (topic, partition, offset)."""
     rows = delta.read(settings.offline_dir / view.name)
-    bronze = delta.read(settings.offline_dir / f"bronze_{view.topic.split('.')[-1]}",
+    bronze = delta.read(settings.offline_dir / bronze_table(view.topic),
                         ["event_id", "_topic", "_partition", "_offset"])
     return rows.merge(bronze, on=["_topic", "_partition", "_offset"], how="left", validate="one_to_one")
 
@@ -82,3 +84,39 @@ def assert_frames_match(got: pd.DataFrame, want: pd.DataFrame, key: str, columns
         b = pd.to_numeric(want[c], errors="coerce").to_numpy(float)
         bad = ~(np.isclose(a, b, rtol=1e-9, atol=1e-9) | (np.isnan(a) & np.isnan(b)))
         assert not bad.any(), f"{c}: {bad.sum()} of {len(a)} differ, e.g. got {a[bad][:3]} want {b[bad][:3]}"
+
+
+def expected_labels(events: list[tuple[str, dict]], m: ModelSpec) -> pd.DataFrame:
+    """An outcome-joined model's labels (columns event_id, key, label, ts) for complete data: per scored event,
+    the earliest outcome naming it counts if it is at most the window later; binary: 1 if one counts, else 0;
+    regression: its value; multiclass: its class index; no outcome that counts, no label."""
+    lab = m.label
+    scored = pd.DataFrame([r for t, r in events if t == m.topic])
+    outcomes = pd.DataFrame([r for t, r in events if t == lab.topic])
+    names = {lab.id_field: "event_id", "ts": "outcome_ts", **({lab.value_field: "value"} if lab.value_field else {})}
+    first = outcomes[list(names)].sort_values("ts", kind="stable").drop_duplicates(lab.id_field).rename(columns=names)
+    j = scored[["event_id", m.key, "ts"]].merge(first, on="event_id", how="left")
+    counts = (j["outcome_ts"] - j["ts"]) <= lab.window_s * 1e6
+    if m.task == "binary":
+        j["label"] = counts.astype(float)
+    else:
+        j = j[counts].copy()
+        j["label"] = (j["value"].map(lambda v: float(m.classes.index(str(v)))) if m.task == "multiclass"
+                      else j["value"].astype(float))
+    return pd.DataFrame({"event_id": j["event_id"], "key": j[m.key].astype(str), "label": j["label"],
+                         "ts": j["ts"]}).reset_index(drop=True)
+
+
+def assert_labels_match(settings: Settings, m: ModelSpec, want: pd.DataFrame) -> None:
+    """The model's rows of the ``labels`` Delta table: one per scored event, equal to ``want``."""
+    got = delta.read(settings.offline_dir / "labels")
+    got = got[got["model_name"] == m.name]
+    assert got["event_id"].is_unique, f"{m.name}: {got['event_id'].duplicated().sum()} labels written twice"
+    assert set(got["event_id"]) == set(want["event_id"]), (
+        f"{m.name}: {len(set(want['event_id']) - set(got['event_id']))} labels missing, "
+        f"{len(set(got['event_id']) - set(want['event_id']))} unexpected")
+    g = got.set_index("event_id").loc[want["event_id"]]
+    assert (g["key"].to_numpy() == want["key"].to_numpy()).all()
+    assert np.allclose(g["label"].to_numpy(float), want["label"].to_numpy(float), rtol=1e-12, atol=0)
+    assert (g["ts"].to_numpy(np.int64) == want["ts"].to_numpy(np.int64)).all()
+    assert (g["event_timestamp"] == pd.to_datetime(want["ts"].to_numpy(), unit="us", utc=True)).all()

@@ -16,15 +16,16 @@ import pandas as pd
 import pytest
 from deltalake import DeltaTable
 
+from driftloop.app.producer import publish
+from driftloop.core import delta
+from driftloop.core.broker import EmbeddedBroker
+from driftloop.core.settings import Settings
+from driftloop.core.topics import ensure_topics
+from driftloop.examples.ads.ads_generator import synthetic_events
 from driftloop.features.backfill import backfill
 from driftloop.features.consistency import consistency
 from driftloop.features.repo import apply
 from driftloop.features.windows import specs_from_feast
-from driftloop.core import delta
-from driftloop.core.broker import EmbeddedBroker
-from driftloop.app.producer import publish, synthetic_events
-from driftloop.core.settings import Settings
-from driftloop.core.topics import ensure_topics
 from tests.helpers import valid, wait_streamed, worker
 from tests.reference import assert_frames_match, expected, offline_rows
 
@@ -47,7 +48,7 @@ def streamed(tmp_path_factory, broker: str) -> Iterator[tuple[Settings, list]]:
     s = Settings(data_dir=tmp_path_factory.mktemp("backfill"), bootstrap_servers=broker,
                  topic_prefix=f"bf{uuid.uuid4().hex[:8]}.", partitions=2)
     ensure_topics(s)
-    store = apply(s)
+    store = apply(s)[0]
     views = specs_from_feast(store.list_stream_feature_views())
     events = synthetic_events(30_000, users=800, rate=300, disorder_s=3.0, seed=21)
     late = [("events.impressions", {**r, "event_id": f"late{i}", "ts": r["ts"] - 3_600_000_000})
@@ -99,7 +100,7 @@ def test_backfill_reproduces_the_stream_and_repairs_it(streamed):
     r = backfill(s, "user_impressions", start, end)
     n_in = sum(1 for x in imps if start.timestamp() * 1e6 <= x["ts"] < end.timestamp() * 1e6)
     assert r["rows"] == n_in and r["written"]
-    view = specs_from_feast([apply(s).get_stream_feature_view("user_impressions")])[0]
+    view = specs_from_feast([apply(s)[0].get_stream_feature_view("user_impressions")])[0]
     want, _ = expected(imps, view)
     assert_frames_match(offline_rows(s, view), want, "event_id", [a.name for a in view.aggs])
     assert all(m == 0 for _n, m in _shares(consistency(s, ["user_impressions"], online=False)).values())

@@ -33,7 +33,7 @@ def _ours(data_dir: str) -> list[psutil.Process]:
 
 def test_up_produce_tail_down(tmp_path):
     data = str((tmp_path / "stack").resolve())
-    env = {**os.environ, "DRIFTLOOP_DATA_DIR": data, "DRIFTLOOP_MIN_LABELS_FIRST_MODEL": "1000"}
+    env = {**os.environ, "DRIFTLOOP_DATA_DIR": data, "DRIFTLOOP_MODEL_OVERRIDES": '{"ctr": {"min_labels": 1000}}'}
     env.pop("DRIFTLOOP_BOOTSTRAP_SERVERS", None)
     up = cli("up", "--detach", env=env)
     assert up.returncode == 0, up.stderr[-3000:]
@@ -73,3 +73,5 @@ def test_demo_closes_the_loop(tmp_path):
     assert "LOOP CLOSED" in r.stdout
     html = (tmp_path / "demo" / "reports" / "demo.html").read_text()
     assert "data:image/png;base64" in html and "serving swapped" in html
+    assert "Model ctr" in html and "Model eta" in html  # both examples ran on one stack
+    assert "eta_after_onset: kept its champion" in r.stdout

@@ -7,9 +7,9 @@ import threading
 import pyarrow as pa
 import pytest
 
-from driftloop.features.maintenance import maintain, maintain_table
 from driftloop.core import delta
 from driftloop.core.settings import Settings
+from driftloop.features.maintenance import maintain, maintain_table
 
 
 def _batch(i: int, n: int = 50) -> pa.Table:

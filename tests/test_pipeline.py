@@ -1,7 +1,8 @@
 """One integration test per part, through the real broker, Delta tables, Feast, MLflow and Ray.
 
-The parts run in loop order on one shared data directory (module-scoped): streams builds features and
-labels, retrain trains the first champion on them, serving scores with it, drift compares windows.
+The parts run in loop order on one shared data directory (module-scoped) with the ads example as the repo:
+streams builds features and labels, retrain trains the first ``ctr`` champion on them, serving scores with
+it, drift compares windows.
 """
 
 from __future__ import annotations
@@ -15,15 +16,16 @@ import pytest
 import requests
 from confluent_kafka import Producer
 
-from driftloop.features.repo import open_store
-from driftloop.features.training import training_set
-from driftloop.features.vectors import FEATURE_COLUMNS
-from driftloop.core import delta, models
-from driftloop.core.contracts import Prediction, RetrainRequest
-from driftloop.app.producer import TrafficGenerator, produce
+from driftloop.app.producer import load_generator, produce
+from driftloop.core import delta
+from driftloop.core.contracts import ModelPromoted, ModelRejected, Prediction, RetrainRequest
+from driftloop.core.declarations import ModelSpec
 from driftloop.core.settings import Settings
-from driftloop.core.topics import ensure_topics
-from tests.helpers import read_topic, wait_for, worker
+from driftloop.features.repo import declarations, open_store
+from driftloop.features.training import training_set
+from driftloop.registry.verify import load_scorer
+from driftloop.registry.versions import alias_version, load_reference
+from tests.helpers import apply_repo, read_topic, wait_for, worker
 
 N = 4000
 GARBAGE = [b"not json", b"[1,2]", b'{"schema_version": 1, "bid": "x"}', b'{"schema_version": 9, "event_id": "x"}',
@@ -33,28 +35,33 @@ GARBAGE = [b"not json", b"[1,2]", b'{"schema_version": 1, "bid": "x"}', b'{"sche
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory, bootstrap_servers) -> Settings:
     s = Settings(data_dir=tmp_path_factory.mktemp("pipe"), bootstrap_servers=bootstrap_servers,
-                 topic_prefix=f"p{uuid.uuid4().hex[:8]}.", partitions=2, min_labels_first_model=1500,
-                 drift_window=500, label_window_s=2.0)
-    ensure_topics(s)
+                 topic_prefix=f"p{uuid.uuid4().hex[:8]}.", partitions=2,
+                 model_overrides={"ctr": {"min_labels": 1500, "drift_window": 500}})
+    apply_repo(s)
     return s
 
 
 @pytest.fixture(scope="module")
-def streamed(pipe: Settings) -> TrafficGenerator:
+def ctr(pipe: Settings) -> ModelSpec:
+    return declarations(pipe).model("ctr")
+
+
+@pytest.fixture(scope="module")
+def streamed(pipe: Settings) -> None:
     """Run the streams worker over N generated impressions plus garbage."""
     with worker(pipe, "streams"):
-        gen = produce(pipe, rate=2000, count=N // 2, seed=1, progress=False)
+        gen = load_generator(pipe, "ctr", seed=1)
+        produce(pipe, [gen], rate=2000, count=N // 2, progress=False)
         p = Producer({"bootstrap.servers": pipe.bootstrap_servers})
         for g in GARBAGE:
             p.produce(pipe.topic("events.impressions"), key=b"u1", value=g)
         p.flush(10)
-        gen = produce(pipe, rate=2000, count=N, generator=gen, progress=False)
+        produce(pipe, [gen], rate=2000, count=N - N // 2, progress=False)
         wait_for(lambda: len(delta.read(pipe.offline_dir / "bronze_impressions", ["event_id"])) >= N, 90)
         wait_for(lambda: len(delta.read(pipe.offline_dir / "labels", ["event_id"])) >= N - 1500, 60)
-    return gen
 
 
-def test_streams_features_labels_and_dlq(pipe: Settings, streamed: TrafficGenerator):
+def test_streams_features_labels_and_dlq(pipe: Settings, streamed: None):
     bronze = delta.read(pipe.offline_dir / "bronze_impressions")
     assert len(bronze) == N and bronze["event_id"].is_unique
     assert str(bronze["event_timestamp"].dtype) in ("datetime64[us, UTC]", "datetime64[ns, UTC]")
@@ -70,9 +77,9 @@ def test_streams_features_labels_and_dlq(pipe: Settings, streamed: TrafficGenera
     online = store.get_online_features(features=["user_impressions:impressions_1m"],
                                        entity_rows=[{"user_id": top}]).to_dict()
     assert online["impressions_1m"][0] == feats[feats.user_id == top]["impressions_1m"].max()
-    # labels: one per impression, clicks joined
-    labels = delta.read(pipe.offline_dir / "labels").drop_duplicates("impression_id")
-    assert set(labels["impression_id"]) <= set(bronze["event_id"])
+    # labels: one per impression, of model ctr, clicks joined
+    labels = delta.read(pipe.offline_dir / "labels").drop_duplicates("event_id")
+    assert set(labels["model_name"]) == {"ctr"} and set(labels["event_id"]) <= set(bronze["event_id"])
     assert 0.05 < labels["label"].mean() < 0.6
     # every garbage record is in the dlq with its reason; the valid stream carried on
     dlq = read_topic(pipe, "dlq", len(GARBAGE))
@@ -81,10 +88,13 @@ def test_streams_features_labels_and_dlq(pipe: Settings, streamed: TrafficGenera
     assert all(dict(m.headers())["error"] for m in dlq)
 
 
-def test_training_set_is_point_in_time(pipe: Settings, streamed: TrafficGenerator):
-    df, versions = training_set(pipe)
-    assert len(df) > 1000 and set(FEATURE_COLUMNS) <= set(df.columns)
+def test_training_set_is_point_in_time(pipe: Settings, ctr: ModelSpec, streamed: None):
+    df, versions = training_set(pipe, ctr)
+    assert len(df) > 1000 and list(df.columns) == ["event_id", "user_id", "ts", "label", *ctr.features]
+    assert {"labels", "bronze_impressions", "user_impressions"} <= set(versions)
     assert all(v is not None for v in versions.values())
+    bronze = delta.read(pipe.offline_dir / "bronze_impressions").set_index("event_id")
+    assert np.allclose(df["ad_bid"], bronze.loc[df["event_id"], "bid"])  # request features of the scored event
     feats = delta.read(pipe.offline_dir / "user_impressions")
     row = df.iloc[len(df) // 2]
     earlier = feats[(feats.user_id == row.user_id) &
@@ -94,77 +104,79 @@ def test_training_set_is_point_in_time(pipe: Settings, streamed: TrafficGenerato
 
 
 @pytest.fixture(scope="module")
-def champion(pipe: Settings, streamed: TrafficGenerator) -> str:
+def champion(pipe: Settings, streamed: None) -> str:
     """The retrain controller (real Ray) trains, registers and promotes the first champion."""
     from driftloop.retrain.controller import Controller
     from driftloop.retrain.launcher import RayLauncher
 
     ctl = Controller(pipe, RayLauncher(pipe))
     try:
-        req = ctl.bootstrap_request()
+        req = ctl.bootstrap_request("ctr")
         assert req is not None and req.reason == "bootstrap"
         ev = ctl.handle(req)
-        assert ev is not None and ev.__class__.__name__ == "ModelPromoted", ev
+        assert isinstance(ev, ModelPromoted), ev
         # a second, identical training must not beat the champion by the margin: rejected
-        again = ctl.handle(RetrainRequest(model_name=pipe.model_name, reason="manual"))
-        assert again is not None and again.__class__.__name__ == "ModelRejected"
-        assert "gate" in again.checks
+        again = ctl.handle(RetrainRequest(model_name="ctr", reason="manual"))
+        assert isinstance(again, ModelRejected) and "gate" in again.checks
     finally:
         ctl.launcher.close()
     return ev.version
 
 
-def test_retrain_registers_and_promotes(pipe: Settings, champion: str):
-    assert models.alias_version(pipe) == champion
-    scorer = models.load_scorer(pipe, champion, FEATURE_COLUMNS)
+def test_retrain_registers_and_promotes(pipe: Settings, ctr: ModelSpec, champion: str):
+    assert alias_version(pipe, "ctr") == champion
+    scorer = load_scorer(pipe, "ctr", champion, ctr.features)
+    assert ctr.features[:2] == ["ad_position", "ad_bid"]
     x = np.array([[1, 1.5, 0, 0, 3, 1.2, 1], [5, 0.5, 1, 0, 0, 0, 0]], np.float32)
     s = scorer.score(x)
     assert s.shape == (2,) and np.all((s > 0) & (s < 1)) and s[0] > s[1]  # top slot, high bid clicks more
     promoted = [orjson.loads(m.value()) for m in read_topic(pipe, "models.promoted", 1)]
-    assert promoted[0]["version"] == champion and promoted[0]["timeline"]["job_finished"] > 0
-    ref = models.load_reference(pipe, champion)
-    assert list(ref.columns) == [*FEATURE_COLUMNS, "score"] and len(ref) > 100
+    assert promoted[0]["model_name"] == "ctr" and promoted[0]["version"] == champion
+    assert promoted[0]["timeline"]["job_finished"] > 0 and "holdout_log_loss" in promoted[0]["metrics"]
+    ref = load_reference(pipe, "ctr", champion)
+    assert list(ref.columns) == [*ctr.features, "score"] and len(ref) > 100
 
 
-def test_serving_scores_with_champion(pipe: Settings, champion: str):
+def test_serving_scores_with_champion(pipe: Settings, ctr: ModelSpec, champion: str):
     with worker(pipe, "serving"):
-        produce(pipe, rate=1000, count=300, seed=5, progress=False)
+        produce(pipe, [load_generator(pipe, "ctr", seed=5)], rate=1000, count=300, progress=False)
         msgs = read_topic(pipe, "predictions", N + 300, timeout=60)
     preds = [Prediction.from_bytes(m.value()) for m in msgs]
     assert len(preds) >= 300
-    assert {p.model_version for p in preds} == {champion}
+    assert {p.model_version for p in preds} == {champion} and {p.model_name for p in preds} == {"ctr"}
     assert len({p.event_id for p in preds}) == len(preds)
-    assert all(list(p.features) == FEATURE_COLUMNS and 0 <= p.score <= 1 for p in preds)
+    assert all(list(p.features) == ctr.features and 0 <= p.score <= 1 for p in preds)
 
 
-def test_drift_monitor_flags_drift_and_requests_retrain(pipe: Settings, champion: str):
+def test_drift_monitor_flags_drift_and_requests_retrain(pipe: Settings, ctr: ModelSpec, champion: str):
     from driftloop.drift.monitor import Monitor
 
     mon = Monitor(pipe)
-    ref = models.load_reference(pipe, champion)
+    ref = load_reference(pipe, "ctr", champion)
     rng = np.random.default_rng(0)
+    assert ctr.drift_window == 500  # the override
 
     def preds(shift: float) -> list[Prediction]:
-        rows = ref.sample(pipe.drift_window, replace=True, random_state=int(shift * 10))
+        rows = ref.sample(ctr.drift_window, replace=True, random_state=int(shift * 10))
         out = []
         for r in rows.to_dict("records"):
-            f = {c: float(r[c]) + shift * (1 + rng.random()) for c in FEATURE_COLUMNS}
-            out.append(Prediction(user_id="u", model_name=pipe.model_name, model_version=champion,
+            f = {c: float(r[c]) + shift * (1 + rng.random()) for c in ctr.features}
+            out.append(Prediction(key="u", model_name="ctr", model_version=champion,
                                   score=float(np.clip(r["score"] + shift / 5, 0, 1)), features=f, latency_s=0))
         return out
 
     calm = [mon.add(p) for p in preds(0.0)][-1]
     assert calm is not None and not calm.drifted
     drifted = [mon.add(p) for p in preds(1.5)][-1]
-    assert drifted is not None and drifted.drifted and drifted.drift_share >= pipe.drift_share_threshold
-    assert not [m for m in read_topic(pipe, "retrain.requests", 2, timeout=3)
+    assert drifted is not None and drifted.drifted and drifted.drift_share >= ctr.drift_share_threshold
+    assert not [m for m in read_topic(pipe, "retrain.requests", 3, timeout=3)
                 if RetrainRequest.from_bytes(m.value()).reason == "drift"], "one drifted window must not retrain"
     again = [mon.add(p) for p in preds(1.5)][-1]
     assert again is not None and again.drifted  # drift_persist_windows (2) in a row: now a request
     reqs = [RetrainRequest.from_bytes(m.value()) for m in read_topic(pipe, "retrain.requests", 2)]
     drift_reqs = [r for r in reqs if r.reason == "drift"]
     assert len(drift_reqs) == 1 and drift_reqs[0].since_ts == drifted.window_start_ts
-    assert drift_reqs[0].evidence["windows"] == 2
+    assert drift_reqs[0].model_name == "ctr" and drift_reqs[0].evidence["windows"] == 2
     reports = read_topic(pipe, "drift.reports", 3)
     assert len(reports) == 3
 
@@ -177,13 +189,15 @@ def test_webhook_alert_becomes_retrain_request(pipe: Settings):
     server = start_webhook(0, mon.on_alert)
     url = f"http://127.0.0.1:{server.server_address[1]}/alerts"
     try:
-        ok = requests.post(url, json={"model_name": pipe.model_name, "source": "grafana"}, timeout=5)
+        ok = requests.post(url, json={"model_name": "ctr", "source": "grafana"}, timeout=5)
         assert ok.status_code == 202
         assert requests.post(url, data=b"nope", timeout=5).status_code == 400
-        assert requests.post(url, json={"model_name": "other"}, timeout=5).status_code == 400
+        assert requests.post(url, json={"source": "grafana"}, timeout=5).status_code == 400  # no default model
+        other = requests.post(url, json={"model_name": "other"}, timeout=5)
+        assert other.status_code == 404 and other.json()["models"] == ["ctr"]
     finally:
         server.shutdown()
     reqs = [RetrainRequest.from_bytes(m.value()) for m in read_topic(pipe, "retrain.requests", 10, timeout=5)]
     hooks = [r for r in reqs if r.reason == "webhook"]
     assert [r.request_id for r in hooks] == [ok.json()["request_id"]]
-    assert hooks[0].evidence["alert"]["source"] == "grafana"
+    assert hooks[0].model_name == "ctr" and hooks[0].evidence["alert"]["source"] == "grafana"

@@ -9,13 +9,13 @@ import uuid
 import numpy as np
 import pytest
 
+from driftloop.app.producer import publish, synthetic_events
+from driftloop.core.settings import Settings
+from driftloop.core.topics import ensure_topics
 from driftloop.features.online_read import OnlineReader
 from driftloop.features.repo import apply, open_store
 from driftloop.features.vectors import FEATURE_SERVICE, ONLINE_FEATURES
 from driftloop.features.windows import specs_from_feast
-from driftloop.app.producer import publish, synthetic_events
-from driftloop.core.settings import Settings
-from driftloop.core.topics import ensure_topics
 from tests.helpers import valid, wait_streamed, worker
 from tests.reference import assert_frames_match, expected
 from tests.servers import postgres_server, redis_server

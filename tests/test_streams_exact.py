@@ -1,27 +1,34 @@
 """The streams engine against the brute-force reference (tests/reference.py), through the real broker,
-Delta tables and Feast online store: disorder within the lateness, late and malformed records, kill -9
-restarts, and a view added later (with a pandas udf)."""
+Delta tables and Feast online store, on the ads example (the default repo): disorder within the lateness,
+late and malformed records, the click-through label join, kill -9 restarts, a view added later (with a
+pandas udf), and a repo of its own with an integer entity key and a regression label."""
 
 from __future__ import annotations
 
 import random
 import signal
 import time
+from pathlib import Path
 
+import numpy as np
 import orjson
 import pandas as pd
 import pytest
 from feast import FeatureStore
 
-from driftloop.features.repo import apply, open_store
-from driftloop.features.windows import ViewSpec, specs_from_feast
-from driftloop.core import delta
-from driftloop.app.producer import publish, synthetic_events
-from driftloop.core.settings import Settings
+from driftloop.app.producer import publish
 from driftloop.app.supervisor import Child, settings_env
-from tests.helpers import read_topic, valid, wait_for, wait_streamed, worker
-from tests.reference import assert_frames_match, expected, offline_rows
+from driftloop.core import delta
+from driftloop.core.contracts import Label
+from driftloop.core.declarations import Declarations
+from driftloop.core.settings import Settings
+from driftloop.examples.ads.ads_generator import synthetic_events
+from driftloop.features.repo import open_store
+from driftloop.features.windows import ViewSpec, specs_from_feast
+from tests.helpers import apply_repo, read_topic, valid, wait_for, wait_streamed, worker
+from tests.reference import assert_frames_match, assert_labels_match, expected, expected_labels, offline_rows
 
+START = 1_767_225_600_000_000  # 2026-01-01T00:00:00Z: event times of the generated traffic start here
 MALFORMED_EACH = 200
 
 
@@ -34,16 +41,30 @@ def _rows(s: Settings, name: str) -> int:
 
 
 def _check(s: Settings, store: FeatureStore, events: list[tuple[str, dict]], views: list[ViewSpec],
-           transforms: dict | None = None) -> None:
-    """Offline rows (one per event, none twice) and online rows equal the reference, for every view."""
+           transforms: dict | None = None, decls: Declarations | None = None) -> None:
+    """Offline rows (one per event, none twice) and online rows equal the reference, for every view; with
+    ``decls``, the labels of every outcome-joined model too (one per scored event)."""
     for v in views:
         tf = (transforms or {}).get(v.name)
         want_off, want_on = expected(valid(events, v.topic), v, tf)
         names = [a.name for a in v.aggs]
         assert_frames_match(offline_rows(s, v), want_off, "event_id", names)
         got = store.get_online_features(features=[f"{v.name}:{n}" for n in names],
-                                        entity_rows=[{v.entity_key: e} for e in want_on[v.entity_key]]).to_df()
-        assert_frames_match(got, want_on, v.entity_key, names)
+                                        entity_rows=[{v.entity_key: e} for e in want_on[v.entity_key].tolist()])
+        assert_frames_match(got.to_df(), want_on, v.entity_key, names)
+    for m in (decls.models.values() if decls else ()):
+        if m.label.kind == "outcome":
+            assert_labels_match(s, m, expected_labels(events, m))
+
+
+def _ads(n: int, seed: int, **kw) -> list[tuple[str, dict]]:
+    """Ad traffic, then a click per user of the first 50 a minute after the last event: no impression
+    has it, but it moves the clicks' watermark of every partition past every label window."""
+    events = synthetic_events(n, seed=seed, start_us=kw.pop("start_us", START), **kw)
+    end = max(r["ts"] for _, r in events) + 60_000_000
+    return events + [("events.clicks", {"schema_version": 1, "event_id": f"end{seed}-{u}", "ts": end + u,
+                                        "user_id": f"u{u}", "impression_id": "none", "ad_id": "a0"})
+                     for u in range(50)]
 
 
 def _malformed(n_each: int) -> list[tuple[str, bytes, bytes]]:
@@ -61,10 +82,10 @@ def _malformed(n_each: int) -> list[tuple[str, bytes, bytes]]:
 
 def test_exact_with_disorder_late_and_malformed_records(settings: Settings):
     """100k events out of order within the lateness, every function, windows of 1, 5 and 10 minutes."""
-    store = apply(settings)
+    store, decls = apply_repo(settings)
     views = _views(store)
     assert {a.function for v in views for a in v.aggs} == {"count", "sum", "mean", "min", "max"}
-    events = synthetic_events(100_000, users=3000, rate=400, disorder_s=3.0, seed=11)  # ~250 s of event time
+    events = _ads(100_000, users=3000, rate=400, disorder_s=3.0, seed=11)  # ~250 s of event time
     late = [("events.impressions", {**r, "event_id": f"late{i}", "ts": r["ts"] - 3_600_000_000})
             for i, (t, r) in enumerate(events[20_000:20_050]) if t == "events.impressions"]
     bad = _malformed(MALFORMED_EACH)
@@ -76,7 +97,7 @@ def test_exact_with_disorder_late_and_malformed_records(settings: Settings):
     with worker(settings, "streams"):
         publish(settings, stream)
         wait_streamed(settings, events, views, 240)
-    _check(settings, store, events, views)
+    _check(settings, store, events, views, decls=decls)
 
     dlq = read_topic(settings, "dlq", len(bad) + len(late), timeout=60)
     reasons = pd.Series([dict(m.headers())["reason"].decode() for m in dlq]).value_counts().to_dict()
@@ -89,9 +110,9 @@ def test_exact_with_disorder_late_and_malformed_records(settings: Settings):
 # (every row was written: liveness, not loss) while solo runs pass: `make test-all` runs it
 def test_exact_after_three_kill9_restarts(settings: Settings):
     """200k events; SIGKILL at 3 random points and restart: nothing lost, nothing counted twice."""
-    store = apply(settings)
+    store, decls = apply_repo(settings)
     views = _views(store)
-    events = synthetic_events(200_000, users=5000, rate=1000, disorder_s=3.0, seed=12)
+    events = _ads(200_000, users=5000, rate=1000, disorder_s=3.0, seed=12)
     publish(settings, events)
     total = len(events)
     rng = random.Random(7)
@@ -113,7 +134,7 @@ def test_exact_after_three_kill9_restarts(settings: Settings):
         wait_streamed(settings, events, views, 300)
     finally:
         child.stop()
-    _check(settings, store, events, views)
+    _check(settings, store, events, views, decls=decls)
 
 
 NEW_VIEW = '''
@@ -123,7 +144,9 @@ from feast import Field, StreamFeatureView
 from feast.aggregation import Aggregation
 from feast.types import Float64, Int64, String
 
-from ads import IMPRESSION, stream, user
+from driftloop.core.declarations import event_source
+
+from ads import IMPRESSION, user
 
 
 def top_slots_in_eur(df):
@@ -137,7 +160,7 @@ user_top_bids_eur = StreamFeatureView(
     name="user_top_bids_eur",
     entities=[user],
     ttl=timedelta(hours=1),
-    source=stream("events.impressions", IMPRESSION, "user_top_bids_eur"),
+    source=event_source("events.impressions", IMPRESSION, "user_top_bids_eur"),
     mode="pandas",
     udf=top_slots_in_eur,
     timestamp_field="event_timestamp",
@@ -162,13 +185,13 @@ def _top_slots_in_eur(df: pd.DataFrame) -> pd.DataFrame:
 
 def test_new_view_file_apply_and_restart(settings: Settings):
     """A view added to the repo (with a pandas udf) + `driftloop apply` + restart computes from then on."""
-    store = apply(settings)
-    before = synthetic_events(6000, users=300, rate=200, disorder_s=2.0, seed=21)
+    store, _decls = apply_repo(settings)
+    before = synthetic_events(6000, users=300, rate=200, disorder_s=2.0, seed=21, start_us=START)
     with worker(settings, "streams"):
         publish(settings, before)
         wait_streamed(settings, before, _views(store), 120)
     (settings.feature_repo_dir / "top_bids.py").write_text(NEW_VIEW)
-    store = apply(settings)
+    store, _decls = apply_repo(settings)
     views = _views(store)
     new = next(v for v in views if v.name == "user_top_bids_eur")
     assert new.udf is not None and new.mode == "pandas"
@@ -182,3 +205,100 @@ def test_new_view_file_apply_and_restart(settings: Settings):
     store = open_store(settings)
     _check(settings, store, after, [new], {new.name: _top_slots_in_eur})
     _check(settings, store, before + after, [v for v in views if v.name == "user_impressions"])
+
+
+COURIERS = '''
+"""Couriers (integer entity key): trip events scored for a delivery-time model, labelled by deliveries."""
+from datetime import timedelta
+
+from feast import Entity, FeatureService, Field, StreamFeatureView, ValueType
+from feast.aggregation import Aggregation
+from feast.types import Float64, Int64
+
+from driftloop.core.declarations import Model, OutcomeLabel, event_source
+
+TRIP = "courier_id int, distance double"
+DELIVERED = "courier_id int, trip_id string, minutes double"
+
+courier = Entity(name="courier", join_keys=["courier_id"], value_type=ValueType.INT64)
+trips = event_source("events.trips", TRIP)
+delivered = event_source("events.delivered", DELIVERED)
+
+courier_trips = StreamFeatureView(
+    name="courier_trips", entities=[courier], ttl=timedelta(hours=1),
+    source=event_source("events.trips", TRIP, "courier_trips"), timestamp_field="event_timestamp",
+    aggregations=[
+        Aggregation(column="distance", function="sum", time_window=timedelta(seconds=30),
+                    slide_interval=timedelta(seconds=5), name="distance_30s"),
+        Aggregation(column="distance", function="count", time_window=timedelta(minutes=1),
+                    slide_interval=timedelta(seconds=10), name="trips_1m"),
+    ],
+    schema=[Field(name="courier_id", dtype=Int64), Field(name="distance_30s", dtype=Float64),
+            Field(name="trips_1m", dtype=Int64)],
+    online=True,
+)
+
+eta_v1 = FeatureService(name="eta_v1", features=[courier_trips])
+
+eta = Model(name="eta", task="regression", metric="rmse", source=trips, features=eta_v1,
+            label=OutcomeLabel(source=delivered, join_on="trip_id", window=timedelta(seconds=30),
+                               value_field="minutes"))
+'''
+
+
+def _courier_traffic(n: int, couriers: int = 40, seed: int = 3) -> list[tuple[str, dict]]:
+    """Trips (event time up to 2 s behind send time) and, for most, a delivery 1-25 s or 40-50 s (outside
+    the 30 s window) later; then a delivery per courier a minute after the rest (moves every watermark)."""
+    r = np.random.default_rng(seed)
+    out: list[tuple[int, str, dict]] = []
+    for i in range(n):
+        send = START + i * 20_000  # 50 trips/s
+        cid = 1000 + int(r.integers(couriers))
+        ts = send - int(r.uniform(0, 2) * 1e6)
+        out.append((send, "events.trips", {"schema_version": 1, "event_id": f"t{i}", "ts": ts, "courier_id": cid,
+                                           "distance": round(float(r.uniform(0.5, 9)), 3)}))
+        if r.random() < 0.7:
+            delay = float(r.uniform(1, 25) if r.random() < 0.85 else r.uniform(40, 50))
+            at = ts + int(delay * 1e6)
+            out.append((at, "events.delivered", {"schema_version": 1, "event_id": f"d{i}", "ts": at,
+                                                 "courier_id": cid, "trip_id": f"t{i}",
+                                                 "minutes": round(float(r.uniform(5, 60)), 2)}))
+    end = max(x[0] for x in out) + 60_000_000
+    out += [(end, "events.delivered", {"schema_version": 1, "event_id": f"end{c}", "ts": end, "courier_id": c,
+                                       "trip_id": "none", "minutes": 0.0}) for c in range(1000, 1000 + couriers)]
+    out.sort(key=lambda x: x[0])
+    return [(t, rec) for _, t, rec in out]
+
+
+def test_integer_entity_key_and_regression_label(settings: Settings, tmp_path: Path):
+    """A repo of its own keyed by ``courier_id int``: online rows are found by integer keys, offline rows and
+    the labels (the delivery's minutes, if within 30 s of the trip) equal the reference."""
+    repo = tmp_path / "couriers_repo"
+    repo.mkdir()
+    (repo / "couriers.py").write_text(COURIERS)
+    s = Settings(data_dir=settings.data_dir, bootstrap_servers=settings.bootstrap_servers,
+                 topic_prefix=settings.topic_prefix, partitions=settings.partitions, repo=repo)
+    store, decls = apply_repo(s)
+    assert decls.topics["events.trips"].key_type == "int" and decls.models["eta"].key_type == "int"
+    views = _views(store)
+    assert [(v.name, v.key_type) for v in views] == [("courier_trips", "int")]
+    events = _courier_traffic(3000)
+    with worker(s, "streams"):
+        publish(s, events, rate=1500)  # a few seconds: many batches
+        wait_streamed(s, events, views, 180)
+    _check(s, store, events, views, decls=decls)
+    got = store.get_online_features(features=["courier_trips:trips_1m"], entity_rows=[{"courier_id": 1000}])
+    assert got.to_dict()["trips_1m"][0] > 0
+    labels = delta.read(s.offline_dir / "labels")
+    want = expected_labels(events, decls.models["eta"])
+    assert 0 < len(labels) == len(want) < len(valid(events, "events.trips"))
+    msgs = read_topic(s, "labels", len(want), timeout=60)
+    assert len(msgs) == len(want)
+    sample = Label.from_bytes(msgs[0].value())
+    assert sample.model_name == "eta" and msgs[0].key() == sample.key.encode() and int(sample.key) >= 1000
+    dead = read_topic(s, "dlq", 1000, timeout=5)
+    assert {dict(m.headers())["reason"].decode() for m in dead} <= {"late_outcome"}
+    late = {orjson.loads(m.value())["trip_id"] for m in dead}
+    trips = {r["event_id"]: r["ts"] for r in valid(events, "events.trips")}
+    outcome_ts = {r["trip_id"]: r["ts"] for r in valid(events, "events.delivered")}
+    assert all(outcome_ts[t] - trips[t] > 30e6 for t in late), "only deliveries outside the window come late"

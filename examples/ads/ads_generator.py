@@ -8,6 +8,7 @@ flips (lower positions and low bids get clicked), so a model trained before the 
 from __future__ import annotations
 
 import math
+import time
 import uuid
 
 import numpy as np
@@ -62,7 +63,7 @@ class AdTraffic:
         return out
 
 
-def synthetic_events(n: int, *, users: int = 5000, start_us: int, rate: float = 5000.0,
+def synthetic_events(n: int, *, users: int = 5000, start_us: int | None = None, rate: float = 5000.0,
                      disorder_s: float = 0.0, click_share: float = 0.2, seed: int = 0) -> list[tuple[str, dict]]:
     """``n`` impressions and about ``click_share * n`` clicks as ``(logical topic, record)``, in send order.
 
@@ -73,7 +74,7 @@ def synthetic_events(n: int, *, users: int = 5000, start_us: int, rate: float = 
     r = np.random.default_rng(seed)
     w = 1.0 / np.arange(1, users + 1) ** 0.8
     uid = r.choice(users, size=n, p=w / w.sum())
-    send = start_us + (np.arange(n) * 1e6 / rate).astype(np.int64)
+    send = (time.time_ns() // 1000 if start_us is None else start_us) + (np.arange(n) * 1e6 / rate).astype(np.int64)
     ts = send - (r.uniform(0, disorder_s, n) * 1e6).astype(np.int64)
     pos = r.integers(1, 6, n)
     bid = np.round(r.lognormal(0.0, 0.35, n), 4)

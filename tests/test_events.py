@@ -1,0 +1,113 @@
+"""Validation of declared events (core/events.py) against a topic's schema, and driftloop's own contracts."""
+
+import orjson
+import pytest
+from pydantic import ValidationError
+
+from driftloop.core.contracts import TOPICS, Label, Prediction, RetrainRequest
+from driftloop.core.declarations import TopicSpec
+from driftloop.core.events import MAX_RECORD_BYTES, Invalid, parse
+
+TRIP = TopicSpec(name="events.trips", key="courier_id", key_type="int", version=2,
+                 fields={"courier_id": "int", "city": "string", "distance": "double", "express": "bool"})
+
+
+def rec(**kw) -> dict:
+    return {"schema_version": 2, "event_id": "e1", "ts": 1_700_000_000_000_000, "courier_id": 42, "city": "Oslo",
+            "distance": 3.5, "express": False, **kw}
+
+
+def raw(**kw) -> bytes:
+    return orjson.dumps(rec(**kw))
+
+
+def invalid(value: bytes | None) -> Invalid:
+    with pytest.raises(Invalid) as e:
+        parse(value, TRIP)
+    return e.value
+
+
+def test_valid_record_keeps_declared_fields_and_drops_extra_ones():
+    got = parse(raw(extra="dropped", nested={"a": 1}), TRIP)
+    assert got == rec()
+    assert "extra" not in got
+
+
+@pytest.mark.parametrize("field, value, what", [
+    ("courier_id", "42", "an integer"), ("courier_id", 4.2, "an integer"), ("courier_id", True, "an integer"),
+    ("distance", "far", "a number"), ("distance", True, "a number"),
+    ("express", 1, "a boolean"), ("express", "yes", "a boolean"),
+    ("city", 7, "a string"),
+])
+def test_wrong_type_names_the_field(field, value, what):
+    e = invalid(raw(**{field: value}))
+    assert e.reason == "invalid"
+    assert repr(field) in e.detail and what in e.detail
+
+
+def test_int_is_a_double_but_not_the_other_way():
+    got = parse(raw(distance=3), TRIP)
+    assert got["distance"] == 3.0 and isinstance(got["distance"], float)
+    assert isinstance(parse(raw(courier_id=7), TRIP)["courier_id"], int)
+    assert parse(raw(express=True), TRIP)["express"] is True
+
+
+@pytest.mark.parametrize("field", ["courier_id", "city", "distance", "express"])
+def test_missing_or_null_field(field):
+    r = rec()
+    del r[field]
+    e = invalid(orjson.dumps(r))
+    assert e.reason == "invalid" and repr(field) in e.detail and "missing" in e.detail
+    assert repr(field) in invalid(raw(**{field: None})).detail
+
+
+@pytest.mark.parametrize("value, reason", [
+    (None, "empty"), (b"{not json", "bad_json"), (b"[1, 2]", "bad_json"),
+    (b"x" * (MAX_RECORD_BYTES + 1), "oversize"),
+])
+def test_unreadable_records(value, reason):
+    assert invalid(value).reason == reason
+
+
+@pytest.mark.parametrize("version", [1, 3, None, "2", True])
+def test_schema_version_must_be_the_declared_one(version):
+    e = invalid(raw(schema_version=version))
+    assert e.reason == "schema_version" and "events.trips" in e.detail
+
+
+@pytest.mark.parametrize("kw, field", [
+    (dict(event_id=""), "event_id"), (dict(event_id="x" * 65), "event_id"), (dict(event_id=5), "event_id"),
+    (dict(ts=0), "ts"), (dict(ts=1.5), "ts"), (dict(ts="now"), "ts"),
+])
+def test_envelope(kw, field):
+    e = invalid(raw(**kw))
+    assert e.reason == "invalid" and repr(field) in e.detail
+
+
+def test_roundtrip_keeps_every_field():
+    lb = Label(model_name="eta", key="42", label=17.5, event_id="e1", ts=1_700_000_000_000_000)
+    assert Label.from_bytes(lb.to_bytes()) == lb
+    p = Prediction(key="u1", model_name="m", model_version="3", score=0.2, features={"a": 1.0}, latency_s=0.1)
+    back = Prediction.from_bytes(p.to_bytes())
+    assert back == p and len(back.event_id) == 32 and back.ts > 1_600_000_000_000_000
+
+
+def test_contracts_reject_bad_values():
+    with pytest.raises(ValidationError):
+        Label(model_name="m", key="k", label="high")
+    with pytest.raises(ValidationError, match="schema_version 2"):
+        Label.model_validate({**orjson.loads(Label(model_name="m", key="k", label=1).to_bytes()),
+                              "schema_version": 2})
+    with pytest.raises(ValidationError):
+        Label(model_name="m", key="k", label=1, extra=1)
+    with pytest.raises(ValidationError):
+        Prediction(key="u", model_name="m", model_version="1", score=0.5, features={}, latency_s=-1)
+    r = RetrainRequest(model_name="m", reason="webhook")
+    assert r.request_id and r.since_ts is None
+    with pytest.raises(ValidationError):
+        RetrainRequest(model_name="m", reason="because")
+
+
+def test_topic_table_matches_architecture():
+    assert set(TOPICS) == {"labels", "predictions", "predictions.shadow", "drift.reports", "retrain.requests",
+                           "models.promoted", "models.rejected", "dlq"}
