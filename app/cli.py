@@ -96,12 +96,15 @@ def cmd_apply(a: argparse.Namespace, s: Settings) -> int:
         return 0
     print(f"applied {s.feature_repo_dir}: {len(decls.models)} model(s) "
           f"({', '.join(decls.models) or 'none'}), {len(decls.topics)} event topic(s)")
-    if s.bootstrap_servers:
-        from driftloop.app.supervisor import ensure_all_topics
+    if s.bootstrap_servers:  # a broker is configured or a stack runs: create the declared topics
+        from driftloop.core.topics import ensure_topics
 
-        problems = ensure_all_topics(s, decls)
-        if problems:
-            return _fail("apply", problems)
+        try:
+            created = ensure_topics(s)
+        except ValueError as e:  # a model's scored and label topics differ in partition count
+            return _fail("apply", str(e))
+        if created:
+            print(f"created topics {', '.join(created)}")
     return 0
 
 
@@ -170,7 +173,10 @@ def cmd_produce(a: argparse.Namespace, s: Settings) -> int:
         gens = [load_generator(s, n, seed=a.seed, drift_at=a.drift_at if n in drift else None) for n in names]
     except (ValueError, ImportError, AttributeError) as e:
         return _fail("produce", str(e))
-    ensure_topics(s, list(decls.topics))
+    try:
+        ensure_topics(s)
+    except ValueError as e:
+        return _fail("produce", str(e))
     sent = produce(s, gens, rate=a.rate, count=a.count, duration=a.duration)
     print(f"produced {sent} scored events per model for {', '.join(names)}")
     return 0

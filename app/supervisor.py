@@ -15,12 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka.admin import AdminClient
-
 from driftloop.core.broker import EmbeddedBroker, free_port
-from driftloop.core.contracts import TOPICS
-from driftloop.core.declarations import Declarations
-from driftloop.core.kafka import bootstrap
 from driftloop.core.settings import Settings
 from driftloop.core.topics import ensure_topics
 from driftloop.core.worker import RESTART_EXIT
@@ -84,23 +79,6 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-def ensure_all_topics(settings: Settings, decls: Declarations, timeout: float = 30.0) -> list[str]:
-    """Create driftloop's own topics and the declared event topics that do not exist yet.
-
-    Returns one line per declared topic whose partition count is not ``settings.partitions``: a scored
-    event and its outcome are joined per partition, so the declared topics must be partitioned alike."""
-    ensure_topics(settings, [*TOPICS, *decls.topics], timeout=timeout)
-    have = AdminClient({"bootstrap.servers": bootstrap(settings)}).list_topics(timeout=timeout).topics
-    problems = []
-    for name in decls.topics:
-        n = len(have[settings.topic(name)].partitions)
-        if n != settings.partitions:
-            problems.append(f"topic {settings.topic(name)} has {n} partitions, not {settings.partitions} "
-                            f"(DRIFTLOOP_PARTITIONS): declared topics are joined per partition, so all need the same "
-                            f"count; recreate it or set DRIFTLOOP_PARTITIONS={n}")
-    return problems
-
-
 class Stack:
     def __init__(self, settings: Settings, workers: tuple[str, ...] = WORKERS):
         self.s = settings
@@ -119,11 +97,15 @@ class Stack:
             self.s.stack_file.unlink()
         logs = self.s.root / "logs"
         logs.mkdir(exist_ok=True)
-        _, _, decls = apply(self.s)  # first: a repo with problems starts nothing (RepoError)
+        apply(self.s)  # first: a repo with problems starts nothing (RepoError)
         if not self.s.bootstrap_servers:
             self.broker = EmbeddedBroker(log_file=logs / "broker.log").start()
             self.s = self.s.model_copy(update={"bootstrap_servers": self.broker.bootstrap_servers})
-        self.ensure_topics(decls)
+        try:
+            self.ensure_topics()
+        except ValueError as e:  # a model's scored and label topics differ in partition count
+            self.stop()
+            raise RuntimeError(str(e)) from e
         init_store(self.s)
         for f in self.s.run_dir.glob("*.ready"):
             f.unlink()
@@ -157,12 +139,10 @@ class Stack:
         log.info("stack ready: %s", self.s.stack_file)
         return self.info
 
-    def ensure_topics(self, decls: Declarations) -> None:
-        problems = ensure_all_topics(self.s, decls)
-        if problems:
-            self.stop()
-            raise RuntimeError("; ".join(problems))
+    def ensure_topics(self) -> None:
+        """driftloop's topics and the declared ones (core.topics); ValueError on a partition mismatch."""
         self.topics_for = self._declarations_stamp()
+        ensure_topics(self.s)
 
     def _declarations_stamp(self) -> float | None:
         f = self.s.declarations_file
@@ -178,10 +158,10 @@ class Stack:
             if c.proc.returncode == RESTART_EXIT and c.next_start == 0.0:
                 log.info("%s exited to pick up new declarations; restarting it", c.name)
                 if self._declarations_stamp() != self.topics_for:  # a model added while running may bring topics
-                    problems = ensure_all_topics(self.s, Declarations.load(self.s.declarations_file))
-                    self.topics_for = self._declarations_stamp()
-                    for p in problems:
-                        log.error("%s", p)
+                    try:
+                        self.ensure_topics()
+                    except (ValueError, RuntimeError, TimeoutError) as e:
+                        log.error("topics of the new declarations: %s", e)
                 self.restart(c)
                 continue
             if c.next_start == 0.0:

@@ -22,9 +22,9 @@ import pyarrow.parquet as pq
 from deltalake import write_deltalake
 from feast import FeatureService, FeatureStore, FeatureView
 
+from driftloop.core.settings import Settings
 from driftloop.features.repo import apply
 from driftloop.features.training import build_training_set
-from driftloop.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def run(base: Settings, labels: int = 1_000_000, rows_per_view: int = 1_000_000,
         baseline_labels: int = 0, seed: int = 1) -> dict[str, object]:
     s = Settings(**{**base.model_dump(), "data_dir": base.root / "bench" / f"training-{uuid.uuid4().hex[:6]}"})
     rng = np.random.default_rng(seed)
-    store = apply(s)
+    store, _plan, _decls = apply(s)
     views = [store.get_stream_feature_view(v) for v in VIEWS]
     t = time.perf_counter()
     for v in views:
@@ -104,10 +104,12 @@ def _baseline(s: Settings, views: list, entity: pd.DataFrame, store: FeatureStor
 
     repo = s.data_dir / "duckdb_repo"
     repo.mkdir()
-    (repo / "feature_store.yaml").write_text(
-        (s.feature_repo_dir / "feature_store.yaml").read_text()
+    yaml = (s.feature_repo_dir / "feature_store.yaml").read_text()
+    (repo / "feature_store.yaml").write_text(  # its own registry; DuckDB has no ``root``
+        "\n".join(line for line in yaml.splitlines() if not line.strip().startswith("root:"))
         .replace("driftloop.features.delta_offline_store.DeltaOfflineStore", "duckdb")
-        .replace(str(s.feature_repo_dir), str(repo)))
+        .replace(f"{s.root}/registry.db", f"{repo}/registry.db").replace(f"{s.root}/online.db", f"{repo}/online.db")
+        + "\n")
     fvs = []
     for v in views:
         path = repo / f"{v.name}.parquet"

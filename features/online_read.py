@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 KEY_VALUES: dict[ValueType, tuple[str, type]] = {
     ValueType.STRING: ("string_val", str), ValueType.INT64: ("int64_val", int), ValueType.INT32: ("int32_val", int)}
 NUMERIC = {"int64_val", "int32_val", "double_val", "float_val", "bool_val"}
+BLOB_CACHE = 200_000  # serialised entity keys kept between batches
 NUMERIC_TYPES = {ValueType.INT64, ValueType.INT32, ValueType.DOUBLE, ValueType.FLOAT, ValueType.BOOL}
 
 
@@ -78,6 +79,7 @@ class OnlineReader:
         other = [f"{v}:{n}" for v, n in self.columns if kinds.get((v, n)) not in NUMERIC_TYPES]
         if other:
             log.warning("%s: features %s are not numbers; they read as missing", service, other)
+        self._blob_cache: dict[tuple[ValueType, Any], bytes] = {}
         online = self.provider.online_store
         self.sqlite = online if isinstance(online, SqliteOnlineStore) else None
         if self.sqlite is not None:
@@ -121,10 +123,20 @@ class OnlineReader:
                     if name in col:
                         _put(table, i, col[name], v)
 
+    def _blobs(self, uniq: list[Any], vt: ValueType) -> list[bytes]:
+        """Feast's serialised entity keys (cached: the same entities come back batch after batch)."""
+        cache = self._blob_cache
+        missing = [u for u in uniq if (vt, u) not in cache]
+        if missing:
+            if len(cache) > BLOB_CACHE:
+                cache.clear()
+            version = self.store.config.entity_key_serialization_version
+            for u, k in zip(missing, self._keys(missing, vt), strict=True):
+                cache[(vt, u)] = serialize_entity_key(k, entity_key_serialization_version=version)
+        return [cache[(vt, u)] for u in uniq]
+
     def _sqlite(self, uniq: list[Any], table: np.ndarray) -> None:
-        version = self.store.config.entity_key_serialization_version
-        blobs = {vt: [serialize_entity_key(k, entity_key_serialization_version=version) for k in self._keys(uniq, vt)]
-                 for vt in set(self.view_types)}
+        blobs = {vt: self._blobs(uniq, vt) for vt in set(self.view_types)}
         rows = {vt: {b: i for i, b in enumerate(bs)} for vt, bs in blobs.items()}
         marks = ",".join("?" * len(uniq))
         sql = " UNION ALL ".join(f"SELECT {n}, entity_key, feature_name, value FROM {t} WHERE entity_key IN ({marks})"

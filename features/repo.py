@@ -231,8 +231,10 @@ class Plan:
                 + [f"- {x}" for x in self.removed])
 
 
-def _only_meta(diffs: list[Any]) -> bool:
-    """Feast's diff reports an embedded data source as changed when only its creation time (``meta``) is."""
+def _only_meta(diffs: list[Any], kind: str = "") -> bool:
+    """Whether Feast's diff of an object holds no real change. Feast reports an embedded data source as
+    changed when only its creation time (``meta``) is, and a view's ``features`` in another order when
+    they are the same (it writes them from a set; a feature service's order is real)."""
     def bare(v: Any) -> Any:
         if isinstance(v, dict):  # e.g. an on-demand view's request sources by name
             return {k: bare(x) for k, x in v.items()}
@@ -243,22 +245,33 @@ def _only_meta(diffs: list[Any]) -> bool:
                     m.ClearField("meta")
         return v
 
-    return all(bare(d.val_existing) == bare(d.val_declared) for d in diffs)
+    def same(d: Any) -> bool:
+        a, b = bare(d.val_existing), bare(d.val_declared)
+        if d.property_name == "features" and kind.endswith("view") and isinstance(a, list) and isinstance(b, list):
+            return sorted(x.SerializeToString() for x in a) == sorted(x.SerializeToString() for x in b)
+        return a == b
+
+    return all(same(d) for d in diffs)
 
 
 def plan(store: FeatureStore, objects: list[object], old: Declarations, new: Declarations) -> Plan:
     """What applying would add, change and remove: Feast's own registry diff, and the models."""
     from feast.diff.property_diff import TransitionType  # noqa: PLC0415
+    from feast.errors import FeastError  # noqa: PLC0415
 
     p = Plan()
-    diff, _infra, _ = store.plan(repo_contents(objects))
+    try:
+        diff, _infra, _ = store.plan(repo_contents(objects))
+    except (ValueError, FeastError) as e:  # Feast's own checks of the objects
+        raise RepoError([f"Feast: {' '.join(str(e).split())}"]) from e
     for d in sorted(diff.feast_object_diffs, key=lambda d: (d.feast_object_type.value, d.name)):
         if d.feast_object_type.value == "project" or d.name == "__dummy":  # Feast's own bookkeeping
             continue
         what = f"{d.feast_object_type.value} {d.name}"
         if d.transition_type == TransitionType.CREATE:
             p.added.append(what)
-        elif d.transition_type == TransitionType.UPDATE and not _only_meta(d.feast_object_property_diffs):
+        elif d.transition_type == TransitionType.UPDATE and not _only_meta(d.feast_object_property_diffs,
+                                                                              d.feast_object_type.value):
             p.changed.append(what)
         elif d.transition_type == TransitionType.DELETE:
             p.removed.append(what)
@@ -280,7 +293,6 @@ def apply(settings: Settings, dry_run: bool = False) -> tuple[FeatureStore, Plan
     Nothing is written when the repo has a problem or with ``dry_run`` (Feast's planning creates the
     registry and online store files when missing: those are removed again)."""
     from feast import FeatureStore  # noqa: PLC0415
-    from feast.errors import FeastError  # noqa: PLC0415
 
     from driftloop.features.declare import resolve  # noqa: PLC0415
 
@@ -292,10 +304,7 @@ def apply(settings: Settings, dry_run: bool = False) -> tuple[FeatureStore, Plan
     done = False
     try:
         store = FeatureStore(repo_path=str(repo))
-        try:
-            p = plan(store, objs.feast, old, new)
-        except (ValueError, TypeError, FeastError) as e:  # Feast's own checks of the objects
-            raise RepoError([f"{repo.name}: Feast: {' '.join(str(e).split())}"]) from e
+        p = plan(store, objs.feast, old, new)
         if not dry_run:
             store.apply(objs.feast, objects_to_delete=p.delete, partial=False)  # type: ignore[arg-type]
             new.save(settings.declarations_file)

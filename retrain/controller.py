@@ -83,6 +83,17 @@ def reference_frame(x: np.ndarray, out: np.ndarray, spec: ModelSpec) -> pd.DataF
     return ref
 
 
+def gate_failure(spec: ModelSpec, mine: float, theirs: float, champion: str | None) -> str | None:
+    """Why the challenger's holdout metric ``mine`` fails the gate against the champion's ``theirs``; None
+    when it passes (with no champion, any finite value passes)."""
+    if champion is None:
+        return None if np.isfinite(mine) else f"holdout {spec.metric} is {mine}"
+    if m.better(mine, theirs, spec.higher_is_better, spec.gate_margin):
+        return None
+    return (f"holdout {spec.metric} {mine:.4f} does not beat champion v{champion} {theirs:.4f} by "
+            f"{spec.gate_margin} ({'higher' if spec.higher_is_better else 'lower'} is better)")
+
+
 class Controller:
     def __init__(self, settings: Settings, launcher: Launcher, decls: Declarations | None = None):
         self.s = settings
@@ -143,19 +154,10 @@ class Controller:
                     "train_seconds": result.seconds}
         if result.history:
             metrics["train_loss"] = result.history[-1]
-        champ_version, champ_note = alias_version(self.s, spec.name, CHAMPION), ""
+        champ_version, theirs, champ_note = self.champion_metric(spec, x_ho, y_ho)
         if champ_version is not None:
-            try:
-                champ = load_scorer(self.s, spec.name, champ_version, list(spec.features), spec.task,
-                                    spec.n_outputs, verify_reference=False)
-                metrics[f"champion_holdout_{spec.metric}"] = m.FUNCTIONS[spec.metric](y_ho, champ.score(x_ho))
-            except (ModelCheckError, MlflowException) as e:  # e.g. trained on features no longer declared
-                champ_note = f"champion v{champ_version} cannot score this holdout: {e}"
-                log.warning("%s: %s; the challenger is gated against nothing", spec.name, champ_note)
-                champ_version = None
-
+            metrics[f"champion_holdout_{spec.metric}"] = theirs
         mine = metrics[f"holdout_{spec.metric}"]
-        theirs = metrics.get(f"champion_holdout_{spec.metric}", float("nan"))
         metrics = {k: v for k, v in metrics.items() if np.isfinite(v)}  # e.g. no AUC of a one-class holdout
         params: dict[str, Any] = {"reason": req.reason, "request_id": req.request_id, "since_ts": req.since_ts,
                                   "device": result.device, "trainer": spec.trainer or f"builtin:{spec.task}",
@@ -167,20 +169,30 @@ class Controller:
             metrics=metrics, history=result.history)
         timeline["registered"] = now_us()
         TRAINING_RUNS.labels(model=spec.name, outcome="trained").inc()
-        if champ_version is not None:
-            if not m.better(mine, theirs, spec.higher_is_better, spec.gate_margin):
-                return self._reject(req, version, run_id, {
-                    "gate": f"holdout {spec.metric} {mine:.4f} does not beat champion v{champ_version} "
-                            f"{theirs:.4f} by {spec.gate_margin} ({'higher' if spec.higher_is_better else 'lower'}"
-                            " is better)"})
-        elif not np.isfinite(mine):
-            return self._reject(req, version, run_id, {"gate": f"holdout {spec.metric} is {mine}"})
+        failed = gate_failure(spec, mine, theirs, champ_version)
+        if failed:
+            return self._reject(req, version, run_id, {"gate": failed})
         reason = req.reason if not champ_note else f"{req.reason} ({champ_note})"
         ev = promote(self.s, self.producer, spec.name, version, reason=reason[:500], metrics=metrics,
                      request_id=req.request_id, timeline=timeline)
         TRAINING_RUNS.labels(model=spec.name, outcome="promoted").inc()
         self.last_promotion_us[spec.name] = ev.timeline["promoted"]
         return ev
+
+    def champion_metric(self, spec: ModelSpec, x: np.ndarray, y: np.ndarray) -> tuple[str | None, float, str]:
+        """(champion version, its primary metric on ``x``/``y``, why it has none): a champion that cannot
+        score these inputs (e.g. trained on features no longer declared) counts as none."""
+        version = alias_version(self.s, spec.name, CHAMPION)
+        if version is None:
+            return None, float("nan"), ""
+        try:
+            champ = load_scorer(self.s, spec.name, version, list(spec.features), spec.task, spec.n_outputs,
+                                verify_reference=False)
+            return version, m.FUNCTIONS[spec.metric](y, champ.score(x)), ""
+        except (ModelCheckError, MlflowException) as e:
+            note = f"champion v{version} cannot score this holdout: {e}"
+            log.warning("%s: %s; the challenger is gated against nothing", spec.name, note)
+            return None, float("nan"), note
 
     def _reject(self, req: RetrainRequest, version: str | None, run_id: str | None,
                 checks: dict[str, str], outcome: str = "rejected") -> ModelRejected:

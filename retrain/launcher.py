@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 class TrainJob:
     """What to train: the model's features and task, the trainer (None = built-in) and where it lives."""
 
-    model: str
+    model: str  # the declared model's name (names the Ray task)
     features: list[str]
     task: str
     classes: list[str] = field(default_factory=list)
@@ -98,7 +98,7 @@ class RayLauncher(Launcher):
         log.info("Ray ready: %s (training on %s)", ray.cluster_resources(), "GPU" if self.gpus else "CPU")
 
     def run(self, train_df: pd.DataFrame, valid_df: pd.DataFrame, job: TrainJob) -> JobResult:
-        return self.ray.get(self.remote.remote(train_df, valid_df, job))
+        return self.ray.get(self.remote.options(name=f"train-{job.model}").remote(train_df, valid_df, job))
 
     def close(self) -> None:
         self.ray.shutdown()

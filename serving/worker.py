@@ -101,6 +101,7 @@ class ModelServer:
             if settings.serving_shadow else None
         self.slots = [s for s in (self.champion, self.challenger) if s is not None]
         self.topics = {t: settings.topic(t) for t in ("predictions", "predictions.shadow", "dlq")}
+        self.consumer = make_consumer(settings, f"{settings.topic_prefix}{self.name}", [spec.topic])
         self.refresh_requested = threading.Event()
         self.error: BaseException | None = None
         self._unscored_logged = 0.0
@@ -125,8 +126,7 @@ class ModelServer:
         self.thread.start()
 
     def _run(self) -> None:
-        s = self.s
-        consumer = make_consumer(s, f"{s.topic_prefix}{self.name}", [self.spec.topic])
+        s, consumer = self.s, self.consumer
         next_poll = time.monotonic() + s.serving_alias_poll_s
         try:
             while not self.halt.is_set():

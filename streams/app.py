@@ -23,6 +23,7 @@ import logging
 import os
 import signal
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -189,6 +190,9 @@ def create_app(settings: Settings) -> faust.App:
             n += 1
         return n
 
+    unlabelled: Counter[str] = Counter()  # model → scored events that got no label (no outcome in the window)
+    last_unlabelled_log = [0.0]
+
     def _count(out: BatchOutput) -> None:
         for _r, reason, _detail in out.dlq:
             DLQ.labels(reason=reason).inc()
@@ -196,8 +200,11 @@ def create_app(settings: Settings) -> faust.App:
             LABELS.labels(model=lb.model_name).inc()
         for model, n in out.late_outcomes.items():
             LATE_OUTCOMES.labels(model=model).inc(n)
-        if out.unlabelled:
-            log.info("scored events without an outcome in their label window (no label): %s", dict(out.unlabelled))
+        unlabelled.update(out.unlabelled)
+        if unlabelled and time.monotonic() - last_unlabelled_log[0] >= 60:
+            last_unlabelled_log[0] = time.monotonic()
+            log.info("scored events without an outcome in their label window (no label) so far: %s",
+                     dict(unlabelled))
 
     def _write_online(out: BatchOutput) -> None:
         for name, rows in out.online.items():

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from driftloop.app.cli import main
 from driftloop.core.declarations import Declarations
 from driftloop.core.settings import Settings
 from driftloop.features.repo import init_repo, open_store
+from tests.test_cli import cli
 
 WRITTEN = ("declarations.json", "registry.db", "online.db")
 
@@ -27,10 +27,8 @@ def repo(tmp_path: Path) -> Path:
 
 def apply(tmp_path: Path, repo: Path, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, list[str]]:
     """``driftloop apply``: exit code, stdout and its error lines."""
-    capsys.readouterr()
-    rc = main(["--data-dir", str(tmp_path / "data"), "--repo", str(repo), "apply", *args])
-    out = capsys.readouterr()
-    return rc, out.out, [x for x in out.err.splitlines() if x.startswith("driftloop apply: ")]
+    rc, out, err = cli(capsys, "--data-dir", str(tmp_path / "data"), "--repo", str(repo), "apply", *args)
+    return rc, out, [x for x in err.splitlines() if x.startswith("driftloop apply: ")]
 
 
 def edit(path: Path, old: str, new: str) -> None:

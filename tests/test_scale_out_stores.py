@@ -9,12 +9,12 @@ import uuid
 import numpy as np
 import pytest
 
-from driftloop.app.producer import publish, synthetic_events
+from driftloop.app.producer import publish
 from driftloop.core.settings import Settings
 from driftloop.core.topics import ensure_topics
-from driftloop.features.online_read import OnlineReader
+from driftloop.examples.ads.ads_generator import synthetic_events
 from driftloop.features.repo import apply, open_store
-from driftloop.features.vectors import FEATURE_SERVICE, ONLINE_FEATURES
+from driftloop.features.vectors import Vectorizer
 from driftloop.features.windows import specs_from_feast
 from tests.helpers import valid, wait_streamed, worker
 from tests.reference import assert_frames_match, expected
@@ -38,7 +38,7 @@ def test_settings_select_redis_and_postgres(tmp_path, bootstrap_servers, redis_u
     s = Settings(data_dir=tmp_path, bootstrap_servers=bootstrap_servers, topic_prefix=f"so{uuid.uuid4().hex[:8]}.",
                  partitions=2, redis_url=redis_url, registry_url=registry_url)
     ensure_topics(s)
-    store = apply(s)
+    store, _, decls = apply(s)
     yaml = (s.feature_repo_dir / "feature_store.yaml").read_text()
     assert "type: redis" in yaml and "registry_type: sql" in yaml
     assert type(store._provider.online_store).__name__ == "RedisOnlineStore"
@@ -57,9 +57,11 @@ def test_settings_select_redis_and_postgres(tmp_path, bootstrap_servers, redis_u
                                         entity_rows=[{v.entity_key: e} for e in want[v.entity_key]]).to_df()
         assert_frames_match(got, want, v.entity_key, names)
     # serving's reader goes through the provider on Redis and agrees with Feast
-    reader = OnlineReader(store, FEATURE_SERVICE, ONLINE_FEATURES, "user_id")
+    spec = decls.models["ctr"]
+    vec = Vectorizer(store, spec)
     users = sorted({r["user_id"] for r in valid(events, "events.impressions")})[:50] + ["nobody"]
-    assert reader.sqlite is None and np.array_equal(reader.matrix(users), feast_matrix(store, users))
+    rows = [{"user_id": u, "position": 1, "bid": 1.0, "device": "mobile"} for u in users]
+    assert vec.reader.sqlite is None and np.array_equal(vec.matrix(rows), feast_matrix(store, spec, rows))
     import redis
 
     host, port = redis_url.split(":")

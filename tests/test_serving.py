@@ -20,13 +20,17 @@ from driftloop.app.supervisor import Child, settings_env
 from driftloop.bench.model_fixtures import BAD_KINDS, register_bad, register_good
 from driftloop.bench.serving import audit, read_all, source_offsets
 from driftloop.core.contracts import Prediction, now_us
+from driftloop.core.declarations import LabelSpec, ModelSpec
 from driftloop.core.kafka import consumer_config, make_producer
 from driftloop.core.settings import Settings
 from driftloop.core.topics import ensure_topics
+from driftloop.core.worker import RESTART_EXIT
 from driftloop.examples.ads.ads_generator import synthetic_events
 from driftloop.features.repo import apply, init_repo, open_store
 from driftloop.registry.aliases import promote
+from driftloop.registry.verify import Scorer
 from driftloop.registry.versions import alias_version
+from driftloop.serving.worker import prediction_records
 from tests.helpers import wait_for, worker
 
 MODEL = "ctr"
@@ -173,10 +177,13 @@ def test_two_models_score_every_event_with_their_own_versions(settings: Settings
         "event_timestamp": [now] * len(users), "created": [now] * len(users)}))
     events = [r for t, r in synthetic_events(300, users=60, seed=8, start_us=now_us()) if t == TOPIC]
     invalid = [(TOPIC, b"u1", b"{not json"), (TOPIC, b"u2", orjson.dumps({**events[0], "bid": "high"}))]
-    with worker(s, "serving"):
+    with worker(s, "serving") as proc:
         publish(s, [(TOPIC, e) for e in events] + invalid)
         preds = wait_for(lambda: (p := _preds(s)) and len(p) >= 2 * len(events) and p, 60)
         dlq = wait_for(lambda: (d := read_all(s, "dlq", 4, 0, idle_s=0.5)) and len(d) >= 4 and d, 30)
+        apply(s)  # new declarations: the worker finishes its batches and exits to be restarted on them
+        wait_for(lambda: proc.poll() is not None, 30)
+        assert proc.returncode == RESTART_EXIT
     by_model = {m: [p for p in preds if p["model_name"] == m] for m in ("ctr", "ctr_lite")}
     ids = {e["event_id"] for e in events}
     for m, version in (("ctr", v_ctr), ("ctr_lite", v_lite)):
@@ -197,3 +204,28 @@ def test_two_models_score_every_event_with_their_own_versions(settings: Settings
     assert headers == [("serving.ctr", "bad_json"), ("serving.ctr", "invalid"),
                        ("serving.ctr_lite", "bad_json"), ("serving.ctr_lite", "invalid")]
     assert all({"error", "source_topic", "partition", "offset"} <= {k for k, _ in m.headers()} for m in dlq)
+
+
+def test_prediction_records_per_task():
+    label = LabelSpec(kind="field", topic="labels.x", id_field="event_id", value_field="y")
+    events = [{"event_id": "e1", "ts": 1_000_000, "k": 7}, {"event_id": "e2", "ts": 2_000_000, "k": 8}]
+    x = np.array([[1.5, 0], [2.5, 1]], np.float32)
+    cases = {"binary": (np.array([0.25, 1.0000001], np.float32), [0.25, 1.0], None),
+             "regression": (np.array([-3.5, 12.0], np.float32), [-3.5, 12.0], None),
+             "multiclass": (np.array([[0.2, 0.5, 0.3], [0.6, 0.3, 0.1]], np.float32), [1.0, 0.0],
+                            [[0.2, 0.5, 0.3], [0.6, 0.3, 0.1]])}
+    for task, (out, scores, probs) in cases.items():
+        spec = ModelSpec(name="m", task=task, metric="accuracy" if task == "multiclass" else "rmse",
+                         higher_is_better=True, topic="events.x", key="k", key_type="int", feature_service="s",
+                         features=["a", "b"], label=label, classes=["x", "y", "z"] if task == "multiclass" else [])
+        scorer = Scorer("m", "4", "run", ["a", "b"], "onnx", lambda v: v, task)
+        recs = prediction_records(spec, scorer, events, x, out, now_s=3.0)
+        got = [Prediction.from_bytes(v) for _, v, _ in recs]
+        assert [k for k, _, _ in recs] == [b"7", b"8"] and [p.key for p in got] == ["7", "8"]
+        assert [p.latency_s for p in got] == [2.0, 1.0] and [p.event_id for p in got] == ["e1", "e2"]
+        assert [p.features for p in got] == [{"a": 1.5, "b": 0.0}, {"a": 2.5, "b": 1.0}]
+        assert np.allclose([p.score for p in got], scores) and {p.model_version for p in got} == {"4"}
+        if probs is None:
+            assert all(p.probabilities is None for p in got)
+        else:
+            assert np.allclose([p.probabilities for p in got], probs)

@@ -20,8 +20,10 @@ from driftloop.app.producer import publish
 from driftloop.app.supervisor import Child, settings_env
 from driftloop.core import delta
 from driftloop.core.contracts import Label
-from driftloop.core.declarations import Declarations
+from driftloop.core.declarations import Declarations, LabelSpec, ModelSpec, TopicSpec
 from driftloop.core.settings import Settings
+from driftloop.core.topics import default_topics, ensure_topics
+from driftloop.core.worker import RESTART_EXIT
 from driftloop.examples.ads.ads_generator import synthetic_events
 from driftloop.features.repo import open_store
 from driftloop.features.windows import ViewSpec, specs_from_feast
@@ -184,14 +186,17 @@ def _top_slots_in_eur(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def test_new_view_file_apply_and_restart(settings: Settings):
-    """A view added to the repo (with a pandas udf) + `driftloop apply` + restart computes from then on."""
+    """A view added to the repo (with a pandas udf) + `driftloop apply` while the worker runs: it exits to be
+    restarted (RESTART_EXIT) and computes the new view from then on."""
     store, _decls = apply_repo(settings)
     before = synthetic_events(6000, users=300, rate=200, disorder_s=2.0, seed=21, start_us=START)
-    with worker(settings, "streams"):
+    with worker(settings, "streams") as proc:
         publish(settings, before)
         wait_streamed(settings, before, _views(store), 120)
-    (settings.feature_repo_dir / "top_bids.py").write_text(NEW_VIEW)
-    store, _decls = apply_repo(settings)
+        (settings.feature_repo_dir / "top_bids.py").write_text(NEW_VIEW)
+        store, _decls = apply_repo(settings)
+        wait_for(lambda: proc.poll() is not None, 60)
+        assert proc.returncode == RESTART_EXIT
     views = _views(store)
     new = next(v for v in views if v.name == "user_top_bids_eur")
     assert new.udf is not None and new.mode == "pandas"
@@ -302,3 +307,20 @@ def test_integer_entity_key_and_regression_label(settings: Settings, tmp_path: P
     trips = {r["event_id"]: r["ts"] for r in valid(events, "events.trips")}
     outcome_ts = {r["trip_id"]: r["ts"] for r in valid(events, "events.delivered")}
     assert all(outcome_ts[t] - trips[t] > 30e6 for t in late), "only deliveries outside the window come late"
+
+
+def test_label_topic_partition_counts_must_match(settings: Settings):
+    """A label join needs the outcome topic partitioned like the scored one: ensure_topics refuses otherwise."""
+    m = ModelSpec(name="eta", task="regression", metric="rmse", higher_is_better=False, topic="events.trips",
+                  key="courier_id", feature_service="eta_v1", features=["x"],
+                  label=LabelSpec(kind="outcome", topic="events.delivered", id_field="trip_id", value_field="minutes"))
+    topics = {t: TopicSpec(name=t, key="courier_id", key_type="int", fields={"courier_id": "int", "trip_id": "string",
+                                                                            "minutes": "double"})
+              for t in (m.topic, m.label.topic)}
+    Declarations(topics=topics, models={"eta": m}).save(settings.declarations_file)
+    wider = settings.model_copy(update={"partitions": settings.partitions + 1})
+    ensure_topics(wider, ["events.delivered"])
+    with pytest.raises(ValueError, match=f"{settings.topic('events.delivered')} has 3 partitions.*"
+                                         f"{settings.topic('events.trips')} has 2"):
+        ensure_topics(settings)
+    assert set(default_topics(settings)) >= {"events.trips", "events.delivered", "labels", "dlq"}
