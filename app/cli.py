@@ -128,13 +128,8 @@ def _champion(s: Settings, name: str) -> str | None:
 
 
 def cmd_models(a: argparse.Namespace, s: Settings) -> int:
-    from driftloop.features.repo import RepoError
-
     s = _settings_from_stack(s)
-    try:
-        decls = _declarations(s)
-    except RepoError as e:
-        return _fail("models", e.problems)
+    decls = _declarations(s)
     rows: list[dict[str, Any]] = [
         {"name": m.name, "task": m.task, "metric": m.metric, "topic": m.topic, "feature_service": m.feature_service,
          "features": m.features, "label": label_rule(m.label), "champion": _champion(s, m.name),
@@ -264,7 +259,6 @@ def cmd_maintain(a: argparse.Namespace, s: Settings) -> int:
 
 def cmd_up(a: argparse.Namespace, s: Settings) -> int:
     from driftloop.app.supervisor import Stack, start_detached
-    from driftloop.features.repo import RepoError
 
     try:
         if a.detach:
@@ -272,8 +266,6 @@ def cmd_up(a: argparse.Namespace, s: Settings) -> int:
             return 0
         stack = Stack(s)
         stack.start(timeout=a.timeout)
-    except RepoError as e:
-        return _fail("up", e.problems)
     except (RuntimeError, TimeoutError) as e:
         return _fail("up", str(e).splitlines())
     print(json.dumps(stack.info, indent=2), flush=True)
@@ -463,8 +455,12 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(settings.log_level, component=getattr(args, "name", None) or args.cmd)
     if args.cmd in ("produce", "tail"):
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    from driftloop.features.repo import RepoError  # light: Feast is imported only where it is used
+
     try:
         return args.fn(args, settings)
+    except RepoError as e:  # the repo cannot be applied (any command that applies it first)
+        return _fail(args.cmd, e.problems)
     except KeyboardInterrupt:
         return 130
 

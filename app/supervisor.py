@@ -20,7 +20,6 @@ from driftloop.core.settings import Settings
 from driftloop.core.topics import ensure_topics
 from driftloop.core.worker import RESTART_EXIT
 from driftloop.features.repo import apply
-from driftloop.registry.versions import init_store
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +96,8 @@ class Stack:
             self.s.stack_file.unlink()
         logs = self.s.root / "logs"
         logs.mkdir(exist_ok=True)
+        from driftloop.registry.versions import init_store  # noqa: PLC0415 - MLflow is slow to import
+
         apply(self.s)  # first: a repo with problems starts nothing (RepoError)
         if not self.s.bootstrap_servers:
             self.broker = EmbeddedBroker(log_file=logs / "broker.log").start()

@@ -4,9 +4,9 @@ A repo module declares models at module level, like Feast objects::
 
     from driftloop.core.declarations import Model, OutcomeLabel
 
-    ctr = Model(name="ctr", task="binary", metric="log_loss", source=impressions_source,
-                features=ctr_features, label=OutcomeLabel(source=clicks_source, join_on="impression_id",
-                                                          window=timedelta(seconds=5)))
+    churn = Model(name="churn", task="binary", metric="auc", source=sessions_source,
+                  features=churn_features, label=OutcomeLabel(source=cancellations_source, join_on="session_id",
+                                                              window=timedelta(days=30)))
 
 ``driftloop apply`` collects them (``features/declare_apply.py``), checks them against the Feast objects and
 writes the resolved form, a :class:`Declarations` snapshot (topics with their schemas, models with
@@ -44,7 +44,7 @@ SCHEMA_VERSION_TAG = "driftloop.schema_version"
 
 
 def parse_schema(ddl: str) -> dict[str, str]:
-    """``"user_id string, bid double"`` → ``{"user_id": "string", "bid": "double"}`` (envelope fields dropped)."""
+    """``"account_id string, amount double"`` → ``{"account_id": "string", "amount": "double"}`` (envelope fields dropped)."""
     out: dict[str, str] = {}
     for part in (p.strip() for p in ddl.split(",")):
         if not part:

@@ -25,7 +25,7 @@ class Settings(BaseSettings):
                                                 "(your own folder); unset = <data_dir>/feature_repo.")
     model_overrides: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description='Per-model knobs over the declared ones, e.g. '
-        '{"ctr": {"min_labels": 1500, "drift_window": 500}} (JSON in DRIFTLOOP_MODEL_OVERRIDES).')
+        '{"churn": {"min_labels": 1500, "drift_window": 500}} (JSON in DRIFTLOOP_MODEL_OVERRIDES).')
     mlflow_tracking_uri: str | None = Field(None, description="Unset = sqlite under data_dir.")
     ray_address: str | None = Field(None, description="Unset = local ray.init().")
     spark_remote: str | None = Field(None, description="Spark Connect URL (sc://host:15002); unset = embedded pysail.")

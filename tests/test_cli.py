@@ -20,6 +20,7 @@ from driftloop.app.supervisor import Child, Stack
 from driftloop.core.settings import Settings
 from driftloop.core.worker import RESTART_EXIT
 from driftloop.examples import EXAMPLES
+from driftloop.features.repo import RepoError
 from tests.helpers import read_topic, wait_for
 
 BOTH = ["README.ads.md", "README.delivery.md", "ads.py", "ads_generator.py", "delivery.py", "delivery_generator.py"]
@@ -207,3 +208,30 @@ def test_supervisor_restarts_a_worker_that_exits_for_new_declarations_at_once(tm
         wait_for(lambda: marker.read_text() == "xx", 30)  # the second run started
     finally:
         stack.stop(grace=5)
+
+
+def test_stack_applies_the_repo_before_anything_starts(on_broker: Settings, capsys: pytest.CaptureFixture[str]) -> None:
+    """``driftloop up``: a repo with a problem starts nothing; a good one is applied, then its topics created."""
+    s = on_broker
+    both(capsys, s.feature_repo_dir)
+    delivery = s.feature_repo_dir / "delivery.py"
+    good = delivery.read_text()
+    delivery.write_text(good.replace('metric="mae"', 'metric="auc"'))
+    admin = AdminClient({"bootstrap.servers": s.bootstrap_servers})
+    with pytest.raises(RepoError) as e:
+        Stack(s, workers=()).start(timeout=30)
+    assert len(e.value.problems) == 1 and "delivery.py: Model eta: metric 'auc'" in e.value.problems[0]
+    assert not s.declarations_file.exists() and not s.stack_file.exists()
+    assert s.topic("events.orders") not in admin.list_topics(timeout=10).topics
+
+    delivery.write_text(good)
+    stack = Stack(s, workers=())
+    try:
+        info = stack.start(timeout=30)
+        assert s.stack_file.exists() and info["bootstrap_servers"] == s.bootstrap_servers
+        topics = admin.list_topics(timeout=10).topics
+        for name in ("events.impressions", "events.clicks", "events.orders", "events.deliveries"):
+            assert len(topics[s.topic(name)].partitions) == s.partitions
+    finally:
+        stack.stop(grace=5)
+    assert not s.stack_file.exists()
