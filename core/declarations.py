@@ -44,7 +44,8 @@ SCHEMA_VERSION_TAG = "driftloop.schema_version"
 
 
 def parse_schema(ddl: str) -> dict[str, str]:
-    """``"account_id string, amount double"`` → ``{"account_id": "string", "amount": "double"}`` (envelope fields dropped)."""
+    """``"account_id string, amount double"`` → ``{"account_id": "string", "amount": "double"}``; envelope
+    fields dropped."""
     out: dict[str, str] = {}
     for part in (p.strip() for p in ddl.split(",")):
         if not part:
