@@ -33,7 +33,7 @@ from driftloop.core.kafka import good_messages, make_consumer
 from driftloop.core.settings import Settings
 from driftloop.examples import names as example_names
 from driftloop.features.repo import declarations, init_repo
-from driftloop.retrain.metrics import metric
+from driftloop.retrain.metrics import FUNCTIONS
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ def _print_log_problems(logs: Path, per_file: int = 25) -> None:
 
 
 def _metric(spec: ModelSpec, df: pd.DataFrame) -> float:
-    return metric(spec.metric, df["label"].to_numpy(np.float64), df["score"].to_numpy(np.float64))
+    return FUNCTIONS[spec.metric](df["label"].to_numpy(np.float64), df["score"].to_numpy(np.float64))
 
 
 def _finish(s: Settings, specs: dict[str, ModelSpec], drift_name: str, obs: Observed, onset_us: int | None,

@@ -55,7 +55,8 @@ def main() -> None:
                 state[key] = st
                 vals = windows.values(st, view, ts / 1e6)
                 df = pd.DataFrame([{view.entity_key: row[view.entity_key], **vals,
-                                    "event_timestamp": pd.Timestamp(ts, unit="us", tz="UTC")}])
+                                    "event_timestamp": pd.Timestamp(ts, unit="us", tz="UTC"),
+                                    "created": pd.Timestamp.now(tz="UTC")}])
                 store.write_to_online_store(view.name, df)
             EVENTS_IN.labels(component="baseline", topic=topic).inc()
 
