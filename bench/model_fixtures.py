@@ -4,7 +4,6 @@ serving must refuse."""
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -17,6 +16,7 @@ from driftloop.core.declarations import ModelSpec
 from driftloop.core.settings import Settings
 from driftloop.features.repo import declarations
 from driftloop.registry.versions import ONNX_PATH, client, register_version
+from driftloop.retrain.trainers import to_onnx
 
 BAD_KINDS = ("nan_outputs", "wrong_signature", "corrupted_artifact", "mismatched_features")
 
@@ -36,13 +36,6 @@ class TinyNet(nn.Module):
         if self.task == "binary":
             return torch.sigmoid(z)
         return torch.softmax(z, dim=1) if self.task == "multiclass" else z
-
-
-def onnx_bytes(model: nn.Module, n_features: int) -> bytes:
-    buf = io.BytesIO()
-    torch.onnx.export(model, (torch.zeros(1, n_features),), buf, input_names=["x"], output_names=["score"],
-                      dynamic_axes={"x": {0: "n"}, "score": {0: "n"}}, dynamo=False)
-    return buf.getvalue()
 
 
 def synthetic_xy(spec: ModelSpec, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -103,7 +96,7 @@ def register_good(settings: Settings, seed: int, challenger: bool = True, onnx: 
     x, y = synthetic_xy(spec, 2000, seed)
     net, hist = fit(spec, x, y, seed)
     version, _ = register_version(settings, model, net, spec.features, reference(spec, net, x[:300], spec.features),
-                                  onnx_bytes=onnx_bytes(net, x.shape[1]) if onnx else None, task=spec.task,
+                                  onnx_bytes=to_onnx(net, x.shape[1]) if onnx else None, task=spec.task,
                                   params={"seed": seed, "kind": "synthetic"}, history=hist, challenger=challenger)
     return version
 
@@ -122,8 +115,8 @@ def register_bad(settings: Settings, kind: str, seed: int = 0, model: str = "ctr
     elif kind == "mismatched_features":
         features[-1] = f"{features[-1]}_renamed"
     ref = reference(spec, net, x, features)
-    blob = onnx_bytes(TinyNet(n + 2, spec.task, spec.n_outputs), n + 2) if kind == "wrong_signature" \
-        else onnx_bytes(net, n)
+    blob = to_onnx(TinyNet(n + 2, spec.task, spec.n_outputs), n + 2) if kind == "wrong_signature" \
+        else to_onnx(net, n)
     version, run_id = register_version(settings, model, net, features, ref, onnx_bytes=blob, task=spec.task,
                                        params={"kind": kind}, challenger=False)
     if kind == "corrupted_artifact":  # flip bytes of the stored ONNX copy after registration

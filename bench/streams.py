@@ -33,6 +33,23 @@ def bronze_rows(samples: dict) -> float:
                if n == "driftloop_rows_written_total" and dict(lb).get("sink", "").startswith("delta:bronze_"))
 
 
+def total_freshness(samples: dict) -> float:
+    """Online rows whose freshness was observed."""
+    return total(samples, "driftloop_feature_freshness_seconds_count")
+
+
+def settled(port: int, count: Callable[[dict], float], quiet_s: float = 1.0, timeout: float = 60) -> dict:
+    """A scrape once ``count`` stopped moving for ``quiet_s`` (the writes of the batch in flight are done)."""
+    last, deadline = scrape(port), time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(quiet_s)
+        now = scrape(port)
+        if count(now) == count(last):
+            return now
+        last = now
+    return last
+
+
 def drain(port: int, count: Callable[[dict], float], target: float, timeout: float = 600) -> float:
     """Poll a worker's metrics until ``count`` reaches ``target``; the rate between its first and last move."""
     series: list[tuple[float, float]] = []
@@ -68,7 +85,7 @@ def run(base: Settings, events: int = 200_000, rate: float = 5000.0, fresh_s: fl
             print("streams worker: draining the backlog", flush=True)
             eps = drain(s.metrics_port, bronze_rows, len(backlog))
             print(f"throughput: {eps:,.0f} events/s", flush=True)
-            before = scrape(s.metrics_port)
+            before = settled(s.metrics_port, total_freshness)  # the backlog's last online rows are in
             live = synthetic_events(int(fresh_s * rate / 1.2), rate=rate / 1.2, start_us=now_us(), seed=2)
             print(f"freshness: {len(live):,} live events at {rate:,.0f}/s", flush=True)
             publish(s, live, rate=rate)

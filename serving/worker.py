@@ -46,7 +46,7 @@ from driftloop.core.kafka import (
 from driftloop.core.metrics import BATCH_SIZE, DLQ, EVENTS_IN, PREDICTION_LATENCY, PREDICTIONS
 from driftloop.core.settings import Settings
 from driftloop.core.worker import RESTART_EXIT, DeclarationsWatch, StopFlag, mark_ready
-from driftloop.features.repo import declarations, open_store
+from driftloop.features.repo import declarations, on_path, open_store
 from driftloop.features.vectors import Vectorizer
 from driftloop.registry.verify import Scorer
 from driftloop.registry.versions import CHALLENGER, CHAMPION
@@ -204,6 +204,7 @@ def run(settings: Settings) -> int:
     stop = StopFlag()
     watch = DeclarationsWatch(settings)  # before reading them, so a change in between is not missed
     decls = declarations(settings)
+    on_path(settings.feature_repo_dir)  # a version without an ONNX copy unpickles the repo's trainer module
     halt = threading.Event()
     servers = {name: ModelServer(settings, decls, spec, halt) for name, spec in decls.models.items()}
     if not servers:

@@ -18,8 +18,12 @@ State per entity (table key ``join_key=value``, the value as text)::
      "f": {model: {scored event id: scored ts}}}
 
 ``l`` holds the label joins in progress (``outcome ts``/``value``: the earliest outcome seen;
-``orphans``: ``[[offset, outcome record], ...]`` while the scored event has not arrived), ``f`` the ids
-whose label is final (kept for ``FINAL_HORIZON`` windows, so a late outcome is recognised).
+``orphans``: ``[[offset, outcome record], ...]`` while the scored event has not arrived, at most
+``UNMATCHED_HORIZON`` windows), ``f`` the ids whose label is final, so a late outcome is recognised. A final
+id is kept until the join watermark is two windows plus the outcome topic's lateness past its event: an
+outcome that comes later is behind the watermark by more than the lateness (dead-lettered ``late``) or more
+than a window after the event it names (it could not have counted), and waits as unmatched. (Keeping them
+for many windows would make a busy entity's state record, rewritten each batch, grow with the traffic.)
 
 Label rules (``ModelSpec.label``):
 
@@ -59,7 +63,7 @@ from driftloop.features.windows import ViewSpec
 log = logging.getLogger(__name__)
 
 StateGet = Callable[[str], dict[str, Any] | None]
-FINAL_HORIZON = 60  # windows of event time a final label's id (and an unmatched outcome) is kept
+UNMATCHED_HORIZON = 60  # windows of event time an outcome waits for its scored event
 LABELS_TABLE = "labels"
 
 
@@ -402,7 +406,8 @@ class FeatureEngine:
         return wm if wm is not None else self._watermark((m.topic, p), get)
 
     def _prune_joins(self, key: str, st: dict[str, Any], r: Record, get: StateGet, out: BatchOutput) -> None:
-        """Forget final ids past the horizon; dead-letter outcomes whose scored event never came."""
+        """Forget final ids no outcome can count for any more; dead-letter outcomes whose scored event never
+        came."""
         for part in ("l", "f"):
             for name in [n for n in st.get(part, {}) if n not in self.models or not st[part][n]]:
                 del st[part][name]
@@ -412,14 +417,14 @@ class FeatureEngine:
             wm = self._join_watermark(m, r.partition, get)
             if wm is None:
                 continue
-            horizon = wm - FINAL_HORIZON * self.window_us(m)
+            horizon = wm - UNMATCHED_HORIZON * self.window_us(m)
             for eid in [i for i, e in joins.items() if e[0] is None and e[1] < horizon]:
                 e = joins[eid]
                 for off, rec in e[4]:
                     if rec["ts"] < horizon:
                         out.dlq.append((Record(m.label.topic, r.partition, off, entity, orjson.dumps(rec)),
                                         "unmatched_outcome", f"model {m.name}: scored event {eid} did not arrive "
-                                                             f"within {FINAL_HORIZON} label windows"))
+                                                             f"within {UNMATCHED_HORIZON} label windows"))
                 e[4] = [o for o in e[4] if o[1]["ts"] >= horizon]
                 if not e[4]:
                     del joins[eid]
@@ -431,7 +436,7 @@ class FeatureEngine:
             m = self.models[name]
             wm = self._join_watermark(m, r.partition, get)
             if wm is not None:
-                horizon = wm - FINAL_HORIZON * self.window_us(m)
+                horizon = wm - 2 * self.window_us(m) - self.lateness_us[m.label.topic]
                 for eid in [i for i, t in final.items() if t < horizon]:
                     del final[eid]
 

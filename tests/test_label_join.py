@@ -11,7 +11,7 @@ import orjson
 import pytest
 
 from driftloop.core.declarations import Declarations, LabelSpec, ModelSpec, TopicSpec
-from driftloop.streams.engine import FINAL_HORIZON, BatchOutput, FeatureEngine, Record
+from driftloop.streams.engine import UNMATCHED_HORIZON, BatchOutput, FeatureEngine, Record
 
 T0 = 1_700_000_000_000_000
 S = 1_000_000  # one second in µs
@@ -229,14 +229,14 @@ def test_unmatched_outcome_is_dead_lettered_when_pruned():
     h.send(outcome("o1", "never", T0, value=3.0))
     h.send(scored("s1", T0 + S), outcome("w", "zz", T0 + 2 * S))
     assert not h.dlq("unmatched_outcome")
-    h.send(scored("s2", T0 + (FINAL_HORIZON + 5) * S), outcome("w2", "zz", T0 + (FINAL_HORIZON + 5) * S))
+    h.send(scored("s2", T0 + (UNMATCHED_HORIZON + 5) * S), outcome("w2", "zz", T0 + (UNMATCHED_HORIZON + 5) * S))
     dead = {orjson.loads(r.value)["event_id"]: r for r in h.dlq("unmatched_outcome")}
     assert set(dead) == {"o1", "w"}  # w named no scored event either; w2 is within the horizon still
     r = dead["o1"]
     assert (r.topic, r.partition, r.offset, r.key) == (OUTCOME, 0, 0, b"u1")
     assert orjson.loads(r.value) == {"schema_version": 1, "event_id": "o1", "ts": T0, "user_id": "u1",
                                      "scored_id": "never", "value": 3.0, "grade": "A"}
-    # final ids past the horizon are forgotten too: the entity state keeps only what can still matter
+    # final ids are forgotten once no outcome could count for them: the state keeps only what can matter
     assert "s1" not in h.state["user_id=u1"].get("f", {}).get("ctr", {})
 
 
