@@ -54,8 +54,8 @@ def test_up_produce_tail_down(tmp_path):
              f"'{info['bootstrap_servers']}'}}); p.produce('dl.events.impressions', key=b'u', value=b'{{oops');"
              "p.flush(10)"], capture_output=True, timeout=60)
         assert garbage.returncode == 0
-        dlq = cli("tail", "dlq", "--from-beginning", "--max", "1", "--timeout", "30", env=env)
-        assert "bad_json" in dlq.stdout and "{oops" in dlq.stdout
+        dlq = cli("tail", "dlq", "--from-beginning", "--timeout", "20", env=env)
+        assert any("bad_json" in line and "{oops" in line for line in dlq.stdout.splitlines()), dlq.stdout[-2000:]
         assert psutil.pid_exists(info["workers"]["streams"])  # nothing stopped
     finally:
         down = cli("down", env=env, timeout=60)

@@ -49,7 +49,7 @@ class AdTraffic:
         device = str(r.choice(DEVICES, p=(0.7, 0.2, 0.1) if d else (0.25, 0.6, 0.15)))
         position = int(r.integers(1, 6))
         bid = float(round(r.lognormal(0.45 if d else 0.0, 0.35), 4))
-        iid = uuid.UUID(int=int(r.integers(0, 2**63)) << 64 | self.produced).hex
+        iid = uuid.uuid4().hex  # unique across runs: two `driftloop produce` of one seed never repeat an id
         ad = f"a{r.integers(200)}"
         out = [("events.impressions", user, {
             "schema_version": 1, "event_id": iid, "ts": ts, "user_id": user, "ad_id": ad,

@@ -60,7 +60,7 @@ class DeliveryTraffic:
         distance = float(round(r.lognormal(np.log(4.5 if d else 2.5), 0.45 if d else 0.5), 3))
         items = 1 + int(r.poisson(1.0 if d else 1.5))
         hour = int(r.choice(HOURS, p=self.hours[d]))
-        oid = uuid.UUID(int=int(r.integers(0, 2**63)) << 64 | self.produced).hex
+        oid = uuid.uuid4().hex  # unique across runs: two `driftloop produce` of one seed never repeat an id
         out = [("events.orders", str(courier), {
             "schema_version": 1, "event_id": oid, "ts": ts, "courier_id": courier, "zone": str(r.choice(ZONES)),
             "distance_km": distance, "items": items, "hour": hour})]
