@@ -385,9 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     dn.add_argument("--timeout", type=float, default=30.0)
 
     d = cmd("demo", cmd_demo, "run the end-to-end loop with a drift in the middle")
-    d.add_argument("--rate", type=float, default=400.0)
+    d.add_argument("--rate", type=float, default=150.0, help="scored events per second, per model")
     d.add_argument("--timeout", type=float, default=540.0)
-    d.add_argument("--drift-model", default=None, help="the model whose traffic drifts")
+    d.add_argument("--drift-model", default=None, help="the model whose traffic drifts (default: the first by name)")
 
     rb = cmd("rollback", cmd_rollback, "move a model's champion alias back to the version it replaced")
     rb.add_argument("model", help="a declared model's name")

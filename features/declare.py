@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 from feast import FeatureService, FeatureView, KafkaSource, OnDemandFeatureView, ValueType
 from feast.stream_feature_view import StreamFeatureView
 
@@ -122,6 +123,24 @@ class _Resolver:
         return cols[0].name, KEY_TYPES[vt]
 
     # --- stream views ---------------------------------------------------------------------------
+
+    def on_demand_views(self) -> None:
+        """Each on-demand view must run as Feast stores it: its function is kept by value in the registry, so a
+        module-level name it reads is gone there. Run the stored copy once on a one-row sample."""
+        samples = {ValueType.STRING: "a", ValueType.INT64: 1, ValueType.INT32: 1, ValueType.DOUBLE: 1.0,
+                   ValueType.FLOAT: 1.0, ValueType.BOOL: True}
+        for v in self.views.values():
+            if not isinstance(v, OnDemandFeatureView):
+                continue
+            row = {f: [samples.get(t, 1.0)] for f, t in v.get_request_data_schema().items()}
+            for proj in v.source_feature_view_projections.values():
+                row.update({f.name: [1.0] for f in proj.features})
+            try:
+                OnDemandFeatureView.from_proto(v.to_proto()).transform_arrow(pa.table(row))
+            except Exception as e:
+                self.problem(v, "OnDemandFeatureView", f"does not run as Feast stores it ({type(e).__name__}: {e}); "
+                                                       "its function is stored by value: define or import what it "
+                                                       "uses inside the function")
 
     def stream_views(self) -> None:
         for v in self.views.values():
@@ -307,6 +326,7 @@ def resolve(objs: RepoObjects, repo: Path, old: Declarations | None = None) -> D
     r = _Resolver(objs, repo)
     r.duplicates()
     r.stream_views()
+    r.on_demand_views()
     models: dict[str, ModelSpec] = {}
     for m in objs.models:
         if m.name in models:

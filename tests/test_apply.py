@@ -73,6 +73,10 @@ CASES = {
     "syntax error in a repo file": (
         "ads.py", 'metric="log_loss",', 'metric="log_loss"',
         ("ads.py:", "cannot import", "SyntaxError")),
+    "on-demand view reading a module-level name": (
+        "ads.py", '"ad_position": inputs["position"].astype("float64"),',
+        '"ad_position": inputs["position"].astype("float64") + 0 * len(CLICK),',
+        ("ads.py: OnDemandFeatureView ad_request_features:", "does not run as Feast stores it", "NameError")),
     "two sources of one topic with different schemas": (
         "ads.py", 'event_source("events.impressions", IMPRESSION, "user_bid_stats")',
         'event_source("events.impressions", IMPRESSION + ", region string", "user_bid_stats")',

@@ -17,7 +17,6 @@ from driftloop.core.declarations import DriftPolicy, Gate, Model, OutcomeLabel, 
 
 ORDER = "courier_id int, zone string, distance_km double, items int, hour int"
 DELIVERY = "courier_id int, order_id string, minutes double"
-PEAK_HOURS = (11, 12, 13, 18, 19, 20)
 
 courier = Entity(name="courier", join_keys=["courier_id"], value_type=ValueType.INT64,
                  description="The courier an order is assigned to.")
@@ -68,10 +67,11 @@ order_request = RequestSource(name="order_request", schema=[Field(name="distance
                         schema=[Field(name="order_distance_km", dtype=Float64),
                                 Field(name="order_items", dtype=Float64), Field(name="is_peak", dtype=Float64)])
 def order_features(inputs: pd.DataFrame) -> pd.DataFrame:
-    """Request-time features of the scored order."""
+    """Request-time features of the scored order (Feast stores this function by value: keep what it uses inside)."""
+    peak_hours = (11, 12, 13, 18, 19, 20)
     return pd.DataFrame({"order_distance_km": inputs["distance_km"].astype("float64"),
                          "order_items": inputs["items"].astype("float64"),
-                         "is_peak": inputs["hour"].isin(PEAK_HOURS).astype("float64")}, index=inputs.index)
+                         "is_peak": inputs["hour"].isin(peak_hours).astype("float64")}, index=inputs.index)
 
 
 eta_v1 = FeatureService(name="eta_v1", features=[order_features, courier_orders, courier_deliveries])
