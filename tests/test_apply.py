@@ -174,8 +174,8 @@ def test_both_examples_resolve_in_one_repo(tmp_path: Path, repo: Path, capsys: p
                             "clicks_5m"]
     assert (ctr.task, ctr.key, ctr.key_type, ctr.label.topic, ctr.label.kind) == (
         "binary", "user_id", "string", "events.clicks", "outcome")
-    assert eta.features == ["order_distance_km", "order_items", "is_peak", "orders_2m", "mean_distance_2m",
-                            "mean_minutes_5m", "max_minutes_5m"]
+    assert eta.features == ["order_distance_km", "order_items", "is_peak", "orders_20s", "mean_distance_2m",
+                            "mean_minutes_5m", "max_minutes_20s"]
     assert (eta.task, eta.metric, eta.higher_is_better, eta.topic, eta.key, eta.key_type) == (
         "regression", "mae", False, "events.orders", "courier_id", "int")
     assert (eta.label.topic, eta.label.id_field, eta.label.value_field, eta.label.window_s) == (

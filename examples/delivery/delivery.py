@@ -31,12 +31,12 @@ courier_orders = StreamFeatureView(
     source=event_source("events.orders", ORDER, "courier_orders"),
     timestamp_field="event_timestamp",
     aggregations=[
-        Aggregation(column="distance_km", function="count", time_window=timedelta(minutes=2),
-                    slide_interval=timedelta(seconds=10), name="orders_2m"),
+        Aggregation(column="distance_km", function="count", time_window=timedelta(seconds=20),
+                    slide_interval=timedelta(seconds=5), name="orders_20s"),
         Aggregation(column="distance_km", function="mean", time_window=timedelta(minutes=2),
                     slide_interval=timedelta(seconds=10), name="mean_distance_2m"),
     ],
-    schema=[Field(name="courier_id", dtype=Int64), Field(name="orders_2m", dtype=Int64),
+    schema=[Field(name="courier_id", dtype=Int64), Field(name="orders_20s", dtype=Int64),
             Field(name="mean_distance_2m", dtype=Float64)],
     online=True,
 )
@@ -50,11 +50,11 @@ courier_deliveries = StreamFeatureView(
     aggregations=[
         Aggregation(column="minutes", function="mean", time_window=timedelta(minutes=5),
                     slide_interval=timedelta(seconds=30), name="mean_minutes_5m"),
-        Aggregation(column="minutes", function="max", time_window=timedelta(minutes=5),
-                    slide_interval=timedelta(seconds=30), name="max_minutes_5m"),
+        Aggregation(column="minutes", function="max", time_window=timedelta(seconds=20),
+                    slide_interval=timedelta(seconds=5), name="max_minutes_20s"),
     ],
     schema=[Field(name="courier_id", dtype=Int64), Field(name="mean_minutes_5m", dtype=Float64),
-            Field(name="max_minutes_5m", dtype=Float64)],
+            Field(name="max_minutes_20s", dtype=Float64)],
     online=True,
 )
 
