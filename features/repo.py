@@ -247,6 +247,10 @@ def _only_meta(diffs: list[Any], kind: str = "") -> bool:
 
     def same(d: Any) -> bool:
         a, b = bare(d.val_existing), bare(d.val_declared)
+        if d.property_name in ("batch_source", "stream_source") and hasattr(a, "SerializeToString"):
+            from feast.data_source import DataSource  # noqa: PLC0415
+
+            return DataSource.from_proto(a) == DataSource.from_proto(b)  # Feast's own notion of the same source
         if d.property_name == "features" and kind.endswith("view") and isinstance(a, list) and isinstance(b, list):
             return sorted(x.SerializeToString() for x in a) == sorted(x.SerializeToString() for x in b)
         return a == b
