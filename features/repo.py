@@ -178,11 +178,6 @@ def _import_problem(f: Path, e: BaseException) -> str:
     return f"{where}: cannot import: {msg}" + (f" (in `{text}`)" if text else "")
 
 
-def load_definitions(repo: Path) -> list[object]:
-    """The repo's Feast objects (tests and tools that only need those)."""
-    return load_repo(repo).feast
-
-
 def desired_objects(objects: list[object]) -> dict[tuple[str, str], object]:
     """The repo's Feast objects by (kind, name), with the data sources the views embed."""
     from feast import OnDemandFeatureView  # noqa: PLC0415
