@@ -306,7 +306,8 @@ def cmd_bench(a: argparse.Namespace, s: Settings) -> int:
     if a.what == "streams":
         from driftloop.bench.streams import run
 
-        run(s, events=a.events, rate=a.rate, fresh_s=a.fresh_seconds, baseline_events=a.baseline_events)
+        run(s, events=a.events, rate=a.rate, fresh_s=a.fresh_seconds, baseline_events=a.baseline_events,
+            repeats=a.repeats)
     elif a.what == "serving":
         from driftloop.bench.serving import run_serving
 
@@ -419,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--rate", type=float, default=5000.0, help="events/s for the freshness phase")
     st.add_argument("--fresh-seconds", type=float, default=20.0)
     st.add_argument("--baseline-events", type=int, default=5000)
+    st.add_argument("--repeats", type=int, default=3, help="backlogs drained, each by a fresh worker (median)")
     sv = bs.add_parser("serving", help="serving throughput with feature lookup, and latency at a fixed rate")
     sv.add_argument("--events", type=int, default=100_000, help="scored events in the backlog (+20%% outcomes)")
     sv.add_argument("--rate", type=float, default=5000.0, help="scored events/s for the latency phase")

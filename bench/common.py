@@ -110,6 +110,24 @@ def histogram_quantile(q: float, before: dict, after: dict, name: str) -> float:
     return edges[-1]
 
 
+def rss_mb(pid: int) -> tuple[float, float]:
+    """A process's resident memory now and at its peak, MiB (Linux ``/proc``; NaN elsewhere)."""
+    try:
+        fields = dict(line.split(":", 1) for line in open(f"/proc/{pid}/status").read().splitlines() if ":" in line)
+    except OSError:
+        return float("nan"), float("nan")
+    kib = {k: float(fields[k].split()[0]) for k in ("VmRSS", "VmHWM") if k in fields}
+    return kib.get("VmRSS", float("nan")) / 1024, kib.get("VmHWM", float("nan")) / 1024
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Median, min and max of repeated measurements, rounded."""
+    v = sorted(values)
+    mid = len(v) // 2
+    median = v[mid] if len(v) % 2 else (v[mid - 1] + v[mid]) / 2
+    return {"median": round(median, 1), "min": round(v[0], 1), "max": round(v[-1], 1)}
+
+
 def report(result: dict) -> None:
     """The last line of every benchmark: one JSON object."""
     print(json.dumps(result, sort_keys=True), flush=True)
