@@ -311,7 +311,7 @@ def cmd_bench(a: argparse.Namespace, s: Settings) -> int:
     elif a.what == "serving":
         from driftloop.bench.serving import run_serving
 
-        run_serving(s, events=a.events, rate=a.rate, seconds=a.seconds)
+        run_serving(s, events=a.events, rate=a.rate, seconds=a.seconds, int8_tolerance=a.int8_tolerance)
     elif a.what == "swap":
         from driftloop.bench.serving import run_swap
 
@@ -423,8 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--repeats", type=int, default=3, help="backlogs drained, each by a fresh worker (median)")
     sv = bs.add_parser("serving", help="serving throughput with feature lookup, and latency at a fixed rate")
     sv.add_argument("--events", type=int, default=100_000, help="scored events in the backlog (+20%% outcomes)")
-    sv.add_argument("--rate", type=float, default=5000.0, help="scored events/s for the latency phase")
+    sv.add_argument("--rate", type=float, default=10000.0, help="scored events/s for the latency phase")
     sv.add_argument("--seconds", type=float, default=20.0, help="length of the latency phase")
+    sv.add_argument("--int8-tolerance", type=float, default=0.05,
+                    help="the int8 run's tolerance on the reference sample (see ServingPolicy)")
     sw = bs.add_parser("swap", help="champion promotions under load; every prediction audited")
     sw.add_argument("--swaps", type=int, default=10)
     sw.add_argument("--rate", type=float, default=2000.0, help="scored events/s during the swaps")

@@ -3,8 +3,9 @@ the tests. Both run the ads example (model ``ctr``, scored topic ``events.impres
 
 * serving: one serving process over a backlog of impressions whose users have online features
   (written to the online store first) → predictions/s including the feature lookup; then impressions
-  at a fixed rate → p50/p99 event → prediction latency. Then the same backlog with three models
-  declared on the topic (``ctr`` and two copies) → predictions/s of all three together.
+  at a fixed rate → p50/p99 event → prediction latency; its RSS. The same with the int8 copy of the
+  model (``int8_tolerance``), side by side; the pipe rate over the same backlog; then the backlog with
+  three models declared on the topic (``ctr`` and two copies) → predictions/s of all three together.
 * swap: impressions at a fixed rate while the champion alias moves ``--swaps`` times; afterwards every
   prediction is re-scored by the version it names, for the feature vector it carries.
 """
@@ -23,9 +24,10 @@ import orjson
 from confluent_kafka import Consumer, TopicPartition
 
 from driftloop.app.producer import load_generator, produce, publish
-from driftloop.bench.common import broker, isolated, report, running
+from driftloop.bench.common import broker, isolated, report, rss_mb, running
 from driftloop.bench.model_fixtures import register_good
 from driftloop.bench.online import _fill
+from driftloop.bench.pipe import pipe_rate
 from driftloop.core.contracts import now_us
 from driftloop.core.declarations import Declarations
 from driftloop.core.kafka import consumer_config, good_messages, make_producer
@@ -136,11 +138,12 @@ def swap_timings(preds: list[dict[str, Any]], promotions: list[tuple[str, float]
             "alias_to_serving_p99_s": round(float(np.percentile(delays, 99)), 4) if delays else float("nan")}
 
 
-def _backlog(base: Settings, bootstrap: str, models: list[str], events: int, rate: float) -> tuple[Settings, int]:
+def _backlog(base: Settings, bootstrap: str, models: list[str], events: int, rate: float,
+             **overrides: Any) -> tuple[Settings, int]:
     """Isolated settings serving ``models`` (each with a champion), a backlog of impressions published and
     the online features of its users written; returns (settings, impressions)."""
     extra = {"more_models.py": copies_of_ctr([m for m in models if m != MODEL])} if models != [MODEL] else {}
-    s = isolated(base, bootstrap, "serving", example="ads", repo_files=extra, serving_shadow=False)
+    s = isolated(base, bootstrap, "serving", example="ads", repo_files=extra, serving_shadow=False, **overrides)
     producer = make_producer(s)
     for m in models:
         promote(s, producer, m, register_good(s, seed=1, model=m), reason="bench")
@@ -161,24 +164,48 @@ def _throughput(s: Settings, expected: int) -> tuple[float, int]:
     return len(preds) / took, len(preds)
 
 
-def run_serving(base: Settings, events: int = 100_000, rate: float = 5000.0, seconds: float = 20.0) -> dict:
+def _one_model(base: Settings, bootstrap: str, events: int, rate: float, seconds: float, label: str,
+               **overrides: Any) -> dict[str, Any]:
+    """Backlog throughput, then event → prediction latency at ``rate``, and the process's RSS, of one
+    serving process scoring the example's model."""
+    s, n_imps = _backlog(base, bootstrap, [MODEL], events, rate, **overrides)
+    with running(s, "serving") as child:
+        throughput, n_preds = _throughput(s, n_imps)
+        rss_backlog = rss_mb(child.proc.pid)[0]
+        print(f"{label}: {throughput:,.0f} predictions/s over {n_preds:,} events; RSS {rss_backlog:,.0f} MiB",
+              flush=True)
+        live_from = now_us()
+        live = produce(s, [load_generator(s, MODEL, seed=9)], rate=rate, duration=seconds, progress=False)
+        recs = [orjson.loads(m.value()) for m in read_all(s, "predictions", n_imps + live, 60)]
+        lat = [p["latency_s"] for p in recs if p["ts"] >= live_from]
+        peak = rss_mb(child.proc.pid)[1]
+    p50, p99 = (round(float(np.percentile(lat, q)), 4) if lat else None for q in (50, 99))
+    print(f"{label}: latency at {rate:,.0f} events/s p50 {p50} s, p99 {p99} s; peak RSS {peak:,.0f} MiB", flush=True)
+    return {"settings": s, "events": n_imps, "predictions_per_s": round(throughput, 1), "backlog_predictions": n_preds,
+            "live_predictions": len(lat), "p50_latency_s": p50, "p99_latency_s": p99, "peak_rss_mib": round(peak),
+            "rss_mib_after_backlog": round(rss_backlog)}
+
+
+def run_serving(base: Settings, events: int = 100_000, rate: float = 10000.0, seconds: float = 20.0,
+                int8_tolerance: float = 0.05) -> dict:
     with broker(base) as bootstrap:
-        s, n_imps = _backlog(base, bootstrap, [MODEL], events, rate)
-        with running(s, "serving"):
-            throughput, n_preds = _throughput(s, n_imps)
-            live_from = now_us()
-            live = produce(s, [load_generator(s, MODEL, seed=9)], rate=rate, duration=seconds, progress=False)
-            recs = [orjson.loads(m.value()) for m in read_all(s, "predictions", n_imps + live, 60)]
-            lat = [p["latency_s"] for p in recs if p["ts"] >= live_from]
+        fp32 = _one_model(base, bootstrap, events, rate, seconds, "fp32")
+        s = fp32.pop("settings")
+        print("pipe: the same backlog consumed and produced back with no work", flush=True)
+        pipe = pipe_rate(s, [Declarations.load(s.declarations_file).model(MODEL).topic], fp32["events"])
+        over = {"model_overrides": {MODEL: {"int8_tolerance": int8_tolerance}}}
+        int8 = _one_model(base, bootstrap, events, rate, seconds, "int8", **over)
+        int8.pop("settings")
         models = [MODEL, f"{MODEL}_copy1", f"{MODEL}_copy2"]
         s3, n3 = _backlog(base, bootstrap, models, events, rate)
         with running(s3, "serving"):
             throughput3, n_preds3 = _throughput(s3, n3 * len(models))
-    result = {"predictions_per_s": round(throughput, 1), "backlog_predictions": n_preds,
-              "predictions_per_s_3_models": round(throughput3, 1), "backlog_predictions_3_models": n_preds3,
-              "rate": rate, "live_predictions": len(lat),
-              "p50_latency_s": round(float(np.percentile(lat, 50)), 4) if lat else None,
-              "p99_latency_s": round(float(np.percentile(lat, 99)), 4) if lat else None}
+    print(f"fp32 {fp32['predictions_per_s']:,.0f}/s = {fp32['predictions_per_s'] / pipe:.0%} of the pipe rate "
+          f"{pipe:,.0f}/s; int8 {int8['predictions_per_s']:,.0f}/s; 3 models {throughput3:,.0f}/s", flush=True)
+    result = {**{k: v for k, v in fp32.items() if k != "events"}, "rate": rate,
+              "pipe_events_per_s": round(pipe), "pipe_share": round(fp32["predictions_per_s"] / pipe, 3),
+              "int8": {k: v for k, v in int8.items() if k != "events"}, "int8_tolerance": int8_tolerance,
+              "predictions_per_s_3_models": round(throughput3, 1), "backlog_predictions_3_models": n_preds3}
     report(result)
     return result
 

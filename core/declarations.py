@@ -101,6 +101,13 @@ class DriftPolicy:
 
 
 @dataclass
+class ServingPolicy:
+    # serve an int8 dynamically quantized ONNX copy when its outputs on the version's reference sample
+    # stay within this absolute tolerance of the fp32 model's (None: serve fp32)
+    int8_tolerance: float | None = None
+
+
+@dataclass
 class RetrainPolicy:
     cooldown: timedelta = timedelta(minutes=2)
     budget_per_day: int = 24
@@ -126,6 +133,7 @@ class Model:
     gate: Gate = field(default_factory=Gate)
     drift: DriftPolicy = field(default_factory=DriftPolicy)
     retrain: RetrainPolicy = field(default_factory=RetrainPolicy)
+    serving: ServingPolicy = field(default_factory=ServingPolicy)
 
 
 # --- the resolved form every worker reads ----------------------------------------------------------
@@ -181,6 +189,7 @@ class ModelSpec(_Spec):
     min_labels: int = 3000
     train_max_rows: int = 20000
     epochs: int = 40
+    int8_tolerance: float | None = Field(None, gt=0)
     source_file: str = ""
 
     @property

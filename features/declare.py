@@ -199,6 +199,7 @@ class _Resolver:
                 drift_persist_windows=d.persist_windows, performance_tolerance=d.performance_tolerance,
                 retrain_cooldown_s=r.cooldown.total_seconds(), retrain_budget_per_day=r.budget_per_day,
                 min_labels=r.min_labels, train_max_rows=r.max_rows, epochs=r.epochs,
+                int8_tolerance=m.serving.int8_tolerance,
                 source_file=self.objs.where(m))
         except ValueError as e:
             self.problem(m, k, str(e).replace("\n", " "))

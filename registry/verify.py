@@ -1,5 +1,9 @@
 """Loading a pinned version for serving, verified before it may serve.
 
+With ``int8_tolerance`` the ONNX copy is also quantized (onnxruntime's dynamic int8 quantization) and
+the int8 model serves when its outputs on the reference sample stay within that absolute tolerance of
+the fp32 model's; otherwise fp32 serves, and the log says why.
+
 Checks, each a ``ModelCheckError`` naming it: ``signature`` (trained on other features, or an ONNX input
 of another width), ``checksum`` (the ONNX bytes are not the ones registered), ``artifact`` (cannot be
 loaded), ``outputs`` (scores on the version's reference sample that do not fit its task: binary
@@ -11,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +54,34 @@ class Scorer:
 
     def score(self, x: np.ndarray) -> np.ndarray:
         return self.fn(x)
+
+
+def quantize_int8(blob: bytes) -> bytes:
+    """An int8 dynamically quantized copy of an ONNX model (weights int8, activations quantized at run time)."""
+    import onnx  # noqa: PLC0415
+    from onnxruntime.quantization import QuantType, quantize_dynamic  # noqa: PLC0415
+
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "int8.onnx"
+        quantize_dynamic(onnx.load_from_string(blob), out, weight_type=QuantType.QInt8)
+        return out.read_bytes()
+
+
+def _int8_or_fp32(scorer: Scorer, blob: bytes, x: np.ndarray, tolerance: float, outputs: int) -> Scorer:
+    """The int8 copy of ``scorer`` when its outputs on ``x`` stay within ``tolerance``; else ``scorer``."""
+    where = f"{scorer.name} v{scorer.version}"
+    try:
+        fn = _onnx_fn(quantize_int8(blob), len(scorer.features), where, outputs)
+        diff = float(np.max(np.abs(fn(x) - scorer.score(x)), initial=0.0))
+    except Exception as e:  # a graph the quantizer cannot handle serves in fp32
+        log.warning("%s: no int8 copy (%s); serving fp32", where, e)
+        return scorer
+    if not diff <= tolerance:
+        log.warning("%s: int8 outputs differ by up to %.3g on the reference sample (tolerance %g); serving fp32",
+                    where, diff, tolerance)
+        return scorer
+    log.info("%s: serving the int8 copy (max difference %.3g on the reference sample)", where, diff)
+    return Scorer(scorer.name, scorer.version, scorer.run_id, scorer.features, "onnx-int8", fn, scorer.task)
 
 
 def _onnx_fn(blob: bytes, n_features: int, where: str, outputs: int) -> Callable[[np.ndarray], np.ndarray]:
@@ -110,8 +143,8 @@ def check_outputs(out: np.ndarray, n: int, task: str, outputs: int, where: str) 
 
 
 def load_scorer(settings: Settings, name: str, version: str, features: list[str], task: str = "binary",
-                outputs: int = 1, verify_reference: bool = True) -> Scorer:
-    """Download, verify and warm up one pinned version of model ``name``."""
+                outputs: int = 1, verify_reference: bool = True, int8_tolerance: float | None = None) -> Scorer:
+    """Download, verify and warm up one pinned version of model ``name`` (its int8 copy, see above)."""
     where = f"{name} v{version}"
     mv = client(settings).get_model_version(name, version)
     tags = mv.tags or {}
@@ -123,6 +156,7 @@ def load_scorer(settings: Settings, name: str, version: str, features: list[str]
         path = Path(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path=ONNX_PATH))
     except (MlflowException, OSError):
         path = None
+    blob = None
     if path is not None:
         blob = path.read_bytes()
         if hashlib.sha256(blob).hexdigest() != tags.get("onnx_sha256"):
@@ -144,4 +178,8 @@ def load_scorer(settings: Settings, name: str, version: str, features: list[str]
         except Exception as e:
             raise ModelCheckError("signature", f"{where}: scoring the reference sample failed: {e}") from e
     check_outputs(out, len(x), task, outputs, where)
+    if int8_tolerance is not None and blob is not None:
+        scorer = _int8_or_fp32(scorer, blob, x, int8_tolerance, outputs)
+        if scorer.runtime == "onnx-int8":
+            check_outputs(scorer.score(x), len(x), task, outputs, where)
     return scorer
