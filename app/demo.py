@@ -92,7 +92,7 @@ def run_demo(settings: Settings, rate: float = 300.0, timeout: float = 600.0, dr
     t_start = time.monotonic()
     for sub in ("offline", "mlartifacts", "run", "reports", "faust"):
         shutil.rmtree(settings.root / sub, ignore_errors=True)
-    for f in ("mlflow.db", "registry.db", "online.db", "declarations.json"):
+    for f in ("mlflow.db", "registry.db", "online.db", "online.db-wal", "online.db-shm", "declarations.json"):
         (settings.root / f).unlink(missing_ok=True)
     settings = settings.model_copy(update={"repo": scenario_repo(settings)})
     print(f"[demo] data dir {settings.root}; repo {settings.repo}; starting the embedded stack ...", flush=True)

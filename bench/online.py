@@ -5,7 +5,7 @@ the ads example's ``ctr`` model for N users, then times two read paths, each ``r
 random users:
 
 * ``serving``: what the serving worker does per batch (the ``OnlineReader`` of the model's vectorizer:
-  one sqlite query, or one provider ``online_read`` per view, straight into a float matrix);
+  the store's ``read_matrix``, one sqlite query or one Redis pipeline, straight into a float matrix);
 * ``feast``: Feast's public ``get_online_features`` of the same view features.
 
 The headline ``p99_1_ms``/``p99_100_ms`` are the serving path's.
@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 
 import numpy as np
 import pandas as pd
+from feast.infra.online_stores.helpers import get_online_store_from_config
 
 from driftloop.core.settings import Settings
 from driftloop.features.repo import apply, init_repo
@@ -49,7 +50,8 @@ def run(base: Settings, users: int = 10_000, reads: int = 2000, seed: int = 1) -
     store, _plan, decls = apply(s)
     t = time.perf_counter()
     _fill(store, users, rng)
-    print(f"online store {type(store._provider.online_store).__name__}: {users:,} users × 2 views written in "
+    kind = type(get_online_store_from_config(store.config.online_store)).__name__
+    print(f"online store {kind}: {users:,} users × 2 views written in "
           f"{time.perf_counter() - t:.1f} s")
     reader = Vectorizer(store, decls.models["ctr"]).reader
     refs = [f"{view}:{feature}" for view, feature in reader.columns]
@@ -57,7 +59,7 @@ def run(base: Settings, users: int = 10_000, reads: int = 2000, seed: int = 1) -
         "serving": reader.matrix,
         "feast": lambda ids: store.get_online_features(features=refs, entity_rows=[{"user_id": u} for u in ids]),
     }
-    out: dict[str, object] = {"store": type(store._provider.online_store).__name__, "users": users, "reads": reads}
+    out: dict[str, object] = {"store": kind, "users": users, "reads": reads}
     for name, read in paths.items():
         for n in SIZES:
             batches = [[f"u{i}" for i in rng.choice(users, n, replace=False)] for _ in range(reads)]

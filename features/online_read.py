@@ -1,10 +1,9 @@
 """Online values of the stored views a feature service reads, for many entities, straight into a float matrix.
 
-Serving reads a batch's entities once per batch. Through Feast's provider ``online_read`` that costs, per
-view, a serialisation of every entity key, a timestamp conversion per stored value and a response
-built per entity. On Feast's sqlite store this reader instead serialises each key once per batch and
-runs one ``SELECT entity_key, feature_name, value`` over every view's table (Feast's own layout, read
-only). Any other online store (Redis, Postgres) goes through the provider's ``online_read``.
+Serving reads a batch's entities once per batch. With driftloop's online stores (``features/online_stores.py``)
+the reader serialises each entity key once (cached across batches) and calls the store's public
+``read_matrix``: one query (sqlite) or one pipeline (Redis) over every view, returning float64 values with no
+proto decoding. Any other Feast online store is read through its public ``online_read``, one call per view.
 
 The views read are the service's stored views (batch ``FeatureView``, ``StreamFeatureView``, and
 on-demand views written to the online store) plus the views its on-demand views read; the on-demand
@@ -19,18 +18,18 @@ from typing import Any
 
 import numpy as np
 from feast import FeatureStore, OnDemandFeatureView, ValueType
-from feast.infra.key_encoding_utils import serialize_entity_key
-from feast.infra.online_stores.sqlite import SqliteOnlineStore, _quote_id, _table_id
+from feast.infra.online_stores.helpers import get_online_store_from_config
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey
 from feast.protos.feast.types.Value_pb2 import Value
+
+from driftloop.features.online_stores import NUMERIC, MonotonicOnlineStore, key_bytes
 
 log = logging.getLogger(__name__)
 
 # entity key value type -> (field of the Value proto, how an event's key becomes that value)
 KEY_VALUES: dict[ValueType, tuple[str, type]] = {
     ValueType.STRING: ("string_val", str), ValueType.INT64: ("int64_val", int), ValueType.INT32: ("int32_val", int)}
-NUMERIC = {"int64_val", "int32_val", "double_val", "float_val", "bool_val"}
-BLOB_CACHE = 200_000  # serialised entity keys kept between batches
+KEY_CACHE = 200_000  # serialised entity keys kept between batches
 NUMERIC_TYPES = {ValueType.INT64, ValueType.INT32, ValueType.DOUBLE, ValueType.FLOAT, ValueType.BOOL}
 
 
@@ -67,7 +66,9 @@ class OnlineReader:
 
     def __init__(self, store: FeatureStore, service: str, join_key: str, key_type: str = "string"):
         self.store = store
-        self.provider = store._get_provider()
+        self.config = store.config
+        self.online = get_online_store_from_config(store.config.online_store)
+        self.fast = isinstance(self.online, MonotonicOnlineStore)  # False: the generic path (any store)
         self.join_key = join_key
         self.key_type = key_type
         views, wanted = service_reads(store, service)
@@ -79,13 +80,13 @@ class OnlineReader:
         other = [f"{v}:{n}" for v, n in self.columns if kinds.get((v, n)) not in NUMERIC_TYPES]
         if other:
             log.warning("%s: features %s are not numbers; they read as missing", service, other)
-        self._blob_cache: dict[tuple[ValueType, Any], bytes] = {}
-        online = self.provider.online_store
-        self.sqlite = online if isinstance(online, SqliteOnlineStore) else None
-        if self.sqlite is not None:
-            cfg = store.config
-            versioned = cfg.registry.enable_online_feature_view_versioning
-            self.tables = [_quote_id(_table_id(cfg.project, fv, versioned)) for fv, _ in self.views]
+        # views by entity key type (one group unless views declare the key with different integer widths)
+        self.groups: dict[ValueType, tuple[list[tuple[Any, list[str]]], np.ndarray]] = {}
+        for vt in dict.fromkeys(self.view_types):
+            members = [v for v, t in zip(self.views, self.view_types, strict=True) if t == vt]
+            cols = [self.index[(fv.name, n)] for fv, names in members for n in names]
+            self.groups[vt] = (members, np.asarray(cols, np.intp))
+        self._key_cache: dict[tuple[ValueType, Any], bytes] = {}
 
     def _key_value_type(self, view: Any) -> ValueType:
         cols = [c for c in view.entity_columns if c.name == self.join_key]
@@ -105,50 +106,38 @@ class OnlineReader:
         uniq = list(dict.fromkeys(entities))
         table = np.full((len(uniq), len(self.columns)), np.nan)
         if uniq and self.columns:
-            if self.sqlite is not None:
-                self._sqlite(uniq, table)
+            if self.fast:
+                self._read_fast(uniq, table)
             else:
-                self._provider(uniq, table)
+                self._read_views(uniq, table)
         if not np.isnan(missing):
             table[np.isnan(table)] = missing
         pos = {u: i for i, u in enumerate(uniq)}
         return table[[pos[u] for u in entities]]
 
-    def _provider(self, uniq: list[Any], table: np.ndarray) -> None:
-        keys = {vt: self._keys(uniq, vt) for vt in set(self.view_types)}
+    def _read_fast(self, uniq: list[Any], table: np.ndarray) -> None:
+        for vt, (members, cols) in self.groups.items():
+            table[:, cols] = self.online.read_matrix(self.config, members, self._key_bytes(uniq, vt))
+
+    def _read_views(self, uniq: list[Any], table: np.ndarray) -> None:
+        keys = {vt: self._keys(uniq, vt) for vt in self.groups}
         for (fv, names), vt in zip(self.views, self.view_types, strict=True):
             col = {n: self.index[(fv.name, n)] for n in names}
-            for i, (_ts, values) in enumerate(self.provider.online_read(self.store.config, fv, keys[vt], names)):
+            for i, (_ts, values) in enumerate(self.online.online_read(self.config, fv, keys[vt], names)):
                 for name, v in (values or {}).items():
                     if name in col:
                         _put(table, i, col[name], v)
 
-    def _blobs(self, uniq: list[Any], vt: ValueType) -> list[bytes]:
-        """Feast's serialised entity keys (cached: the same entities come back batch after batch)."""
-        cache = self._blob_cache
+    def _key_bytes(self, uniq: list[Any], vt: ValueType) -> list[bytes]:
+        """The stores' serialised entity keys (cached: the same entities come back batch after batch)."""
+        cache = self._key_cache
         missing = [u for u in uniq if (vt, u) not in cache]
         if missing:
-            if len(cache) > BLOB_CACHE:
+            if len(cache) > KEY_CACHE:
                 cache.clear()
-            version = self.store.config.entity_key_serialization_version
             for u, k in zip(missing, self._keys(missing, vt), strict=True):
-                cache[(vt, u)] = serialize_entity_key(k, entity_key_serialization_version=version)
+                cache[(vt, u)] = key_bytes(self.config, k)
         return [cache[(vt, u)] for u in uniq]
-
-    def _sqlite(self, uniq: list[Any], table: np.ndarray) -> None:
-        blobs = {vt: self._blobs(uniq, vt) for vt in set(self.view_types)}
-        rows = {vt: {b: i for i, b in enumerate(bs)} for vt, bs in blobs.items()}
-        marks = ",".join("?" * len(uniq))
-        sql = " UNION ALL ".join(f"SELECT {n}, entity_key, feature_name, value FROM {t} WHERE entity_key IN ({marks})"
-                                 for n, t in enumerate(self.tables))
-        cols = [{name: self.index[(fv.name, name)] for name in names} for fv, names in self.views]
-        params = [b for vt in self.view_types for b in blobs[vt]]
-        v = Value()
-        for n, key, name, blob in self.sqlite._get_conn(self.store.config).execute(sql, params).fetchall():
-            j = cols[n].get(name)
-            if j is not None:
-                v.ParseFromString(blob)
-                _put(table, rows[self.view_types[n]][key], j, v)
 
 
 def _put(table: np.ndarray, i: int, j: int, v: Value) -> None:

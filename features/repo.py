@@ -90,17 +90,19 @@ def init_repo(target: Path, example: str | None = None) -> list[Path]:
 
 
 def feature_store_yaml(settings: Settings) -> str:
-    """``feature_store.yaml`` for the settings: sqlite or Redis online, a file or SQL registry, the Delta
-    offline store over the data dir's ``offline`` folder, and the batch engine for precomputed rows."""
+    """``feature_store.yaml`` for the settings: driftloop's monotonic sqlite or Redis online store, a file or
+    SQL registry, the Delta offline store over the data dir's ``offline`` folder, and the batch engine for
+    precomputed rows."""
     root = settings.root
     if settings.registry_url:
         registry = f"  registry_type: sql\n  path: {settings.registry_url}\n  cache_ttl_seconds: 5\n"
     else:
         registry = f"  registry_type: file\n  path: {root}/registry.db\n  cache_ttl_seconds: 5\n"
     if settings.redis_url:
-        online = f"  type: redis\n  connection_string: \"{settings.redis_url}\"\n"
+        online = (f"  type: driftloop.features.online_stores.MonotonicRedisOnlineStore\n"
+                  f"  connection_string: \"{settings.redis_url}\"\n")
     else:
-        online = f"  type: sqlite\n  path: {root}/online.db\n"
+        online = f"  type: driftloop.features.online_stores.MonotonicSqliteOnlineStore\n  path: {root}/online.db\n"
     return (f"{GENERATED}project: driftloop\nprovider: local\nregistry:\n{registry}online_store:\n{online}"
             "offline_store:\n  type: driftloop.features.delta_offline_store.DeltaOfflineStore\n"
             f"  root: {settings.offline_dir}\n"

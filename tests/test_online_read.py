@@ -1,5 +1,6 @@
-"""Serving's feature vectors (the sqlite fast path of the online reader and the on-demand views computed
-through Feast's public API) equal Feast's own ``get_online_features`` over the model's feature service:
+"""Serving's feature vectors (the online reader's ``read_matrix`` path on driftloop's stores, its generic
+``online_read`` path, and the on-demand views computed through Feast's public API) equal Feast's own
+``get_online_features`` over the model's feature service:
 the ads example (string entity, a pandas on-demand view over request fields) and an integer-keyed repo
 (a batch feature view, a python on-demand view reading request fields and a view feature)."""
 
@@ -68,7 +69,7 @@ def test_ads_vectors_equal_feast(tmp_path):
     events = [{"user_id": u, "position": int(rng.integers(1, 6)), "bid": float(rng.gamma(2.0, 0.6)),
                "device": ("mobile", "desktop", "tablet")[i % 3]} for i, u in enumerate(users)]
     vec = Vectorizer(store, spec)
-    assert vec.reader.sqlite is not None
+    assert vec.reader.fast  # driftloop's store: one read_matrix call
     got = vec.matrix(events)
     assert got.shape == (6, len(spec.features)) and got.dtype == np.float32
     assert np.array_equal(got, feast_matrix(store, spec, events))
@@ -97,7 +98,8 @@ def test_int_keys_batch_views_and_python_on_demand_views_equal_feast(tmp_path):
     assert np.allclose(got, want, atol=1e-6)
     # the reader read the on-demand view's input (balance) besides the service's own column
     assert set(vec.reader.columns) == {("account_stats", "payments_7d"), ("account_stats", "balance")}
-    vec.reader.sqlite = None  # the provider's online_read (the path of every other online store) agrees
+    assert vec.reader.fast
+    vec.reader.fast = False  # the store's online_read (the path of every other Feast online store) agrees
     assert np.array_equal(vec.matrix(events), got)
 
 
