@@ -33,6 +33,14 @@ class Settings(BaseSettings):
     registry_url: str | None = Field(None, description="Feast SQL registry (SQLAlchemy URL, e.g. "
                                                         "postgresql+psycopg://u:p@host/db); unset = a file.")
 
+    max_future_s: float = Field(
+        60.0, gt=0, description="How far an event's time may be ahead of the streams worker's clock: later ones "
+        "are dead-lettered (reason future) and never move the watermark, so a producer with a wrong clock cannot "
+        "push it further ahead and dead-letter everyone else's events as late. 60 s is far beyond NTP skew and "
+        "the example generator's clicks (stamped up to 2 s ahead), yet refuses clocks minutes or hours off "
+        "(time zones, units). A producer ahead by less still takes that much of the lateness of the other "
+        "producers of its partitions: set it below the topics' lateness where producers are not trusted.")
+
     serving_batch_size: int = Field(500, ge=1)
     serving_linger_s: float = Field(0.05, ge=0)
     serving_alias_poll_s: float = Field(5.0, gt=0, description="Fallback poll of the champion alias.")

@@ -8,8 +8,24 @@ without transactions:
 * every entity record carries ``_o``, the last source offset applied per topic-partition; a replayed
   record at or below it is skipped (its rows were durable before the state was written), but still
   moves the watermark as it did the first time;
-* the per-topic-partition watermark is kept in the same table (``_wm|topic|partition``), written after
-  the entity records of the batch, so a restart evaluates lateness as the first run did.
+* the per-topic-partition watermark is kept in the same table (``_wm|topic|partition``: ``wm``, the highest
+  event time accepted, and ``e``, the batch's last offset), written after the entity records of every
+  batch, so a restart evaluates lateness as the first run did. A replayed record at or below ``e`` comes
+  from a batch whose state is all durable: its watermark move is in ``wm`` already, and if its entity's
+  ``_o`` does not cover it, it was refused then and is refused again (``late``, else ``future``).
+
+Event time is bounded by the wall clock (``max_future_s``; None: unbounded, for simulated clocks): a fresh
+record stamped more than that ahead of ``now_us`` is dead-lettered ``future`` and never moves the
+watermark, so one producer's fast clock cannot make everyone else's events late; every watermark read is
+clamped to ``now_us + max_future_s`` (a no-op for watermarks built under the bound; it caps one saved
+before). This is the only decision that depends on the clock, so a replay must not re-take it with a later
+clock: a record at or below ``e`` is decided by ``e`` (above), and a skipped record above it moves the
+watermark only if it is within the bound now (one beyond it now was beyond it then: refused). Left to the
+later clock: a record refused ``future`` in the batch in flight at a kill -9 (between its Delta writes and
+its flush) whose time is within the bound by the replay is applied then. Nothing is lost (it is in ``dlq``
+and in the features), but its offline rows are dropped as already written, and the records after it in that
+batch are judged against its watermark. Closing that window needs the batch's clock written before its
+Delta rows.
 
 State per entity (table key ``join_key=value``, the value as text)::
 
@@ -106,8 +122,9 @@ Accepted = tuple[Record, dict[str, Any], str]  # record, validated row, entity k
 class FeatureEngine:
     """Validation, de-duplication, the stream feature views and the label joins of every declared topic."""
 
-    def __init__(self, views: list[ViewSpec], decls: Declarations):
+    def __init__(self, views: list[ViewSpec], decls: Declarations, max_future_s: float | None = None):
         self.views = views
+        self.max_future_us = None if max_future_s is None else int(max_future_s * 1e6)
         self.topics: dict[str, TopicSpec] = dict(decls.topics)
         self.by_topic: dict[str, list[ViewSpec]] = defaultdict(list)
         for v in views:
@@ -136,7 +153,10 @@ class FeatureEngine:
             self.finalise_on[m.topic].append(m)
             self.finalise_on[m.label.topic].append(m)
         self.label_topics = set(self.finalise_on) | set(self.field_of)
-        self.watermarks: dict[tuple[str, int], int] = {}
+        self.watermarks: dict[tuple[str, int], int] = {}  # highest event time accepted per topic-partition
+        self.ends: dict[tuple[str, int], int] = {}  # last offset of the last batch whose state is written
+        self.loaded: set[tuple[str, int]] = set()  # topic-partitions whose saved watermark record was read
+        self.limit: int | None = None  # the batch's clock + max_future_s: no event time (or watermark) beyond
         self.due: dict[tuple[str, int], list[tuple[int, str, str]]] = defaultdict(list)  # (model, p) → heap
 
     def entity_key(self, topic: str, row: dict[str, Any]) -> str:
@@ -150,6 +170,8 @@ class FeatureEngine:
     def reset(self, items: Any = ()) -> None:
         """Forget in-memory watermarks and label timers (after a rebalance) and re-index ``items``."""
         self.watermarks.clear()
+        self.ends.clear()
+        self.loaded.clear()
         self.due.clear()
         for key, st in items:
             if key.startswith("_") or not st:
@@ -168,13 +190,15 @@ class FeatureEngine:
     def process(self, records: list[Record], get: StateGet, now_us: int | None = None) -> BatchOutput:
         out = BatchOutput()
         now_us = now_us or time.time_ns() // 1000
+        self.limit = None if self.max_future_us is None else now_us + self.max_future_us
         cache: dict[str, dict[str, Any]] = {}
         accepted: list[Accepted] = []
-        wm_touched: dict[tuple[str, int], Record] = {}
+        last: dict[tuple[str, int], Record] = {}  # the last record of each topic-partition
         last_ok: dict[tuple[str, int], Record] = {}  # the last record of each topic-partition not dead-lettered
         for r in records:
             tp = (r.topic, r.partition)
             out.offsets[tp] = max(out.offsets.get(tp, -1), r.offset)
+            last[tp] = r
             try:
                 row = parse(r.value, self.topics[r.topic])
             except Invalid as e:
@@ -185,20 +209,21 @@ class FeatureEngine:
             st = self._state(key, cache, get)
             okey = f"{r.topic}:{r.partition}"
             wm = self._watermark(tp, get)
-            fresh = r.offset > st["_o"].get(okey, -1)
-            if not fresh:  # applied before a crash: it moved the watermark then too
+            replayed = r.offset <= self.ends.get(tp, -1)  # its batch's state and watermark are written
+            if r.offset <= st["_o"].get(okey, -1):  # applied before a crash: it moved the watermark then too
                 out.skipped += 1
+                fresh = False
             else:
-                late = self.lateness_us[r.topic]
-                if wm is not None and ts < wm - late:
-                    out.dlq.append((r, "late", f"ts {ts} is more than {late / 1e6:g}s behind the watermark {wm}"))
+                refused = self._refusal(r.topic, ts, wm, now_us, replayed)
+                if refused is not None:
+                    out.dlq.append((r, *refused))
                     continue
+                fresh = True
                 st["_o"][okey] = r.offset
                 out.states[key] = (st, r)
                 accepted.append((r, row, key))
-            if wm is None or ts > wm:
+            if not replayed and (self.limit is None or ts <= self.limit) and ts > self.watermarks.get(tp, ts - 1):
                 self.watermarks[tp] = ts
-                wm_touched[tp] = r
             last_ok[tp] = r
             if r.topic in self.label_topics:
                 self._join(r, row, key, st, out, fresh, cache, get)
@@ -211,9 +236,23 @@ class FeatureEngine:
             out.add_row(LABELS_TABLE, {"model_name": lb.model_name, "event_id": lb.event_id, "key": lb.key,
                                        "label": lb.label, "ts": lb.ts, "event_timestamp": lb.ts, "created": now_us,
                                        "_topic": r.topic, "_partition": r.partition, "_offset": r.offset})
-        for (topic, p), r in wm_touched.items():
-            out.states[f"_wm|{topic}|{p}"] = ({"wm": self.watermarks[(topic, p)], "o": r.offset}, r)
+        for tp, r in last.items():  # after the entity records: once written, it vouches for them
+            wm = self._watermark(tp, get)  # (read first: a partition of invalid records only was never read)
+            self.ends[tp] = out.offsets[tp]
+            out.states[f"_wm|{tp[0]}|{tp[1]}"] = ({"wm": wm, "e": out.offsets[tp]}, r)
         return out
+
+    def _refusal(self, topic: str, ts: int, wm: int | None, now_us: int, replayed: bool) -> tuple[str, str] | None:
+        """Why a fresh record is dead-lettered (reason, detail), or None if it is applied."""
+        late = self.lateness_us[topic]
+        if wm is not None and ts < wm - late:
+            return "late", f"ts {ts} is more than {late / 1e6:g}s behind the watermark {wm}"
+        if self.limit is not None and ts > self.limit:
+            return "future", (f"ts {ts} is more than {self.max_future_us / 1e6:g}s ahead of the clock {now_us} "
+                              f"(max_future_s)")
+        if replayed:  # not in its entity's state although its batch's state is written: it was refused then
+            return "future", f"ts {ts} was too far ahead of the clock when first consumed (max_future_s)"
+        return None
 
     @staticmethod
     def _state(key: str, cache: dict[str, dict[str, Any]], get: StateGet) -> dict[str, Any]:
@@ -223,12 +262,18 @@ class FeatureEngine:
         return st
 
     def _watermark(self, tp: tuple[str, int], get: StateGet) -> int | None:
-        if tp not in self.watermarks:
+        """The topic-partition's watermark, never ahead of the clock by more than ``max_future_s``."""
+        if tp not in self.loaded:
+            self.loaded.add(tp)
             saved = get(f"_wm|{tp[0]}|{tp[1]}")
-            if saved is None:
-                return None
-            self.watermarks[tp] = saved["wm"]
-        return self.watermarks[tp]
+            if saved is not None:
+                if saved.get("wm") is not None:
+                    self.watermarks[tp] = saved["wm"]
+                self.ends[tp] = saved.get("e", -1)
+        wm = self.watermarks.get(tp)
+        if wm is not None and self.limit is not None and wm > self.limit:  # saved before the bound, or the
+            wm = self.watermarks[tp] = self.limit  # clock stepped back: never further ahead than the bound
+        return wm
 
     # --- stream feature views -------------------------------------------------------------------
 
@@ -398,8 +443,9 @@ class FeatureEngine:
         (at the batch's end, so outcomes of the same batch still count)."""
         for (topic, p), r in last_ok.items():
             for m in self.scored_by.get(topic, ()):
-                if self._watermark((m.label.topic, p), get) is None:
-                    self._finalise(m, p, self.watermarks[(topic, p)], r, cache, get, out)
+                wm = self._watermark((topic, p), get)
+                if wm is not None and self._watermark((m.label.topic, p), get) is None:
+                    self._finalise(m, p, wm, r, cache, get, out)
 
     def _join_watermark(self, m: ModelSpec, p: int, get: StateGet) -> int | None:
         wm = self._watermark((m.label.topic, p), get)
@@ -452,7 +498,7 @@ class FeatureEngine:
                 out.online.setdefault(name, []).append(
                     {view.entity_key: view.entity(entity), **windows.values(vst, view, vst["t"] / 1e6),
                      "event_timestamp": vst["t"], "created": now_us})
-                wm = self.watermarks.get((view.topic, r.partition))
+                wm = self._watermark((view.topic, r.partition), get)
                 if wm is not None:  # after the online value: an idle entity keeps its value at its last time
                     windows.prune(vst, view, wm / 1e6)
         for key, (st, r) in out.states.items():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -49,7 +50,8 @@ def streamed(tmp_path_factory, broker: str) -> Iterator[tuple[Settings, list]]:
     ensure_topics(s)
     store = apply(s)[0]
     views = specs_from_feast(store.list_stream_feature_views())
-    events = synthetic_events(30_000, users=800, rate=300, disorder_s=3.0, seed=21)
+    start = time.time_ns() // 1000 - 200_000_000  # ~100 s of event time, ending in the past (max_future_s)
+    events = synthetic_events(30_000, users=800, rate=300, disorder_s=3.0, seed=21, start_us=start)
     late = [("events.impressions", {**r, "event_id": f"late{i}", "ts": r["ts"] - 3_600_000_000})
             for i, (t, r) in enumerate(events[5_000:5_040]) if t == "events.impressions"]
     with worker(s, "streams"):
