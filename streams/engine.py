@@ -62,7 +62,7 @@ import heapq
 import logging
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,6 +117,11 @@ class BatchOutput:
 
 
 Accepted = tuple[Record, dict[str, Any], str]  # record, validated row, entity key
+
+
+def seed_marker(topic: str, partition: int) -> str:
+    """State key listing the views whose history the state of a topic-partition holds (``FeatureEngine.seed``)."""
+    return f"_views|{topic}|{partition}"
 
 
 class FeatureEngine:
@@ -299,12 +304,14 @@ class FeatureEngine:
         return [{k: v[i] for k, v in res.items()} for i in range(n)]
 
     def _aggregate(self, accepted: list[Accepted], cache: dict[str, dict[str, Any]], out: BatchOutput,
-                   now_us: int) -> None:
+                   now_us: int, only: set[str] | None = None) -> None:
         for topic, views in self.by_topic.items():
             mine = [a for a in accepted if a[0].topic == topic]
             if not mine:
                 continue
             for view in views:
+                if only is not None and view.name not in only:
+                    continue
                 inputs = self._view_inputs(view, [a[1] for a in mine])
                 for (r, row, key), vrow in zip(mine, inputs, strict=True):
                     if vrow is None:
@@ -486,8 +493,51 @@ class FeatureEngine:
                 for eid in [i for i, t in final.items() if t < horizon]:
                     del final[eid]
 
-    def _finish(self, cache: dict[str, dict[str, Any]], out: BatchOutput, get: StateGet, now_us: int) -> None:
-        """Online rows at each updated entity's newest time; prune state behind the watermark."""
+    # --- views added later --------------------------------------------------------------------------
+
+    def seed(self, topic: str, partition: int, views: list[ViewSpec], chunks: Iterable[list[dict[str, Any]]],
+             get: StateGet, now_us: int | None = None) -> Iterator[BatchOutput]:
+        """Replay one topic-partition's accepted events (bronze rows with ``_offset``, in offset order, in
+        chunks) through ``views`` only: what the stream would have produced had they existed from the start.
+        Yields one output per chunk with the views' offline rows, then a last one with each entity's online
+        row and state, and the partition's marker (``seed_marker``) listing ``views``. Events past an entity's
+        applied offset (``_o``) are left to the stream, which replays them."""
+        now_us = now_us or time.time_ns() // 1000
+        self.limit = None if self.max_future_us is None else now_us + self.max_future_us
+        only, okey = {v.name for v in views}, f"{topic}:{partition}"
+        cache: dict[str, dict[str, Any]] = {}
+        touched: dict[str, tuple[dict[str, Any], Record]] = {}
+        lacking: dict[str, set[str]] = {}  # entity → the views its state lacked (a repeated seed skips the rest)
+        for chunk in chunks:
+            out, accepted = BatchOutput(), []
+            for row in chunk:
+                offset = row.pop("_offset")
+                key = self.entity_key(topic, row)
+                st = self._state(key, cache, get)
+                if key not in lacking:
+                    lacking[key] = {n for n in only if n not in st["v"]}
+                if offset > st["_o"].get(okey, -1) or not lacking[key]:
+                    continue
+                r = Record(topic, partition, offset, None, None)
+                touched[key] = (st, r)
+                accepted.append((r, row, key))
+                out.offsets[(topic, partition)] = offset
+            for name in only:
+                self._aggregate([a for a in accepted if name in lacking[a[2]]], cache, out, now_us, {name})
+            out.accepted = len(accepted)
+            yield out
+        out = BatchOutput()
+        for key, (st, r) in touched.items():
+            out.states[key] = (st, r)
+            out.touched[key].update(n for n in lacking[key] if n in st["v"])
+        self._online_rows(out, get, now_us)
+        seeded = set((get(seed_marker(topic, partition)) or {}).get("views", ())) | only
+        end = Record(topic, partition, max((r.offset for _st, r in touched.values()), default=0), None, None)
+        out.states[seed_marker(topic, partition)] = ({"views": sorted(seeded)}, end)
+        yield out
+
+    def _online_rows(self, out: BatchOutput, get: StateGet, now_us: int) -> None:
+        """Online rows at each updated entity's newest time; prune view state behind the watermark."""
         by_name = {v.name: v for v in self.views}
         for key, names in out.touched.items():
             st, r = out.states[key]
@@ -501,6 +551,10 @@ class FeatureEngine:
                 wm = self._watermark((view.topic, r.partition), get)
                 if wm is not None:  # after the online value: an idle entity keeps its value at its last time
                     windows.prune(vst, view, wm / 1e6)
+
+    def _finish(self, cache: dict[str, dict[str, Any]], out: BatchOutput, get: StateGet, now_us: int) -> None:
+        """Online rows at each updated entity's newest time; prune state behind the watermark."""
+        self._online_rows(out, get, now_us)
         for key, (st, r) in out.states.items():
             if not key.startswith("_") and ("l" in st or "f" in st):
                 self._prune_joins(key, st, r, get, out)
