@@ -3,6 +3,9 @@
 Tansu (ARCHITECTURE.md) holds every fetch for its max wait and assigns a group after about half the
 session timeout, so consumers use a short fetch wait and a 6 s session. Producers use the murmur2
 partitioner so confluent-kafka and aiokafka (Faust) put one key in the same partition.
+
+Acks: a batch whose offsets are committed afterwards tracks its own records (:class:`Deliveries`), so a
+producer can be shared by threads without one thread's flush hiding (or reporting) another's failures.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from driftloop.core.contracts import Event
 from driftloop.core.settings import Settings
@@ -23,6 +26,7 @@ log = logging.getLogger(__name__)
 SESSION_TIMEOUT_MS = 6000
 HEARTBEAT_MS = 1000
 FETCH_WAIT_MS = 50
+WAIT_FLUSH_S = 0.01  # Deliveries.wait re-checks its own batch at least this often
 
 
 def bootstrap(settings: Settings) -> str:
@@ -62,7 +66,9 @@ def consumer_config(settings: Settings, group_id: str, **extra: Any) -> dict[str
 
 
 class CheckedProducer(Producer):
-    """A producer that remembers failed deliveries, so ``flush_or_raise`` never reports them as done."""
+    """A producer that remembers the failed deliveries of records produced WITHOUT a :class:`Deliveries`
+    tracker, for good: ``flush_or_raise`` raises for them on every later call, so no flush (of any thread)
+    can make them look delivered. Records produced through a tracker report to that tracker only."""
 
     def __init__(self, config: dict[str, Any]):
         self.failed: list[Any] = []
@@ -71,6 +77,75 @@ class CheckedProducer(Producer):
     def _delivered(self, err: Any, _msg: Any) -> None:
         if err is not None:
             self.failed.append(err)
+
+
+class DeliveryError(RuntimeError):
+    """Records were not acknowledged by the broker (failed, or no answer in time)."""
+
+
+class Deliveries:
+    """The broker's answers for ONE batch of records on a (possibly shared) producer.
+
+    Produce the batch through it (``produce``, ``event``), then ``wait()`` before committing what the
+    batch covers: it returns once every record of THIS batch is acknowledged and raises
+    :class:`DeliveryError` naming the first failure otherwise. Other threads' records on the same
+    producer never count, and another thread's flush or poll (which may serve this batch's delivery
+    reports) cannot hide a failure: each report is one ``list.append``, atomic under the GIL, and a
+    tracker's failures are never cleared. One thread produces into a tracker; ``wait`` may run on
+    another (an executor). Use a new tracker per batch.
+    """
+
+    __slots__ = ("producer", "sent", "_reports", "_report")
+
+    def __init__(self, producer: Producer):
+        self.producer = producer
+        self.sent = 0
+        reports: list[tuple[Any, str, int] | None] = []  # per answered record: None (acked) or the failure
+        append = reports.append
+
+        def report(err: Any, msg: Message) -> None:  # a closure over the list: no reference cycle to self
+            append(None if err is None else (err, msg.topic(), msg.partition()))
+
+        self._reports, self._report = reports, report
+
+    def produce(self, topic: str, key: bytes | None, value: bytes | None, **kw: Any) -> None:
+        """Produce one record of this batch to a full topic name (``kw``: ``partition``, ``headers``);
+        DeliveryError when the client refuses it at once."""
+        try:  # the hot path: one call
+            self.producer.produce(topic, key=key, value=value, on_delivery=self._report, **kw)
+        except BufferError:
+            produce_raw(self.producer, topic, key, value, on_delivery=self._report, **kw)
+        except KafkaException as e:  # refused at once (e.g. a topic the broker refused before): not in the batch
+            raise DeliveryError(f"record for {topic} not accepted: {e}") from e
+        self.sent += 1
+
+    def event(self, settings: Settings, topic: str, event: Event, key: str) -> None:
+        """Produce one contract record of this batch to a logical topic."""
+        self.produce(settings.topic(topic), key.encode(), event.to_bytes())
+
+    @property
+    def answered(self) -> int:
+        """How many of this batch's records the broker answered for (acked or failed) so far."""
+        return len(self._reports)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        """Serve the producer's delivery reports until the broker answered for each record of this batch;
+        the number of records. Raises DeliveryError if one failed or ``timeout`` s passed first."""
+        reports, flush = self._reports, self.producer.flush
+        deadline = time.monotonic() + timeout
+        while len(reports) < self.sent:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DeliveryError(f"{self.sent - len(reports)} of {self.sent} records not acknowledged by the "
+                                    f"broker within {timeout}s")
+            # flush, not poll: linger.ms is skipped while flushing; it returns early once nothing is in flight
+            flush(min(left, WAIT_FLUSH_S))
+        failed = self.sent - reports.count(None)
+        if failed:
+            err, topic, partition = next(r for r in reports if r is not None)
+            where = topic if partition is None or partition < 0 else f"{topic} [{partition}]"
+            raise DeliveryError(f"{failed} of {self.sent} records not delivered; first: {where}: {err}")
+        return self.sent
 
 
 def make_producer(settings: Settings, **extra: Any) -> CheckedProducer:
@@ -130,15 +205,15 @@ def good_messages(messages: list[Message]) -> list[Message]:
 
 
 def flush_or_raise(producer: Producer, timeout: float = 30.0) -> None:
-    """Wait until every queued record is acknowledged by the broker; raise if any delivery failed."""
+    """Wait until every queued record of the producer (all threads') is acknowledged; raise if any record
+    produced on it without a :class:`Deliveries` tracker ever failed. For a producer one thread uses; on a
+    shared producer, give each batch a tracker and ``wait`` on it instead."""
     left = producer.flush(timeout)
     if left:
-        raise RuntimeError(f"{left} records not acknowledged by the broker within {timeout}s")
+        raise DeliveryError(f"{left} records not acknowledged by the broker within {timeout}s")
     failed = getattr(producer, "failed", None)
     if failed:
-        n, first = len(failed), failed[0]
-        failed.clear()
-        raise RuntimeError(f"{n} records not delivered: {first}")
+        raise DeliveryError(f"{len(failed)} records not delivered on this producer so far; first: {failed[0]}")
 
 
 def read_past_reported_end(settings: Settings, topic: str, partitions: Iterable[int],

@@ -8,7 +8,9 @@ score, publishes ``drift.reports``, and when the drifted-column share reaches th
 model was sent within its ``retrain_cooldown_s``) publishes a ``retrain.requests`` record for that model
 with ``since_ts`` = the start of the first drifted window, so the retrain job learns from the drifted
 regime; a single noisy window does not trigger a retrain. Offsets are committed after a window's
-outputs are acked. The worker restarts (``RESTART_EXIT``) when new declarations are applied.
+outputs are acked. The alert webhook's threads share the producer: every report and request tracks its
+own acks (``Deliveries``), so one thread's failure is never reported to, nor hidden by, another. The
+worker restarts (``RESTART_EXIT``) when new declarations are applied.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pydantic import ValidationError
 
 from driftloop.core.contracts import DriftReport, Prediction, RetrainRequest
 from driftloop.core.declarations import Declarations, ModelSpec
-from driftloop.core.kafka import flush_or_raise, good_messages, make_consumer, make_producer, produce_event
+from driftloop.core.kafka import Deliveries, good_messages, make_consumer, make_producer
 from driftloop.core.metrics import DRIFT_SHARE, RETRAIN_REQUESTS
 from driftloop.core.settings import Settings
 from driftloop.core.worker import RESTART_EXIT, DeclarationsWatch, StopFlag, mark_ready
@@ -78,7 +80,7 @@ class Monitor:
     def __init__(self, settings: Settings, decls: Declarations | None = None):
         self.s = settings
         self.decls = decls or declarations(settings)
-        self.producer = make_producer(settings)
+        self.producer = make_producer(settings)  # shared by the main loop and the webhook's threads
         self.states = {name: ModelState(spec) for name, spec in self.decls.models.items()}
         self.refs: dict[tuple[str, str], pd.DataFrame] = {}
         self.skipped: set[str] = set()  # undeclared models already logged
@@ -123,7 +125,8 @@ class Monitor:
                           window_end_ts=win[-1].ts, rows=len(win), drift_share=share, drifted=drifted,
                           columns=cols)
         DRIFT_SHARE.labels(model=spec.name).set(share)
-        produce_event(self.producer, self.s, "drift.reports", rep, spec.name)
+        out = Deliveries(self.producer)
+        out.event(self.s, "drift.reports", rep, spec.name)
         log.info("%s window v%s: drift share %.2f%s", spec.name, version, share, " DRIFT" if drifted else "")
         st.run_windows = st.run_windows + 1 if drifted else 0
         if st.run_windows == 1:
@@ -133,15 +136,17 @@ class Monitor:
             self.request(spec.name, "drift", {
                 "report_id": rep.event_id, "drift_share": share, "windows": st.run_windows,
                 "drifted_columns": [c for c, v in cols.items() if v["drifted"]]}, since_ts=st.run_start_ts)
-        flush_or_raise(self.producer)
+        out.wait()
         return rep
 
     def request(self, name: str, reason: str, evidence: dict[str, Any], since_ts: int | None = None) -> str:
-        """Publish a retrain request for model ``name``; returns its id."""
+        """Publish a retrain request for model ``name`` and wait for its ack; returns its id (DeliveryError
+        when the broker did not acknowledge it)."""
         req = RetrainRequest(model_name=name, reason=reason, evidence=evidence,  # type: ignore[arg-type]
                              since_ts=since_ts)
-        produce_event(self.producer, self.s, "retrain.requests", req, name)
-        flush_or_raise(self.producer)
+        out = Deliveries(self.producer)
+        out.event(self.s, "retrain.requests", req, name)
+        out.wait()
         RETRAIN_REQUESTS.labels(model=name, reason=reason).inc()
         self.states[name].last_request_s = time.monotonic()
         log.info("%s: retrain request %s (%s)", name, req.request_id, reason)

@@ -1,7 +1,8 @@
 """The drift alert webhook: external monitors POST JSON alerts that become retraining requests.
 
 ``POST /alerts`` with ``{"model_name": "...", ...}`` → 202 ``{"request_id": ...}``; 400 for a body that is
-not a JSON object or has no ``model_name``; 404 (naming the declared models) for a model that is not declared.
+not a JSON object or has no ``model_name``; 404 (naming the declared models) for a model that is not declared;
+503 when the request was not acknowledged by the broker (nothing was accepted: send the alert again).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import orjson
+
+from driftloop.core.kafka import DeliveryError
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,9 @@ def start_webhook(port: int, on_alert: Callable[[dict[str, Any]], str]) -> Threa
                 return self._reply(404, {"error": str(e), "models": e.declared})
             except ValueError as e:
                 return self._reply(400, {"error": str(e)})
+            except DeliveryError as e:
+                log.error("webhook: alert not accepted: %s", e)
+                return self._reply(503, {"error": f"not accepted, send it again: {e}"})
             self._reply(202, {"request_id": rid})
 
         def log_message(self, fmt: str, *args: Any) -> None:

@@ -13,7 +13,7 @@ from confluent_kafka import Producer
 from mlflow.exceptions import MlflowException
 
 from driftloop.core.contracts import ModelPromoted, now_us
-from driftloop.core.kafka import flush_or_raise, produce_event
+from driftloop.core.kafka import Deliveries
 from driftloop.core.settings import Settings
 from driftloop.registry.versions import CHAMPION, PREVIOUS_TAG, alias_version, client
 
@@ -33,8 +33,9 @@ def promote(settings: Settings, producer: Producer, name: str, version: str, *, 
     timeline = {**(timeline or {}), "promoted": now_us()}
     ev = ModelPromoted(model_name=name, version=str(version), previous_version=previous, run_id=mv.run_id,
                        metrics=dict(metrics or {}), reason=reason, request_id=request_id, timeline=timeline)
-    produce_event(producer, settings, "models.promoted", ev, name)
-    flush_or_raise(producer)
+    out = Deliveries(producer)  # the producer may be shared: wait for this record's ack only
+    out.event(settings, "models.promoted", ev, name)
+    out.wait()
     log.info("champion %s v%s (was %s): %s", name, version, previous, reason)
     return ev
 

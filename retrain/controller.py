@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from driftloop.core.contracts import ModelPromoted, ModelRejected, RetrainRequest, now_us
 from driftloop.core.declarations import Declarations, ModelSpec
-from driftloop.core.kafka import flush_or_raise, good_messages, make_consumer, make_producer, produce_event
+from driftloop.core.kafka import Deliveries, good_messages, make_consumer, make_producer
 from driftloop.core.metrics import TRAINING_RUNS
 from driftloop.core.settings import Settings
 from driftloop.core.worker import RESTART_EXIT, DeclarationsWatch, StopFlag, mark_ready
@@ -199,8 +199,9 @@ class Controller:
         TRAINING_RUNS.labels(model=req.model_name, outcome=outcome).inc()
         ev = ModelRejected(model_name=req.model_name, version=version, run_id=run_id, checks=checks,
                            request_id=req.request_id)
-        produce_event(self.producer, self.s, "models.rejected", ev, req.model_name)
-        flush_or_raise(self.producer)
+        out = Deliveries(self.producer)
+        out.event(self.s, "models.rejected", ev, req.model_name)
+        out.wait()
         log.warning("rejected %s v%s: %s", req.model_name, version, checks)
         return ev
 
@@ -216,8 +217,9 @@ class Controller:
         if n < spec.min_labels:
             return None
         req = RetrainRequest(model_name=name, reason="bootstrap", evidence={"labels": n})
-        produce_event(self.producer, self.s, "retrain.requests", req, name)
-        flush_or_raise(self.producer)
+        out = Deliveries(self.producer)
+        out.event(self.s, "retrain.requests", req, name)
+        out.wait()
         self.next_bootstrap[name] = float("inf")  # until that request is handled
         log.info("%s: %d labels and no champion: bootstrap request %s", name, n, req.request_id)
         return req

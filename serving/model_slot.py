@@ -3,9 +3,10 @@ reference between batches.
 
 The scoring loop reads ``slot.current`` once per batch, so a batch is never scored by two versions and
 no weights are ever copied into a live model. A version that fails verification is never made current
-and never tried again; ``on_reject`` is told why (serving publishes ``models.rejected``) and the slot
-keeps what it serves. Any other load error (the registry or artifact store unreachable) is retried on
-the next refresh.
+and never tried again once ``on_reject`` was told why (serving publishes ``models.rejected`` and waits for
+the broker's ack; if that fails, the next refresh verifies and announces it again) and the slot keeps
+what it serves. Any other load error (the registry or artifact store unreachable) is retried on the
+next refresh.
 """
 
 from __future__ import annotations
@@ -58,13 +59,13 @@ class ModelSlot:
                 return
             try:
                 scorer = load_scorer(self.s, name, version, list(self.spec.features), self.spec.task,
-                                     self.spec.n_outputs)
+                                     self.spec.n_outputs, int8_tolerance=self.spec.int8_tolerance)
             except ModelCheckError as e:
-                self._bad.add(version)
                 MODEL_REJECTS.labels(model=name, check=e.check).inc()
                 log.error("not serving %s %s v%s (%s): %s", name, self.alias, version, e.check, e)
                 if self.on_reject:
-                    self.on_reject(version, e.check, str(e))
+                    self.on_reject(version, e.check, str(e))  # raises if not announced: tried again next refresh
+                self._bad.add(version)
                 return
             self._pending = (scorer, seen)
             log.info("%s %s v%s loaded and verified (%s) in %.3fs", name, self.alias, version, scorer.runtime,

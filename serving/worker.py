@@ -6,8 +6,10 @@
   (``serving_batch_size`` records or ``serving_linger_s``) is scored with one online-feature read and
   one model call.
 * Offsets are committed only after the batch's predictions (and dead letters) are acknowledged by the
-  broker on the model's own producer, so a crash re-scores at most the records after the last commit
-  and never loses one; one model's delivery failure never fails another model's batch.
+  broker: each batch tracks its own records' acks (``Deliveries``) on the model's producer, which the
+  slots' loading threads share for ``models.rejected`` with trackers of their own; a crash re-scores at
+  most the records after the last commit and never loses one, and one model's (or loading thread's)
+  delivery failure never fails another's batch nor hides behind it.
 * Events that fail their topic's schema go to ``dlq`` (headers as the streams worker's, plus
   ``consumer: serving.<model>``).
 * Hot swap (``ModelSlot``): a ``models.promoted`` record naming the model (one control consumer for
@@ -35,14 +37,7 @@ from confluent_kafka import Message
 from driftloop.core.contracts import ModelRejected, Prediction
 from driftloop.core.declarations import Declarations, ModelSpec
 from driftloop.core.events import Invalid, parse
-from driftloop.core.kafka import (
-    flush_or_raise,
-    good_messages,
-    make_consumer,
-    make_producer,
-    produce_event,
-    produce_raw,
-)
+from driftloop.core.kafka import Deliveries, good_messages, make_consumer, make_producer
 from driftloop.core.metrics import BATCH_SIZE, DLQ, EVENTS_IN, PREDICTION_LATENCY, PREDICTIONS
 from driftloop.core.settings import Settings
 from driftloop.core.worker import RESTART_EXIT, DeclarationsWatch, StopFlag, mark_ready
@@ -93,9 +88,7 @@ class ModelServer:
         self.halt = halt
         self.name = f"serving.{spec.name}"
         self.vectorizer = Vectorizer(open_store(settings), spec)
-        self.producer = make_producer(settings)
-        self._control = make_producer(settings)  # models.rejected, from the slots' loading threads
-        self._control_lock = threading.Lock()
+        self.producer = make_producer(settings)  # shared with the loading threads: each batch tracks its acks
         self.champion = ModelSlot(settings, spec, CHAMPION, self._on_reject(CHAMPION))
         self.challenger = ModelSlot(settings, spec, CHALLENGER, self._on_reject(CHALLENGER)) \
             if settings.serving_shadow else None
@@ -111,9 +104,9 @@ class ModelServer:
         def hook(version: str, check: str, why: str) -> None:
             ev = ModelRejected(model_name=self.spec.name, version=version, run_id=None,
                                checks={f"serving_verification.{check}": why, "alias": alias})
-            with self._control_lock:
-                produce_event(self._control, self.s, "models.rejected", ev, self.spec.name)
-                flush_or_raise(self._control)
+            announce = Deliveries(self.producer)
+            announce.event(self.s, "models.rejected", ev, self.spec.name)
+            announce.wait()
         return hook
 
     def load(self) -> list[threading.Thread]:
@@ -153,12 +146,13 @@ class ModelServer:
         spec = self.spec
         BATCH_SIZE.labels(component="serving").observe(len(msgs))
         EVENTS_IN.labels(component="serving", topic=spec.topic).inc(len(msgs))
+        batch = Deliveries(self.producer)
         events = []
         for m in msgs:
             try:
                 events.append(parse(m.value(), self.schema))
             except Invalid as e:
-                self.dead_letter(m, e)
+                self.dead_letter(batch, m, e)
         model, shadow = self.champion.current, self.challenger.current if self.challenger else None
         recs: list[tuple[bytes, bytes, float]] = []
         if model is not None and events:
@@ -167,16 +161,16 @@ class ModelServer:
             t1 = time.perf_counter()
             recs = prediction_records(spec, model, events, x, model.score(x), time.time())
             for key, value, _lat in recs:
-                produce_raw(self.producer, self.topics["predictions"], key, value)
+                batch.produce(self.topics["predictions"], key, value)
             if shadow is not None and shadow.version != model.version:
                 for key, value, _lat in prediction_records(spec, shadow, events, x, shadow.score(x), time.time()):
-                    produce_raw(self.producer, self.topics["predictions.shadow"], key, value)
+                    batch.produce(self.topics["predictions.shadow"], key, value)
             log.debug("%s: batch of %d: features %.3fs, score+publish %.3fs", self.name, len(events), t1 - t0,
                       time.perf_counter() - t1)
         elif events and time.monotonic() - self._unscored_logged > 30:
             self._unscored_logged = time.monotonic()
             log.warning("%s: no champion yet; events pass unscored", self.name)
-        flush_or_raise(self.producer)
+        batch.wait()
         if recs and model is not None:
             PREDICTIONS.labels(model=spec.name, model_version=model.version).inc(len(recs))
             latency = PREDICTION_LATENCY.labels(model=spec.name)
@@ -184,11 +178,11 @@ class ModelServer:
                 latency.observe(lat)
         return len(recs)
 
-    def dead_letter(self, m: Message, e: Invalid) -> None:
+    def dead_letter(self, batch: Deliveries, m: Message, e: Invalid) -> None:
         DLQ.labels(reason=e.reason).inc()
         headers = {"error": e.detail, "reason": e.reason, "source_topic": m.topic(), "partition": str(m.partition()),
                    "offset": str(m.offset()), "consumer": self.name}
-        produce_raw(self.producer, self.topics["dlq"], m.key(), m.value(), headers=headers)
+        batch.produce(self.topics["dlq"], m.key(), m.value(), headers=headers)
 
 
 def _promoted_model(m: Message) -> str | None:
