@@ -119,11 +119,6 @@ class BatchOutput:
 Accepted = tuple[Record, dict[str, Any], str]  # record, validated row, entity key
 
 
-def seed_marker(topic: str, partition: int) -> str:
-    """State key listing the views whose history the state of a topic-partition holds (``FeatureEngine.seed``)."""
-    return f"_views|{topic}|{partition}"
-
-
 class FeatureEngine:
     """Validation, de-duplication, the stream feature views and the label joins of every declared topic."""
 
@@ -500,8 +495,9 @@ class FeatureEngine:
         """Replay one topic-partition's accepted events (bronze rows with ``_offset``, in offset order, in
         chunks) through ``views`` only: what the stream would have produced had they existed from the start.
         Yields one output per chunk with the views' offline rows, then a last one with each entity's online
-        row and state, and the partition's marker (``seed_marker``) listing ``views``. Events past an entity's
-        applied offset (``_o``) are left to the stream, which replays them."""
+        row and state. Events past an entity's applied offset (``_o``) are left to the stream, which replays
+        them; an entity whose state has a view already is not replayed through it (a repeated seed, or a
+        view the stream computed for it), so seeding twice counts nothing twice."""
         now_us = now_us or time.time_ns() // 1000
         self.limit = None if self.max_future_us is None else now_us + self.max_future_us
         only, okey = {v.name for v in views}, f"{topic}:{partition}"
@@ -531,9 +527,6 @@ class FeatureEngine:
             out.states[key] = (st, r)
             out.touched[key].update(n for n in lacking[key] if n in st["v"])
         self._online_rows(out, get, now_us)
-        seeded = set((get(seed_marker(topic, partition)) or {}).get("views", ())) | only
-        end = Record(topic, partition, max((r.offset for _st, r in touched.values()), default=0), None, None)
-        out.states[seed_marker(topic, partition)] = ({"views": sorted(seeded)}, end)
         yield out
 
     def _online_rows(self, out: BatchOutput, get: StateGet, now_us: int) -> None:
