@@ -10,6 +10,18 @@ loop commits acked offsets, so offsets never run ahead of durable writes. A batc
 worker (the supervisor restarts it) rather than committing past it. When the declarations change, the
 worker finishes its batch, stops and exits with ``RESTART_EXIT`` (the supervisor starts it again).
 
+Producers as they are: the partition that owns an entity (its state, its changelog partition, its label
+joins) is the one Java's murmur2 partitioner picks for its key, as driftloop's producers do. A record that
+another partitioner put elsewhere (librdkafka's default ``consistent_random``: kcat, confluent-kafka) is not
+processed where it lands: ``Router`` produces a copy to that partition of ``<topic>.repartition`` (same
+partition count, so the same worker owns both; header ``driftloop-origin`` = source partition:offset), and
+the original is acked with its batch, after the copy is acknowledged. The copy is processed as the logical
+topic on virtual partition ``n·(1+p)+q`` (``n`` partitions, source partition ``p``, owner ``q``; ``% n`` is
+``q``) at its SOURCE offset: one stream per (p, q) in source order, so a copy routed twice (a restart before
+the original's commit) is a replay the engine's offset checks skip, and rows keep ``_topic`` = the source
+topic, ``_offset`` = the source offset (``_partition`` ≥ n marks a routed record). With two workers each
+owning some partitions, an entity's records all meet on its owner.
+
 Output records go through one confluent-kafka producer (about 1 µs a record against several hundred
 through Faust's producer here); changelog records are written exactly as Faust's table would write
 them (JSON key and value, the source partition), so Faust's table recovery reads them back.
@@ -24,14 +36,18 @@ import os
 import signal
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import faust
 import orjson
+from aiokafka.partitioner import murmur2
+from confluent_kafka.admin import AdminClient
 
 from driftloop.core.declarations import Declarations
 from driftloop.core.kafka import (
+    bootstrap,
     faust_broker_settings,
     flush_or_raise,
     make_producer,
@@ -50,6 +66,94 @@ from driftloop.streams.engine import BatchOutput, FeatureEngine, Record
 from driftloop.streams.sinks import OfflineSink
 
 log = logging.getLogger(__name__)
+
+REPARTITION = ".repartition"
+ORIGIN = "driftloop-origin"  # header of a routed copy: b"<source partition>:<source offset>"
+Produce = Callable[[str, bytes | None, bytes | None, int, list[tuple[str, bytes]]], None]
+
+
+def repartition_topic(topic: str) -> str:
+    """The internal topic (logical name) that routes ``topic``'s misplaced records to their owner partition."""
+    return topic + REPARTITION
+
+
+class Router:
+    """Routes each source record to the partition murmur2 gives its key (module docstring, "Producers as
+    they are"); a record without a key goes by its value's entity field."""
+
+    CACHE = 200_000  # keys whose partition is remembered (murmur2 in Python takes microseconds)
+
+    def __init__(self, settings: Settings, decls: Declarations):
+        self.n = settings.partitions
+        self.source = {settings.topic(t): t for t in decls.topics}  # full name → logical topic
+        self.copies = {settings.topic(repartition_topic(t)): t for t in decls.topics}
+        self.copy_topic = {t: settings.topic(repartition_topic(t)) for t in decls.topics}
+        self.key_field = {t: spec.key for t, spec in decls.topics.items()}
+        self.routed: Counter[str] = Counter()
+        self._partition: dict[bytes, int] = {}
+
+    @property
+    def topics(self) -> list[str]:
+        """Every full topic name the worker consumes: the declared topics and their repartition topics."""
+        return sorted([*self.source, *self.copies])
+
+    def partition(self, key: bytes) -> int:
+        """Java's default partition of ``key`` (murmur2, as librdkafka's ``murmur2_random``)."""
+        q = self._partition.get(key)
+        if q is None:
+            if len(self._partition) >= self.CACHE:
+                self._partition.clear()
+            q = self._partition[key] = (murmur2(key) & 0x7FFFFFFF) % self.n
+        return q
+
+    def source_partition(self, partition: int) -> int:
+        """The source partition of a record the engine saw on ``partition`` (virtual for a routed copy)."""
+        return partition // self.n - 1 if partition >= self.n else partition
+
+    def _entity(self, topic: str, value: bytes | None) -> bytes | None:
+        try:
+            return str(orjson.loads(value or b"")[self.key_field[topic]]).encode()
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return None  # invalid: processed where it is, and dead-lettered by the engine
+
+    def records(self, messages: list[Any], produce: Produce) -> list[Record]:
+        """The engine's records of a batch of consumed messages; misplaced source records are produced to
+        their repartition topic instead (``produce(topic, key, value, partition, headers)``)."""
+        out = []
+        for m in messages:
+            topic = self.source.get(m.topic)
+            if topic is None:  # a routed copy
+                topic = self.copies[m.topic]
+                origin = next((v for k, v in reversed(m.headers or ()) if k == ORIGIN), None)
+                try:
+                    p, o = map(int, origin.split(b":"))  # type: ignore[union-attr]
+                except (AttributeError, ValueError):
+                    log.warning("%s[%d]@%d has no %s header: skipped", m.topic, m.partition, m.offset, ORIGIN)
+                    continue
+                out.append(Record(topic, self.n * (1 + p) + m.partition, o, m.key, m.value))
+                continue
+            key = m.key if m.key is not None else self._entity(topic, m.value)
+            q = m.partition if key is None else self.partition(key)
+            if q == m.partition:
+                out.append(Record(topic, m.partition, m.offset, m.key, m.value))
+                continue
+            if not self.routed[topic]:
+                log.info("records of %s arrive on other partitions than murmur2 puts their key (a producer with "
+                         "another partitioner, e.g. librdkafka's default consistent_random): routing them through "
+                         "%s to the partition that owns their entity", topic, self.copy_topic[topic])
+            produce(self.copy_topic[topic], m.key, m.value, q,
+                    [*(m.headers or ()), (ORIGIN, b"%d:%d" % (m.partition, m.offset))])
+            self.routed[topic] += 1
+        return out
+
+
+def _check_partitions(settings: Settings, topics: list[str]) -> None:
+    """Every consumed topic must have the changelog's partition count: partition q of each is one owner."""
+    meta = AdminClient({"bootstrap.servers": bootstrap(settings)}).list_topics(timeout=30).topics
+    wrong = {t: len(meta[t].partitions) for t in topics if t in meta and len(meta[t].partitions) != settings.partitions}
+    if wrong:
+        raise ValueError(f"the streams worker needs {settings.partitions} partitions (settings.partitions) in every "
+                         f"topic it consumes; these differ: {wrong}")
 
 
 class Restart:
@@ -71,6 +175,9 @@ def create_app(settings: Settings) -> faust.App:
     watch = DeclarationsWatch(settings)
     decls = Declarations.load(settings.declarations_file)  # read after the watch's stamp: a change is seen
     ensure_topics(settings)
+    router = Router(settings, decls)
+    ensure_topics(settings, [repartition_topic(t) for t in sorted(decls.topics)])
+    _check_partitions(settings, router.topics)
     store = open_store(settings)
     views = windows.specs_from_feast(store.list_stream_feature_views())
     log.info("topics: %s; stream feature views: %s; models: %s", ", ".join(decls.topics),
@@ -85,10 +192,14 @@ def create_app(settings: Settings) -> faust.App:
         store="memory://",
         stream_wait_empty=False,
         table_standby_replicas=0,
+        # Tansu reports a partition's end as its last batch's base offset + 1 (ARCHITECTURE.md), below the
+        # changelog offsets Faust's recovery already read (whole batches): Faust's check that they are below
+        # the end crashed the worker on its next recovery in the same process (any rebalance after one with data)
+        recovery_consistency_check=False,
         **faust_broker_settings(settings),
     )
     raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
-    source = app.topic(*(settings.topic(t) for t in sorted(decls.topics)), **raw)
+    source = app.topic(*router.topics, **raw)
     dlq, labels_topic = settings.topic("dlq"), settings.topic("labels")
     state = app.Table("feature-state", default=None, partitions=settings.partitions)
     changelog = state.changelog_topic.get_topic_name()
@@ -97,7 +208,6 @@ def create_app(settings: Settings) -> faust.App:
     offline = OfflineSink(settings.offline_dir, app="streams")
     online = OnlineSink(store)
     pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sink")
-    prefix_len = len(settings.topic_prefix)
     fresh_assignment = True
 
     batch_lock = asyncio.Lock()  # held while a batch is in flight
@@ -114,6 +224,12 @@ def create_app(settings: Settings) -> faust.App:
     async def _assigned(app: faust.App, assigned: Any, **kwargs: Any) -> None:
         nonlocal fresh_assignment
         fresh_assignment = True
+        log.info("partitions assigned: %s", ", ".join(sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned
+                                                              if tp.topic in source.topics)) or "none")
+
+    @app.on_rebalance_complete.connect
+    async def _recovered(app: faust.App, **kwargs: Any) -> None:
+        log.info("table recovered, resuming the streams")
 
     async def process(messages: list[Any]) -> None:
         """One fetch round of source records (see ``faust_patches.route_batches``)."""
@@ -138,8 +254,8 @@ def create_app(settings: Settings) -> faust.App:
     async def _process_batch(messages: list[Any]) -> None:
         BATCH_SIZE.labels(component="streams").observe(len(messages))
         assigned = app.consumer.assignment()
-        records = [Record(m.topic[prefix_len:], m.partition, m.offset, m.key, m.value) for m in messages
-                   if m.tp in assigned]  # a record of a partition revoked meanwhile is the new owner's
+        records = router.records([m for m in messages if m.tp in assigned], _route)  # a record of a partition
+        # revoked meanwhile is the new owner's
         t0 = time.perf_counter()
         out = engine.process(records, state.data.get)
         t1 = time.perf_counter()
@@ -158,10 +274,10 @@ def create_app(settings: Settings) -> faust.App:
         t2 = time.perf_counter()
         for key, (value, r) in out.states.items():
             state.data[key] = value
-            produce_raw(producer, changelog, orjson.dumps(key), orjson.dumps(value), partition=r.partition)
+            produce_raw(producer, changelog, orjson.dumps(key), orjson.dumps(value), partition=r.partition % router.n)
         for r, reason, detail in out.dlq:
             headers = {"error": detail, "reason": reason, "source_topic": settings.topic(r.topic),
-                       "partition": str(r.partition), "offset": str(r.offset)}
+                       "partition": str(router.source_partition(r.partition)), "offset": str(r.offset)}
             produce_raw(producer, dlq, r.key, r.value, headers=headers)
         for lb, _r in out.labels:
             produce_raw(producer, labels_topic, lb.key.encode(), lb.to_bytes())
@@ -171,6 +287,10 @@ def create_app(settings: Settings) -> faust.App:
         _count(out)
         log.debug("batch %d records: engine %.3fs, sinks %.3fs, state %.3fs, flush %.3fs (%d keys)", len(records),
                   t1 - t0, t2 - t1, t3 - t2, t4 - t3, len(out.states))
+
+    def _route(topic: str, key: bytes | None, value: bytes | None, partition: int,
+               headers: list[tuple[str, bytes]]) -> None:
+        produce_raw(producer, topic, key, value, partition=partition, headers=headers)
 
     app.topics.add(source)
     faust_patches.route_batches(source.topics, process)

@@ -14,20 +14,47 @@
   the handler returns, so
   Faust's own commit loop commits only offsets whose writes are done. While flow is suspended (a
   rebalance) such records are dropped unacked; Faust seeks to the committed offsets afterwards.
+
+Both are private to Faust (``Consumer._drain_messages`` is a modified copy of Faust's; the consumer class
+is rebound in the ``aiokafka`` module Faust's driver creates it from), so they are pinned to the versions
+they were written for (``WRITTEN_FOR``): ``problems()`` lists what differs on the installed ones (versions,
+the patched attributes' signatures, the source of the Faust code the copy was made from),
+tests/test_private_guards.py fails on any of it, and ``apply()`` logs it. Faust's public stream API (an
+agent over ``stream.take``) was measured at about 5k records/s here, too slow for the hot path.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import importlib.metadata
+import inspect
+import logging
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import aiokafka
 from faust.transport import consumer as faust_consumer
+from faust.transport.drivers import aiokafka as faust_aiokafka
 
 from driftloop.core.kafka import FETCH_WAIT_MS
 
+log = logging.getLogger(__name__)
+
 _applied = False
+WRITTEN_FOR = {"faust-streaming": "0.15.3", "aiokafka": "0.14.0"}
+# Faust's code the patched loop copies or relies on: sha256 (first 16 hex digits) of each method's source
+FAUST_SOURCES = {
+    "_drain_messages": "44a2500309e83c63",  # the copy below is this loop, changed as the module docstring says
+    "track_message": "217d7f1399a4cd8e",
+    "ack": "5fcf41cf45153475",
+    "_add_gap": "4df2573ded7c1c2c",
+    "_new_offset": "1d2c7ea89a7ad4f1",  # commits the acked offsets, stopping at a gap
+    "perform_seek": "0e8c130ff4b0afd8",
+    "getmany": "4b168d84882a70d6",
+}
+# Faust's methods as imported, before ``apply()`` replaces one of them
+_ORIGINAL = {name: getattr(faust_consumer.Consumer, name) for name in FAUST_SOURCES}
 BATCH_LINGER_S = 0.1
 BATCH_MAX_RECORDS = 50_000
 BatchHandler = Callable[[list[Any]], Awaitable[None]]
@@ -113,11 +140,56 @@ async def _drain_messages(self: Any, fetcher: Any) -> None:  # pragma: no cover 
         self.diag.unset_flag(faust_consumer.CONSUMER_FETCHING)
 
 
+def _source_hash(fn: Any) -> str:
+    return hashlib.sha256(inspect.getsource(fn).encode()).hexdigest()[:16]
+
+
+def problems() -> list[str]:
+    """What differs, on the installed libraries, from what the patches were written for (empty: nothing)."""
+    out = []
+    for dist, want in WRITTEN_FOR.items():
+        got = importlib.metadata.version(dist)
+        if got != want:
+            out.append(f"{dist} {got} is installed")
+    for name, want in FAUST_SOURCES.items():
+        if _source_hash(_ORIGINAL[name]) != want:
+            out.append(f"the source of faust.transport.consumer.Consumer.{name} changed")
+    params = list(inspect.signature(_ORIGINAL["_drain_messages"]).parameters)
+    if params != ["self", "fetcher"]:
+        out.append(f"Consumer._drain_messages takes {params}, not (self, fetcher)")
+    consumer_src = inspect.getsource(faust_consumer.Consumer)
+    for attr in ("_read_offset", "_committed_offset", "_acked", "_gap", "_commit_every", "_n_acked", "suspend_flow",
+                 "consumer_stopped_errors", "callback", "diag", "should_stop"):
+        if f"self.{attr}" not in consumer_src:
+            out.append(f"Consumer no longer uses self.{attr}")
+    if not hasattr(faust_consumer, "CONSUMER_FETCHING"):
+        out.append("faust.transport.consumer has no CONSUMER_FETCHING")
+    create = inspect.getsource(faust_aiokafka.AIOKafkaConsumerThread._create_worker_consumer)
+    if "aiokafka.AIOKafkaConsumer(" not in create or "fetch_max_wait_ms=1500" not in create:
+        out.append("Faust's AIOKafkaConsumerThread._create_worker_consumer no longer builds "
+                   "aiokafka.AIOKafkaConsumer with fetch_max_wait_ms=1500")
+    consumer_init = inspect.signature(ShortFetchConsumer.__bases__[0].__init__).parameters  # aiokafka's own
+    if "fetch_max_wait_ms" not in consumer_init:
+        out.append("aiokafka.AIOKafkaConsumer takes no fetch_max_wait_ms")
+    return out
+
+
+def guard_message(found: list[str]) -> str:
+    """The guard's message for ``problems()``' list."""
+    return (f"streams/faust_patches.py was written for faust-streaming {WRITTEN_FOR['faust-streaming']} / aiokafka "
+            f"{WRITTEN_FOR['aiokafka']}; found: {'; '.join(found)}: re-check the patch (its copy of "
+            "Consumer._drain_messages against the new Faust source, the acked-offset commit it relies on, the "
+            "consumer rebinding) and then update WRITTEN_FOR and FAUST_SOURCES")
+
+
 def apply() -> None:
     """Install both patches (idempotent); call before the Faust app starts its consumer."""
     global _applied
     if _applied:
         return
+    found = problems()
+    if found:
+        log.warning("%s", guard_message(found))
     aiokafka.AIOKafkaConsumer = ShortFetchConsumer  # type: ignore[misc]
     faust_consumer.Consumer._drain_messages = _drain_messages  # type: ignore[method-assign]
     _applied = True

@@ -20,16 +20,20 @@ from driftloop.core.kafka import consumer_config, good_messages, make_consumer, 
 from driftloop.core.settings import Settings
 from driftloop.core.topics import ensure_topics
 from driftloop.features.repo import apply
+from driftloop.streams.app import repartition_topic
 
 
 @contextlib.contextmanager
-def worker(settings: Settings, name: str, ready_timeout: float = 90) -> Iterator[subprocess.Popen]:
-    log = open(settings.root / f"{name}.log", "ab")  # noqa: SIM115
+def worker(settings: Settings, name: str, ready_timeout: float = 90, log_name: str | None = None
+           ) -> Iterator[subprocess.Popen]:
+    """A ``driftloop worker <name>`` child, once it marked itself ready; logs to ``<log_name or name>.log``."""
+    (settings.run_dir / f"{name}.ready").unlink(missing_ok=True)  # another worker of that name marked it
+    log = open(settings.root / f"{log_name or name}.log", "ab")  # noqa: SIM115
     proc = subprocess.Popen([sys.executable, "-m", "driftloop.app.cli", "worker", name],
                             env=settings_env(settings), stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_for(lambda: (settings.run_dir / f"{name}.ready").exists() or proc.poll() is not None, ready_timeout)
-        assert proc.poll() is None, f"{name} worker died: see {settings.root / f'{name}.log'}"
+        assert proc.poll() is None, f"{name} worker died: see {log.name}"
         yield proc
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -87,21 +91,58 @@ def end_offsets(settings: Settings, topic: str) -> dict[int, int]:
     return ends
 
 
-def wait_committed(settings: Settings, group: str, topics: list[str], timeout: float) -> None:
-    """Until ``group`` has committed every partition of ``topics`` up to its end: all its writes are done."""
-    ends = {(t, p): e for t in topics for p, e in end_offsets(settings, t).items()}
-    c = Consumer(consumer_config(settings, group))
-    last: dict = {}
+def committed_offsets(settings: Settings, group: str, topics: list[str],
+                      consumer: Consumer | None = None) -> dict[tuple[str, int], int]:
+    """``group``'s committed offset per (logical topic, partition) of ``topics`` (-1 where none); ``consumer``:
+    an open consumer of ``group`` to ask (else one is opened for the call)."""
+    c = consumer or Consumer(consumer_config(settings, group))
     try:
-        def done() -> bool:
-            tps = [TopicPartition(settings.topic(t), p) for t, p in ends]
-            got = c.committed(tps, timeout=10)
-            last.update({(t, tp.partition): tp.offset for (t, _), tp in zip(ends, got, strict=True)})
-            return all(last[k] >= e for k, e in ends.items())
-        try:
-            wait_for(done, timeout, every=1.0)
-        except AssertionError as e:
-            raise AssertionError(f"{group} did not commit to the end: committed {last}, ends {ends}") from e
+        got = c.committed([TopicPartition(settings.topic(t), p) for t in topics for p in range(settings.partitions)],
+                          timeout=10)
+    finally:
+        if consumer is None:
+            c.close()
+    names = {settings.topic(t): t for t in topics}
+    return {(names[tp.topic], tp.partition): max(tp.offset, -1) for tp in got}
+
+
+def wait_progress(done: Callable[[], bool], progress: Callable[[], object], stall_s: float,
+                  describe: Callable[[], str], every: float = 1.0,
+                  alive: subprocess.Popen | None = None) -> None:
+    """Until ``done()``, for as long as ``progress()`` keeps changing: fails once it stayed the same for
+    ``stall_s`` seconds (or at once if the ``alive`` process ended), with ``describe()``. A slow machine
+    only makes the wait longer; a stall still fails."""
+    last, since = progress(), time.monotonic()
+    while not done():
+        if alive is not None and alive.poll() is not None:
+            raise AssertionError(f"the worker exited with {alive.returncode} before it was done: {describe()}")
+        now = progress()
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since > stall_s:
+            raise AssertionError(f"no progress for {stall_s:g}s: {describe()}")
+        time.sleep(every)
+
+
+def wait_committed(settings: Settings, group: str, topics: list[str], stall_s: float = 90,
+                   alive: subprocess.Popen | None = None) -> None:
+    """Until ``group`` has committed every partition of ``topics`` up to its end (so all its writes are done),
+    as long as its committed offsets keep moving; fails after ``stall_s`` seconds without a commit, listing
+    committed vs end per partition."""
+    ends = {(t, p): e for t in topics for p, e in end_offsets(settings, t).items()}
+    got: dict[tuple[str, int], int] = {}
+    c = Consumer(consumer_config(settings, group))
+
+    def done() -> bool:
+        got.update(committed_offsets(settings, group, topics, c))
+        return all(max(got.get(k, -1), 0) >= e for k, e in ends.items())
+
+    def describe() -> str:
+        return f"{group} did not commit to the end (committed/end): " + ", ".join(
+            f"{t}[{p}] {got.get((t, p), -1)}/{e}" for (t, p), e in sorted(ends.items()))
+
+    try:
+        wait_progress(done, lambda: dict(got), stall_s, describe, alive=alive)
     finally:
         c.close()
 
@@ -111,15 +152,22 @@ def valid(events: list[tuple[str, dict]], topic: str) -> list[dict]:
     return [r for t, r in events if t == topic]
 
 
-def wait_streamed(s: Settings, events: list[tuple[str, dict]], views: list, timeout: float) -> None:
+def wait_streamed(s: Settings, events: list[tuple[str, dict]], views: list, stall_s: float = 90,
+                  alive: subprocess.Popen | None = None) -> None:
     """Until every event (all valid and on time) is in its topic's bronze table, every view without a udf has
-    a row per event of its topic, and the streams group has committed every source partition (so the online
-    rows and labels of the last batch are written too)."""
-    def rows(name: str) -> int:
-        return len(delta.read(s.offline_dir / name, ["_offset"]))
-
+    a row per event of its topic, and the streams group has committed every partition of those topics and of
+    their repartition topics (so the online rows and labels of the last batch are written too); as long as
+    row counts, then commits, keep moving (fails after ``stall_s`` seconds without progress)."""
     topics = sorted({t for t, _ in events})
     want = {bronze_table(t): len(valid(events, t)) for t in topics}
     want.update({v.name: len(valid(events, v.topic)) for v in views if v.udf is None})
-    wait_for(lambda: all(rows(n) >= c for n, c in want.items()), timeout, every=1.0)
-    wait_committed(s, f"{s.topic_prefix}streams", topics, 120)
+    got: dict[str, int] = {}
+
+    def done() -> bool:
+        got.update({n: len(delta.read(s.offline_dir / n, ["_offset"])) for n in want})
+        return all(got[n] >= c for n, c in want.items())
+
+    wait_progress(done, lambda: dict(got), stall_s,
+                  lambda: "rows (got/want): " + ", ".join(f"{n} {got.get(n, 0)}/{c}" for n, c in want.items()),
+                  alive=alive)
+    wait_committed(s, f"{s.topic_prefix}streams", [*topics, *map(repartition_topic, topics)], stall_s, alive=alive)

@@ -27,7 +27,7 @@ from driftloop.core.worker import RESTART_EXIT
 from driftloop.examples.ads.ads_generator import synthetic_events
 from driftloop.features.repo import open_store
 from driftloop.features.windows import ViewSpec, specs_from_feast
-from tests.helpers import apply_repo, read_topic, valid, wait_for, wait_streamed, worker
+from tests.helpers import apply_repo, read_topic, valid, wait_for, wait_progress, wait_streamed, worker
 from tests.reference import assert_frames_match, assert_labels_match, expected, expected_labels, offline_rows
 
 START = 1_767_225_600_000_000  # 2026-01-01T00:00:00Z: event times of the generated traffic start here
@@ -42,7 +42,7 @@ def _rows(s: Settings, name: str) -> int:
     return len(delta.read(s.offline_dir / name, ["_offset"]))
 
 
-def _check(s: Settings, store: FeatureStore, events: list[tuple[str, dict]], views: list[ViewSpec],
+def check_exact(s: Settings, store: FeatureStore, events: list[tuple[str, dict]], views: list[ViewSpec],
            transforms: dict | None = None, decls: Declarations | None = None) -> None:
     """Offline rows (one per event, none twice) and online rows equal the reference, for every view; with
     ``decls``, the labels of every outcome-joined model too (one per scored event)."""
@@ -59,7 +59,7 @@ def _check(s: Settings, store: FeatureStore, events: list[tuple[str, dict]], vie
             assert_labels_match(s, m, expected_labels(events, m))
 
 
-def _ads(n: int, seed: int, **kw) -> list[tuple[str, dict]]:
+def ads_traffic(n: int, seed: int, **kw) -> list[tuple[str, dict]]:
     """Ad traffic, then a click per user of the first 50 a minute after the last event: no impression
     has it, but it moves the clicks' watermark of every partition past every label window."""
     events = synthetic_events(n, seed=seed, start_us=kw.pop("start_us", START), **kw)
@@ -87,7 +87,7 @@ def test_exact_with_disorder_late_and_malformed_records(settings: Settings):
     store, decls = apply_repo(settings)
     views = _views(store)
     assert {a.function for v in views for a in v.aggs} == {"count", "sum", "mean", "min", "max"}
-    events = _ads(100_000, users=3000, rate=400, disorder_s=3.0, seed=11)  # ~250 s of event time
+    events = ads_traffic(100_000, users=3000, rate=400, disorder_s=3.0, seed=11)  # ~250 s of event time
     late = [("events.impressions", {**r, "event_id": f"late{i}", "ts": r["ts"] - 3_600_000_000})
             for i, (t, r) in enumerate(events[20_000:20_050]) if t == "events.impressions"]
     bad = _malformed(MALFORMED_EACH)
@@ -99,7 +99,7 @@ def test_exact_with_disorder_late_and_malformed_records(settings: Settings):
     with worker(settings, "streams"):
         publish(settings, stream)
         wait_streamed(settings, events, views, 240)
-    _check(settings, store, events, views, decls=decls)
+    check_exact(settings, store, events, views, decls=decls)
 
     dlq = read_topic(settings, "dlq", len(bad) + len(late), timeout=60)
     reasons = pd.Series([dict(m.headers())["reason"].decode() for m in dlq]).value_counts().to_dict()
@@ -108,35 +108,45 @@ def test_exact_with_disorder_late_and_malformed_records(settings: Settings):
     assert all(dict(m.headers())["error"] for m in dlq)
 
 
-@pytest.mark.slow  # ~3 min; in stop 9's full CI run one partition's commit stalled after the last restart
-# (every row was written: liveness, not loss) while solo runs pass: `make test-all` runs it
 def test_exact_after_three_kill9_restarts(settings: Settings):
-    """200k events; SIGKILL at 3 random points and restart: nothing lost, nothing counted twice."""
+    """100k events; SIGKILL at 3 random points (10-85% of the rows written) and restart: nothing lost,
+    nothing counted twice, and the last worker (still alive) commits every partition to its end."""
     store, decls = apply_repo(settings)
     views = _views(store)
-    events = _ads(200_000, users=5000, rate=1000, disorder_s=3.0, seed=12)
-    publish(settings, events)
+    events = ads_traffic(100_000, users=3000, rate=1000, disorder_s=3.0, seed=12)
     total = len(events)
     rng = random.Random(7)
     kill_at = sorted(rng.uniform(0.1, 0.85) * total for _ in range(3))
     child = Child("streams", settings_env(settings), settings.root / "streams.log")
-    for i, threshold in enumerate([*kill_at, None]):
+
+    def start() -> None:
         (settings.run_dir / "streams.ready").unlink(missing_ok=True)
         child.start()
         wait_for(lambda: (settings.run_dir / "streams.ready").exists(), 90)
-        if threshold is None:
-            break
-        wait_for(lambda t=threshold: _rows(settings, "bronze_impressions") + _rows(settings, "bronze_clicks") >= t,
-                 180, every=0.2)
-        time.sleep(rng.uniform(0.0, 1.5))
-        child.signal_group(signal.SIGKILL)
-        child.proc.wait()
-        assert child.proc.returncode == -signal.SIGKILL, f"kill {i} did not land"
+
+    def rows() -> int:
+        return _rows(settings, "bronze_impressions") + _rows(settings, "bronze_clicks")
+
+    # The worker starts before the events: with a backlog at its first fetch, a batch can hold scored records
+    # of a partition whose outcome partition was not fetched yet, and the engine's fallback then closes their
+    # labels early (FeatureEngine._fallback_finalise). Publishing is much faster than the worker: the kills
+    # still land in a backlog.
+    start()
+    publish(settings, events)
     try:
-        wait_streamed(settings, events, views, 300)
+        for i, threshold in enumerate(kill_at):
+            wait_progress(lambda t=threshold: rows() >= t, rows, 90, lambda t=threshold: f"{rows()} of {t:.0f} rows",
+                          every=0.2, alive=child.proc)
+            time.sleep(rng.uniform(0.0, 1.5))
+            child.signal_group(signal.SIGKILL)
+            child.proc.wait()
+            assert child.proc.returncode == -signal.SIGKILL, f"kill {i} did not land"
+            start()
+        wait_streamed(settings, events, views, alive=child.proc)
+        assert child.proc.poll() is None, f"the worker died: see {settings.root / 'streams.log'}"
     finally:
         child.stop()
-    _check(settings, store, events, views, decls=decls)
+    check_exact(settings, store, events, views, decls=decls)
 
 
 NEW_VIEW = '''
@@ -208,8 +218,8 @@ def test_new_view_file_apply_and_restart(settings: Settings):
         n_new = len(_top_slots_in_eur(pd.DataFrame(valid(after, "events.impressions"))))
         wait_for(lambda: _rows(settings, new.name) >= n_new, 60)
     store = open_store(settings)
-    _check(settings, store, after, [new], {new.name: _top_slots_in_eur})
-    _check(settings, store, before + after, [v for v in views if v.name == "user_impressions"])
+    check_exact(settings, store, after, [new], {new.name: _top_slots_in_eur})
+    check_exact(settings, store, before + after, [v for v in views if v.name == "user_impressions"])
 
 
 COURIERS = '''
@@ -291,7 +301,7 @@ def test_integer_entity_key_and_regression_label(settings: Settings, tmp_path: P
     with worker(s, "streams"):
         publish(s, events, rate=1500)  # a few seconds: many batches
         wait_streamed(s, events, views, 180)
-    _check(s, store, events, views, decls=decls)
+    check_exact(s, store, events, views, decls=decls)
     got = store.get_online_features(features=["courier_trips:trips_1m"], entity_rows=[{"courier_id": 1000}])
     assert got.to_dict()["trips_1m"][0] > 0
     labels = delta.read(s.offline_dir / "labels")
