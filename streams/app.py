@@ -61,7 +61,7 @@ from driftloop.core.worker import RESTART_EXIT, DeclarationsWatch, StopFlag, mar
 from driftloop.features import windows
 from driftloop.features.online_write import OnlineSink
 from driftloop.features.repo import declarations, open_store
-from driftloop.streams import faust_patches
+from driftloop.streams import faust_patches, seed
 from driftloop.streams.engine import BatchOutput, FeatureEngine, Record
 from driftloop.streams.sinks import OfflineSink
 
@@ -184,7 +184,7 @@ def create_app(settings: Settings) -> faust.App:
              ", ".join(f"{v.name} ({v.topic})" for v in views) or "none",
              ", ".join(f"{m.name} ({m.label.kind} label from {m.label.topic})" for m in decls.models.values())
              or "none")
-    engine = FeatureEngine(views, decls)
+    engine = FeatureEngine(views, decls, max_future_s=settings.max_future_s)
 
     app = faust.App(
         f"{settings.topic_prefix}streams",
@@ -207,6 +207,7 @@ def create_app(settings: Settings) -> faust.App:
 
     offline = OfflineSink(settings.offline_dir, app="streams")
     online = OnlineSink(store)
+    seed_sink = OfflineSink(settings.offline_dir, app="seed")  # its own offsets: never hides a stream row
     pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sink")
     fresh_assignment = True
 
@@ -243,6 +244,7 @@ def create_app(settings: Settings) -> faust.App:
                              len(state.data), n)
                     engine.reset(state.data.items())
                     offline.reset()
+                    await asyncio.get_running_loop().run_in_executor(None, _seed_new_views, sorted(parts))
                     fresh_assignment = False
                 await _process_batch(messages)
                 if watch.changed():
@@ -294,6 +296,31 @@ def create_app(settings: Settings) -> faust.App:
 
     app.topics.add(source)
     faust_patches.route_batches(source.topics, process)
+
+    def _seed_new_views(partitions: list[int]) -> None:
+        """Views the state of these partitions does not cover yet start from their topics' bronze rows
+        (``seed.py``): offline rows, then online rows, state records and the marker, then a flush."""
+        todo = seed.missing_views(engine.by_topic, dict.fromkeys(engine.by_topic, partitions), state.data.get)
+        for (topic, q), views in sorted(todo.items()):
+            t0, n = time.perf_counter(), 0
+            for p, chunks in seed.bronze_rows(settings.offline_dir, topic, q, router.n):
+                for out in engine.seed(topic, p, views, chunks, state.data.get):
+                    for name, cols in out.offline.items():
+                        seed_sink.write(name, cols, out.offsets)
+                    _write_online(out)
+                    for key, (value, r) in out.states.items():
+                        state.data[key] = value
+                        produce_raw(producer, changelog, orjson.dumps(key), orjson.dumps(value),
+                                    partition=r.partition % router.n)
+                    n += out.accepted
+            mark = seed.marker(topic, q)
+            names = sorted({v.name for v in views} | set((state.data.get(mark) or {}).get("views", ())))
+            state.data[mark] = {"views": names}
+            produce_raw(producer, changelog, orjson.dumps(mark), orjson.dumps({"views": names}), partition=q)
+            flush_or_raise(producer)
+            if n:
+                log.info("%s[%d]: views %s seeded from %d bronze events in %.1fs", topic, q,
+                         ", ".join(v.name for v in views), n, time.perf_counter() - t0)
 
     def _recover_tail(partitions: list[int]) -> int:
         """Re-read each changelog partition from its reported end minus one to its real end.

@@ -197,7 +197,8 @@ def _top_slots_in_eur(df: pd.DataFrame) -> pd.DataFrame:
 
 def test_new_view_file_apply_and_restart(settings: Settings):
     """A view added to the repo (with a pandas udf) + `driftloop apply` while the worker runs: it exits to be
-    restarted (RESTART_EXIT) and computes the new view from then on."""
+    restarted (RESTART_EXIT), seeds the new view from the topic's bronze rows and continues it: the view is
+    exact over every event, before and after it was added."""
     store, _decls = apply_repo(settings)
     before = synthetic_events(6000, users=300, rate=200, disorder_s=2.0, seed=21, start_us=START)
     with worker(settings, "streams") as proc:
@@ -215,10 +216,11 @@ def test_new_view_file_apply_and_restart(settings: Settings):
     with worker(settings, "streams"):
         publish(settings, after)
         wait_streamed(settings, before + after, views, 120)
-        n_new = len(_top_slots_in_eur(pd.DataFrame(valid(after, "events.impressions"))))
+        n_new = len(_top_slots_in_eur(pd.DataFrame(valid(before + after, "events.impressions"))))
         wait_for(lambda: _rows(settings, new.name) >= n_new, 60)
     store = open_store(settings)
-    check_exact(settings, store, after, [new], {new.name: _top_slots_in_eur})
+    # the new view starts where the data starts: seeded from the bronze rows of the events before it existed
+    check_exact(settings, store, before + after, [new], {new.name: _top_slots_in_eur})
     check_exact(settings, store, before + after, [v for v in views if v.name == "user_impressions"])
 
 
