@@ -124,6 +124,15 @@ class MonotonicOnlineStore(OnlineStore):
         numbers (``nums``)."""
         raise NotImplementedError
 
+    def _delete(self, config: RepoConfig, views: Sequence[FeatureView]) -> None:
+        """Drop every stored row of ``views``."""
+        raise NotImplementedError
+
+    def update(self, config: RepoConfig, tables_to_delete: Sequence[FeatureView],
+               tables_to_keep: Sequence[FeatureView], entities_to_delete: Sequence[Entity],
+               entities_to_keep: Sequence[Entity], partial: bool) -> None:
+        self._delete(config, tables_to_delete)
+
     # -- Feast's interface ---------------------------------------------------------------------------
     def online_write_batch(self, config: RepoConfig, table: FeatureView, data: list[Row],
                            progress: Callable[[int], Any] | None) -> None:
@@ -278,11 +287,6 @@ class MonotonicSqliteOnlineStore(MonotonicOnlineStore):
             out += conn.execute(f"{head}({','.join('?' * len(chunk))})", [config.project, *views, *chunk]).fetchall()
         return out
 
-    def update(self, config: RepoConfig, tables_to_delete: Sequence[FeatureView],
-               tables_to_keep: Sequence[FeatureView], entities_to_delete: Sequence[Entity],
-               entities_to_keep: Sequence[Entity], partial: bool) -> None:
-        self._delete(config, tables_to_delete)
-
     def teardown(self, config: RepoConfig, tables: Sequence[FeatureView], entities: Sequence[Entity]) -> None:
         self._delete(config, tables)
         conn = getattr(self._local, "conn", None)
@@ -390,11 +394,6 @@ class MonotonicRedisOnlineStore(MonotonicOnlineStore):
                 if ts is not None:
                     out.append((v, k, int(ts), names.decode(), blob))
         return out
-
-    def update(self, config: RepoConfig, tables_to_delete: Sequence[FeatureView],
-               tables_to_keep: Sequence[FeatureView], entities_to_delete: Sequence[Entity],
-               entities_to_keep: Sequence[Entity], partial: bool) -> None:
-        self._delete(config, tables_to_delete)
 
     def teardown(self, config: RepoConfig, tables: Sequence[FeatureView], entities: Sequence[Entity]) -> None:
         self._delete(config, tables)
