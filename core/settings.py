@@ -37,7 +37,7 @@ class Settings(BaseSettings):
         60.0, gt=0, description="How far an event's time may be ahead of the streams worker's clock: later ones "
         "are dead-lettered (reason future) and never move the watermark, so a producer with a wrong clock cannot "
         "push it further ahead and dead-letter everyone else's events as late. 60 s is far beyond NTP skew and "
-        "the example generator's clicks (stamped up to 2 s ahead), yet refuses clocks minutes or hours off "
+        "outcome events stamped a little ahead, yet refuses clocks minutes or hours off "
         "(time zones, units). A producer ahead by less still takes that much of the lateness of the other "
         "producers of its partitions: set it below the topics' lateness where producers are not trusted.")
 
