@@ -275,8 +275,7 @@ def create_app(settings: Settings) -> faust.App:
         await asyncio.gather(*writes)
         t2 = time.perf_counter()
         for key, (value, r) in out.states.items():
-            state.data[key] = value
-            produce_raw(producer, changelog, orjson.dumps(key), orjson.dumps(value), partition=r.partition % router.n)
+            _save(key, value, r.partition)
         for r, reason, detail in out.dlq:
             headers = {"error": detail, "reason": reason, "source_topic": settings.topic(r.topic),
                        "partition": str(router.source_partition(r.partition)), "offset": str(r.offset)}
@@ -297,6 +296,11 @@ def create_app(settings: Settings) -> faust.App:
     app.topics.add(source)
     faust_patches.route_batches(source.topics, process)
 
+    def _save(key: str, value: Any, partition: int) -> None:
+        """A state record, in memory and on the changelog partition that owns it (flushed by the caller)."""
+        state.data[key] = value
+        produce_raw(producer, changelog, orjson.dumps(key), orjson.dumps(value), partition=partition % router.n)
+
     def _seed_new_views(partitions: list[int]) -> None:
         """Views the state of these partitions does not cover yet start from their topics' bronze rows
         (``seed.py``): offline rows, then online rows, state records and the marker, then a flush."""
@@ -309,14 +313,11 @@ def create_app(settings: Settings) -> faust.App:
                         seed_sink.write(name, cols, out.offsets)
                     _write_online(out)
                     for key, (value, r) in out.states.items():
-                        state.data[key] = value
-                        produce_raw(producer, changelog, orjson.dumps(key), orjson.dumps(value),
-                                    partition=r.partition % router.n)
+                        _save(key, value, r.partition)
                     n += out.accepted
             mark = seed.marker(topic, q)
             names = sorted({v.name for v in views} | set((state.data.get(mark) or {}).get("views", ())))
-            state.data[mark] = {"views": names}
-            produce_raw(producer, changelog, orjson.dumps(mark), orjson.dumps({"views": names}), partition=q)
+            _save(mark, {"views": names}, q)
             flush_or_raise(producer)
             if n:
                 log.info("%s[%d]: views %s seeded from %d bronze events in %.1fs", topic, q,
