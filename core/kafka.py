@@ -177,11 +177,6 @@ def faust_broker_settings(settings: Settings) -> dict[str, Any]:
     }
 
 
-def produce_event(producer: Producer, settings: Settings, topic: str, event: Event, key: str) -> None:
-    """Produce one contract record to a logical topic, waiting for queue room if needed."""
-    produce_raw(producer, settings.topic(topic), key.encode(), event.to_bytes())
-
-
 def produce_raw(producer: Producer, topic: str, key: bytes | None, value: bytes | None, **kw: Any) -> None:
     """Produce one record to a full topic name, waiting for queue room if needed."""
     while True:
