@@ -326,6 +326,10 @@ def cmd_bench(a: argparse.Namespace, s: Settings) -> int:
 
         run_training(s, labels=a.labels, rows_per_view=a.rows_per_view, users=a.users,
                      baseline_labels=a.baseline_labels)
+    elif a.what == "drift":
+        from driftloop.bench.drift import run as run_drift
+
+        run_drift(rows_ref=a.reference_rows, rows_window=a.window_rows, columns=a.columns, seed=a.seed)
     return 0
 
 
@@ -434,6 +438,12 @@ def build_parser() -> argparse.ArgumentParser:
     on = bs.add_parser("online", help="online store read latency p50/p99 for 1 and 100 entities")
     on.add_argument("--users", type=int, default=10_000, help="entities written to the online store")
     on.add_argument("--reads", type=int, default=2000, help="timed reads per size")
+    dr = bs.add_parser("drift", help="one window's drift check (cached reference) vs plain Evidently; detection, "
+                       "false episodes")
+    dr.add_argument("--reference-rows", type=int, default=100_000)
+    dr.add_argument("--window-rows", type=int, default=10_000)
+    dr.add_argument("--columns", type=int, default=20, help="half numeric, half categorical")
+    dr.add_argument("--seed", type=int, default=0)
     tr = bs.add_parser("training", help="point-in-time training set: N labels × the example repo's 3 views")
     tr.add_argument("--labels", type=int, default=1_000_000)
     tr.add_argument("--rows-per-view", type=int, default=1_000_000, help="feature rows in each view's Delta table")

@@ -30,10 +30,10 @@ from driftloop.app.supervisor import Stack
 from driftloop.core.contracts import now_us
 from driftloop.core.declarations import ModelSpec
 from driftloop.core.kafka import good_messages, make_consumer
+from driftloop.core.model_metrics import FUNCTIONS
 from driftloop.core.settings import Settings
 from driftloop.examples import names as example_names
 from driftloop.features.repo import declarations, init_repo
-from driftloop.retrain.metrics import FUNCTIONS
 
 log = logging.getLogger(__name__)
 

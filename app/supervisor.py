@@ -19,6 +19,7 @@ from driftloop.core.broker import EmbeddedBroker, free_port
 from driftloop.core.settings import Settings
 from driftloop.core.topics import ensure_topics
 from driftloop.core.worker import RESTART_EXIT
+from driftloop.drift.auth import load_or_create_token, token_path
 from driftloop.features.repo import apply
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,10 @@ class Stack:
         init_store(self.s)
         for f in self.s.run_dir.glob("*.ready"):
             f.unlink()
-        webhook_port = self.s.webhook_port or free_port()
+        webhook_port = self.s.webhook_port or free_port(self.s.webhook_host)
+        load_or_create_token(self.s)  # before the workers: the drift worker reads it, users read stack.json
+        token_file = "(DRIFTLOOP_WEBHOOK_TOKEN)" if self.s.webhook_token else token_path(self.s)
+        host = "127.0.0.1" if self.s.webhook_host in ("0.0.0.0", "::") else self.s.webhook_host
         metrics_ports = {}
         for name in self.workers:
             metrics_ports[name] = free_port()
@@ -129,7 +133,11 @@ class Stack:
             "bootstrap_servers": self.s.bootstrap_servers,
             "embedded_broker": self.broker is not None,
             "mlflow_uri": self.s.tracking_uri,
-            "webhook_url": f"http://127.0.0.1:{webhook_port}/alerts",
+            "webhook_url": f"http://{host}:{webhook_port}/v1/alerts",
+            "webhook_routes": {r or "generic": f"http://{host}:{webhook_port}/v1/alerts{r}"
+                               for r in ("", "/alertmanager", "/grafana")},
+            "webhook_docs": f"http://{host}:{webhook_port}/docs",
+            "webhook_token_file": str(token_file),
             "metrics_ports": metrics_ports,
             "workers": {c.name: c.proc.pid for c in self.children if c.proc},
             "supervisor_pid": os.getpid(),

@@ -76,9 +76,14 @@ class DriftReport(Event):
     rows: int
     drift_share: float
     drifted: bool
-    columns: dict[str, dict[str, float | bool]]
-    performance: dict[str, float] = Field(default_factory=dict)
-    report_url: str = ""
+    columns: dict[str, dict[str, float | bool | str]] = Field(description="column -> score, threshold, drifted, method")
+    performance: dict[str, float] = Field(default_factory=dict, description="metric estimate (label-free), realised "
+                                          "metric (labels joined) and their reference values")
+    breached: bool = Field(False, description="drift share or a performance drop breached the model's policy")
+    reasons: list[str] = Field(default_factory=list, description="what breached: drift, estimated, realised")
+    episode: Literal["none", "started", "ongoing", "ended"] = "none"
+    episode_id: str | None = None
+    report_url: str = Field("", description="the window's Evidently HTML report (file URI), when one was written")
 
 
 RetrainReason = Literal["drift", "performance", "webhook", "schedule", "manual", "bootstrap"]

@@ -92,12 +92,27 @@ class Gate:
     slice_tolerance: float = 0.05
 
 
+# drift methods by column kind; "auto" picks by window size (see DriftPolicy)
+AUTO_LARGE_WINDOW = 1000
+DRIFT_METHODS = {"wasserstein": "numeric", "psi": "numeric", "ks": "numeric",
+                 "jensenshannon": "categorical", "chisquare": "categorical"}
+
+
 @dataclass
 class DriftPolicy:
-    window: int = 1500  # predictions per window
+    window: int = 1500  # predictions per window (a window closes at this count ...)
+    window_time: timedelta | None = timedelta(minutes=5)  # ... or after this much event time, whichever first
+    min_rows: int = 200  # a window closed by time is checked only with at least this many predictions
     share_threshold: float = 0.5  # drifted-column share that makes a window drifted
-    persist_windows: int = 2  # consecutive drifted windows before a retrain request
+    persist_windows: int = 2  # consecutive breached windows that start a drift episode (one retrain request)
+    recover_windows: int = 3  # consecutive healthy windows that end it
     performance_tolerance: float = 0.1  # relative drop of the primary metric that triggers on its own
+    methods: dict[str, str] = field(default_factory=dict)  # column -> one of DRIFT_METHODS (per-column override)
+    categorical: list[str] = field(default_factory=list)  # columns compared as categories (besides auto-detected)
+    # "auto" (Evidently's rule): windows of more than 1000 predictions use Wasserstein (numeric) and
+    # Jensen-Shannon (categorical), smaller ones the KS and chi-square tests, whose p-values stay calibrated
+    numeric_method: str = "auto"
+    categorical_method: str = "auto"
 
 
 @dataclass
@@ -183,6 +198,13 @@ class ModelSpec(_Spec):
     drift_window: int = 1500
     drift_share_threshold: float = 0.5
     drift_persist_windows: int = 2
+    drift_window_s: float | None = 300.0
+    drift_min_rows: int = 200
+    drift_recover_windows: int = 3
+    drift_methods: dict[str, str] = Field(default_factory=dict)
+    drift_categorical: list[str] = Field(default_factory=list)
+    drift_numeric_method: str = "auto"
+    drift_categorical_method: str = "auto"
     performance_tolerance: float = 0.1
     retrain_cooldown_s: float = 120.0
     retrain_budget_per_day: int = 24
@@ -195,6 +217,16 @@ class ModelSpec(_Spec):
     @property
     def n_outputs(self) -> int:
         return len(self.classes) if self.task == "multiclass" else 1
+
+    def drift_method(self, kind: str) -> str:
+        """The declared default method for ``kind`` ("numeric" | "categorical"), "auto" resolved by window size."""
+        method = self.drift_numeric_method if kind == "numeric" else self.drift_categorical_method
+        if method != "auto":
+            return method
+        large = self.drift_window > AUTO_LARGE_WINDOW
+        if kind == "numeric":
+            return "wasserstein" if large else "ks"
+        return "jensenshannon" if large else "chisquare"
 
 
 class Declarations(_Spec):

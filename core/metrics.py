@@ -27,6 +27,16 @@ SWAP_SECONDS = Histogram("driftloop_model_swap_seconds", "Alias seen → new ver
 MODEL_REJECTS = Counter("driftloop_model_rejects_total", "Versions serving refused to load, by failed check",
                         ["model", "check"])
 DRIFT_SHARE = Gauge("driftloop_drift_share", "Share of drifted columns in the last window", ["model"])
+DRIFT_SCORE = Gauge("driftloop_drift_score", "Drift score of a column in the last window (method in the label)",
+                    ["model", "column", "method"])
+DRIFT_EPISODE = Gauge("driftloop_drift_episode", "1 while a model is in a drift episode", ["model"])
+PERFORMANCE = Gauge("driftloop_model_performance", "Primary metric of the last window: estimated (label-free) or "
+                    "realised (labels joined)", ["model", "metric", "kind"])
+DRIFT_CHECK_SECONDS = Histogram("driftloop_drift_check_seconds", "One window's drift check", ["model"],
+                                buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+WEBHOOK_REQUESTS = Counter("driftloop_webhook_requests_total", "Inbound alert webhook requests", ["route", "code"])
+NOTIFICATIONS = Counter("driftloop_notifications_total", "Outbound webhooks by outcome (sent, retried, given_up)",
+                        ["event", "outcome"])
 RETRAIN_REQUESTS = Counter("driftloop_retrain_requests_total", "Retrain requests", ["model", "reason"])
 TRAINING_RUNS = Counter("driftloop_training_runs_total", "Training jobs finished", ["model", "outcome"])
 LABELS = Counter("driftloop_labels_total", "Labels emitted by the label joins", ["model"])

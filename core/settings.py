@@ -49,6 +49,21 @@ class Settings(BaseSettings):
 
     metrics_port: int = Field(0, ge=0, description="Prometheus port of this worker; 0 = none.")
     webhook_port: int = Field(0, ge=0, description="Drift alert webhook port; 0 = pick a free one.")
+    webhook_host: str = Field("127.0.0.1", description="Address the alert webhook listens on (0.0.0.0 to expose it).")
+    webhook_token: str | None = Field(None, description="Bearer token / HMAC key of the alert webhook; unset = one "
+                                      "generated once into <data_dir>/webhook.token (mode 0600).")
+    webhook_max_skew_s: float = Field(300.0, gt=0, description="How old a signed request's timestamp may be.")
+    webhook_rate_per_s: float = Field(5.0, gt=0, description="Alert webhook requests per second per sender.")
+    webhook_burst: int = Field(20, ge=1, description="Requests a sender may send at once before the rate applies.")
+    notify_urls: list[str] = Field(default_factory=list, description="Outbound webhooks (JSON list in "
+                                   "DRIFTLOOP_NOTIFY_URLS): drift detected, retrain requested, model promoted, "
+                                   "rejected or rolled back, HMAC-signed.")
+    notify_secret: str | None = Field(None, description="HMAC key of outbound webhooks; unset = the webhook token.")
+    notify_max_attempts: int = Field(6, ge=1, description="Tries per outbound webhook before it is given up.")
+    drift_report_every: int = Field(10, ge=1, description="An Evidently HTML report for every breached window and "
+                                    "for one in this many others.")
+    drift_report_keep: int = Field(30, ge=1, description="HTML drift reports kept per model (oldest deleted; "
+                                   "about 4 MB each).")
     log_level: str = "INFO"
 
     @field_validator("topic_prefix")
@@ -81,6 +96,13 @@ class Settings(BaseSettings):
     @property
     def run_dir(self) -> Path:
         p = self.root / "run"
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+
+    @property
+    def drift_dir(self) -> Path:
+        """The drift worker's state (episodes, alert keys, reference statistics) and HTML reports."""
+        p = self.root / "drift"
         p.mkdir(parents=True, exist_ok=True)
         return p
 

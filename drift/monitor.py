@@ -1,169 +1,459 @@
-"""The drift monitor: per declared model, windows of its champion's predictions vs that version's reference.
+"""The drift monitor: per declared model, windows of its champion's predictions against that version's
+reference, performance before and after labels, episodes, and one retraining request per episode.
 
-One consumer reads ``predictions`` and routes each record by ``model_name`` to that model's state
-(records of models that are not declared are skipped). Each full window (the model's ``drift_window``
-predictions of one version) runs Evidently's ``DataDriftPreset`` over the model's features and its
-score, publishes ``drift.reports``, and when the drifted-column share reaches the model's
-``drift_share_threshold`` in ``drift_persist_windows`` consecutive windows (and no request for that
-model was sent within its ``retrain_cooldown_s``) publishes a ``retrain.requests`` record for that model
-with ``since_ts`` = the start of the first drifted window, so the retrain job learns from the drifted
-regime; a single noisy window does not trigger a retrain. Offsets are committed after a window's
-outputs are acked. The alert webhook's threads share the producer: every report and request tracks its
-own acks (``Deliveries``), so one thread's failure is never reported to, nor hidden by, another. The
-worker restarts (``RESTART_EXIT``) when new declarations are applied.
+One consumer reads ``predictions``, ``labels`` and the retrain outcomes (``models.promoted``,
+``models.rejected``). Per model:
+
+- **Windows** of one version's predictions close at the declared count, or once they span the declared
+  event time with at least ``min_rows`` predictions. A window is compared column by column (the model's
+  features and its score) with the version's reference sample, through reference statistics computed
+  once per version (``drift/stats.py``), and its score distribution gives a label-free estimate of the
+  primary metric (``drift/performance.py``); labels joined since the last window give the realised one.
+- **A window breaches** the policy when its drifted-column share reaches the threshold or the estimated
+  or realised metric dropped by more than the tolerance from the version's reference value.
+- **Episodes** (``drift/episodes.py``): ``persist_windows`` breaches in a row start one, ``recover_windows``
+  healthy windows end it. An episode asks for one retrain, with its evidence, as soon as the model has
+  no request in flight, is out of its cooldown and within its daily budget (``drift/state.py``).
+- **Outputs**: ``drift.reports`` per window; an Evidently HTML report for every breached window and a
+  sample of the others (written off the loop, pruned); gauges per model and column; outbound webhooks.
+
+Offsets are committed after a window's outputs are acknowledged, up to the first record an open window
+still holds, so a restarted monitor rebuilds its open windows. Alerts arrive through the webhook
+(``drift/webhook.py``), which calls :meth:`Monitor.alert`.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pandas as pd
-from evidently import Report
-from evidently.presets import DataDriftPreset
+from confluent_kafka import Message, TopicPartition
 from pydantic import ValidationError
 
-from driftloop.core.contracts import DriftReport, Prediction, RetrainRequest
+from driftloop.core.contracts import (
+    DriftReport,
+    Label,
+    ModelPromoted,
+    ModelRejected,
+    Prediction,
+    RetrainRequest,
+    new_id,
+)
 from driftloop.core.declarations import Declarations, ModelSpec
 from driftloop.core.kafka import Deliveries, good_messages, make_consumer, make_producer
-from driftloop.core.metrics import DRIFT_SHARE, RETRAIN_REQUESTS
+from driftloop.core.metrics import (
+    DRIFT_CHECK_SECONDS,
+    DRIFT_EPISODE,
+    DRIFT_SCORE,
+    DRIFT_SHARE,
+    PERFORMANCE,
+    RETRAIN_REQUESTS,
+)
 from driftloop.core.settings import Settings
 from driftloop.core.worker import RESTART_EXIT, DeclarationsWatch, StopFlag, mark_ready
-from driftloop.drift.webhook import UnknownModel, start_webhook
+from driftloop.drift.auth import WebhookAuth, load_or_create_token
+from driftloop.drift.episodes import EpisodeTracker
+from driftloop.drift.notify import Notifier
+from driftloop.drift.performance import dropped, estimate, realised
+from driftloop.drift.reports import prune, write_report
+from driftloop.drift.state import DriftState
+from driftloop.drift.stats import ReferenceCache, ReferenceStats, check
+from driftloop.drift.webhook import create_app, start_server
 from driftloop.features.repo import declarations
-from driftloop.registry.versions import load_reference
+from driftloop.registry.versions import load_reference, run_metric
 
 log = logging.getLogger(__name__)
 
+TOPICS = ["predictions", "labels", "models.promoted", "models.rejected"]
+JOIN_KEEP = 50_000  # recent predictions per model kept to join their labels
 
-def drift_scores(reference: pd.DataFrame, current: pd.DataFrame, columns: list[str],
-                 threshold: float = 0.5) -> tuple[float, dict]:
-    """Evidently drift per column: (drifted share, {column: {score, threshold, drifted}}), over the
-    ``columns`` present in both frames that vary in the reference."""
-    cols = [c for c in columns if c in reference and c in current and reference[c].nunique() > 1]
-    if not cols:
-        return 0.0, {}
-    snap = Report([DataDriftPreset(columns=cols, drift_share=threshold)]).run(
-        current_data=current[cols], reference_data=reference[cols])
-    per_col: dict[str, dict[str, Any]] = {}
-    share = 0.0
-    for m in snap.dict()["metrics"]:
-        cfg = m["config"]
-        if cfg["type"].endswith("DriftedColumnsCount"):
-            share = float(m["value"]["share"])
-        elif cfg["type"].endswith("ValueDrift"):
-            value, thr = float(m["value"]), float(cfg["threshold"])
-            lower_is_drift = "p_value" in cfg["method"]
-            drifted = value < thr if lower_is_drift else value >= thr
-            per_col[cfg["column"]] = {"score": value, "threshold": thr, "drifted": drifted}
-    return share, per_col
+
+class UnknownModel(LookupError):
+    """An alert names a model that is not declared."""
+
+    def __init__(self, name: object, declared: list[str]):
+        super().__init__(f"unknown model {name!r}; declared models: {', '.join(declared) or 'none'}")
+        self.declared = declared
+
+
+@dataclass
+class Held:
+    """Rows kept in memory, with the first offset of each (topic, partition) they came from."""
+
+    rows: list[Any] = field(default_factory=list)
+    first: dict[tuple[str, int], int] = field(default_factory=dict)
+
+    def add(self, row: Any, msg: Message | None) -> None:
+        self.rows.append(row)
+        if msg is not None:
+            self.first.setdefault((msg.topic(), msg.partition()), msg.offset())
+
+    def take(self) -> list[Any]:
+        rows, self.rows, self.first = self.rows, [], {}
+        return rows
+
+
+@dataclass
+class Baseline:
+    """A version's reference: drift statistics, the raw sample (for HTML reports), metric reference values."""
+
+    stats: ReferenceStats
+    sample: pd.DataFrame
+    estimated: float | None
+    realised: float | None
 
 
 @dataclass
 class ModelState:
-    """One model's drift state: the open window, the run of drifted windows, the last request."""
-
     spec: ModelSpec
-    window: list[Prediction] = field(default_factory=list)
-    run_windows: int = 0  # consecutive drifted windows so far, and when the first of them started
-    run_start_ts: int | None = None
-    last_request_s: float = float("-inf")
+    tracker: EpisodeTracker
+    episode: dict[str, Any]  # id, started_ts, request_id, windows (evidence), reports
+    run: list[dict[str, Any]] = field(default_factory=list)  # evidence of the current run of breached windows
+    window: Held = field(default_factory=Held)
+    labelled: Held = field(default_factory=Held)  # (label, output) pairs of the window's version
+    version: str | None = None
+    windows_seen: int = 0
+    last_window: str | None = None  # event id ending the last evaluated window (a replay skips it)
+    scored: OrderedDict[str, tuple[str, Any]] = field(default_factory=OrderedDict)  # event id -> (version, output)
 
     @property
     def columns(self) -> list[str]:
         return [*self.spec.features, "score"]
 
 
+def output_of(p: Prediction) -> Any:
+    """What the metric functions take: binary P(1) / regression value, multiclass probabilities."""
+    return p.probabilities if p.probabilities is not None else p.score
+
+
+def outputs(values: list[Any]) -> np.ndarray:
+    return np.asarray(values, dtype=np.float64)
+
+
 class Monitor:
-    def __init__(self, settings: Settings, decls: Declarations | None = None):
+    """Every declared model's windows and episodes; also the webhook's :class:`AlertSink`."""
+
+    def __init__(self, settings: Settings, decls: Declarations | None = None, notifier: Notifier | None = None):
         self.s = settings
         self.decls = decls or declarations(settings)
         self.producer = make_producer(settings)  # shared by the main loop and the webhook's threads
-        self.states = {name: ModelState(spec) for name, spec in self.decls.models.items()}
-        self.refs: dict[tuple[str, str], pd.DataFrame] = {}
+        self.state = DriftState(settings.drift_dir / "state.db")
+        self.cache = ReferenceCache(settings.drift_dir / "reference")
+        secret = settings.notify_secret or load_or_create_token(settings)
+        self.notifier = notifier or Notifier(settings.notify_urls, secret, max_attempts=settings.notify_max_attempts)
+        self.baselines: dict[tuple[str, str], Baseline | None] = {}
+        self.states = {name: self._restore(spec) for name, spec in self.decls.models.items()}
         self.skipped: set[str] = set()  # undeclared models already logged
+        self.requesting = threading.Lock()  # decide + publish + record, one at a time
+        self.html = ThreadPoolExecutor(1, thread_name_prefix="drift-html")
 
-    def reference(self, name: str, version: str) -> pd.DataFrame:
-        if (name, version) not in self.refs:
-            self.refs[(name, version)] = load_reference(self.s, name, version)
-        return self.refs[(name, version)]
+    def _restore(self, spec: ModelSpec) -> ModelState:
+        saved = self.state.episode(spec.name) or {}
+        tracker = EpisodeTracker(spec.drift_persist_windows, spec.drift_recover_windows)
+        for k in ("active", "breached_run", "healthy_run"):
+            if k in saved.get("tracker", {}):
+                setattr(tracker, k, saved["tracker"][k])
+        st = ModelState(spec, tracker, saved.get("episode") or {}, saved.get("run") or [],
+                        version=saved.get("version"), windows_seen=saved.get("windows_seen", 0),
+                        last_window=saved.get("last_window"))
+        DRIFT_EPISODE.labels(model=spec.name).set(1 if tracker.active else 0)
+        return st
 
-    def pending(self) -> bool:
-        """Whether some model holds predictions of an unfinished window."""
-        return any(st.window for st in self.states.values())
+    def _save(self, st: ModelState) -> None:
+        self.state.save_episode(st.spec.name, {"tracker": st.tracker.to_dict(), "episode": st.episode, "run": st.run,
+                                               "version": st.version, "windows_seen": st.windows_seen,
+                                               "last_window": st.last_window})
 
-    def add(self, p: Prediction) -> DriftReport | None:
-        """Route one prediction to its model's window; the report when that window is full."""
-        st = self.states.get(p.model_name)
+    def close(self) -> None:
+        self.html.shutdown(wait=True)
+        self.notifier.close(5.0)
+        self.state.close()
+
+    # --- the version's reference -------------------------------------------------------------------
+
+    def baseline(self, spec: ModelSpec, version: str) -> Baseline | None:
+        """The version's reference (computed once, statistics cached on disk); None without a sample."""
+        key = (spec.name, version)
+        if key not in self.baselines:
+            try:
+                sample = load_reference(self.s, spec.name, version)
+                stats = self.cache.get(spec.name, version, lambda: sample, [*spec.features, "score"],
+                                       methods=spec.drift_methods, categorical=spec.drift_categorical,
+                                       numeric_method=spec.drift_method("numeric"),
+                                       categorical_method=spec.drift_method("categorical"))
+                est = estimate(spec.task, spec.metric, *self._scores(spec, sample))
+                real = run_metric(self.s, spec.name, version, f"holdout_{spec.metric}")
+                self.baselines[key] = Baseline(stats, sample, est, real if real is not None else est)
+            except Exception as e:  # a version without a readable reference sample cannot be compared
+                log.warning("%s v%s: no reference (%s); its windows are not checked", spec.name, version, e)
+                self.baselines[key] = None
+        return self.baselines[key]
+
+    @staticmethod
+    def _scores(spec: ModelSpec, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray | None]:
+        if spec.task == "multiclass":
+            return frame["score"].to_numpy(), frame[[f"p{i}" for i in range(spec.n_outputs)]].to_numpy()
+        return frame["score"].to_numpy(), None
+
+    # --- the stream ---------------------------------------------------------------------------------
+
+    def model_state(self, name: str) -> ModelState | None:
+        st = self.states.get(name)
+        if st is None and name not in self.skipped:
+            self.skipped.add(name)
+            log.info("skipping records of %r: not a declared model (declared: %s)", name, sorted(self.states))
+        return st
+
+    def add(self, p: Prediction, msg: Message | None = None) -> DriftReport | None:
+        """Route one prediction to its model's window; the report when that window closed."""
+        st = self.model_state(p.model_name)
         if st is None:
-            if p.model_name not in self.skipped:
-                self.skipped.add(p.model_name)
-                log.info("skipping predictions of %r: not a declared model (declared: %s)", p.model_name,
-                         sorted(self.states))
             return None
-        if st.window and p.model_version != st.window[0].model_version:
-            st.window, st.run_windows = [], 0  # a new version has its own reference
-        st.window.append(p)
-        if len(st.window) < st.spec.drift_window:
-            return None
-        win, st.window = st.window, []
-        return self.evaluate(st, win)
+        if p.model_version != st.version:
+            self._new_version(st, p.model_version)
+        st.scored[p.event_id] = (p.model_version, output_of(p))
+        if len(st.scored) > JOIN_KEEP:
+            st.scored.popitem(last=False)
+        report = None
+        rows = st.window.rows
+        if rows and st.spec.drift_window_s is not None and len(rows) >= st.spec.drift_min_rows \
+                and p.ts - rows[0].ts >= st.spec.drift_window_s * 1e6:
+            report = self.evaluate(st, st.window.take())  # closed by time; p opens the next window
+        st.window.add(p, msg)
+        if len(st.window.rows) >= st.spec.drift_window:
+            report = self.evaluate(st, st.window.take()) or report
+        return report
+
+    def add_label(self, lab: Label, msg: Message | None = None) -> None:
+        """Join a label to its prediction (when still known) for the realised metric."""
+        st = self.model_state(lab.model_name)
+        if st is None or (hit := st.scored.get(lab.event_id)) is None or hit[0] != st.version:
+            return
+        st.labelled.add((lab.label, hit[1]), msg)
+
+    def _new_version(self, st: ModelState, version: str) -> None:
+        """A new champion: its own reference, its own windows; an open episode ends with the old version."""
+        if st.version is not None:
+            log.info("%s: now v%s (was v%s); windows start again", st.spec.name, version, st.version)
+        st.window.take()
+        st.labelled.take()
+        if st.tracker.active:
+            self._end_episode(st, "new version")
+        st.tracker.reset()
+        st.version = version
+        self._save(st)
 
     def evaluate(self, st: ModelState, win: list[Prediction]) -> DriftReport | None:
         spec, version = st.spec, win[0].model_version
-        try:
-            ref = self.reference(spec.name, version)
-        except Exception as e:  # a version without a readable reference sample cannot be compared
-            log.warning("%s v%s: no reference sample (%s); window of %d dropped", spec.name, version, e, len(win))
+        if win[-1].event_id == st.last_window:
+            return None  # evaluated before a restart: its report and request are out already
+        base = self.baseline(spec, version)
+        if base is None:
             return None
+        t0 = time.perf_counter()
         cur = pd.DataFrame([{**p.features, "score": p.score} for p in win])
-        share, cols = drift_scores(ref, cur, st.columns, spec.drift_share_threshold)
-        drifted = share >= spec.drift_share_threshold
+        result = check(base.stats, cur)
+        perf, reasons = self._performance(st, base, win), []
+        DRIFT_CHECK_SECONDS.labels(model=spec.name).observe(time.perf_counter() - t0)
+        if result.share >= spec.drift_share_threshold:
+            reasons.append("drift")
+        for kind in ("estimated", "realised"):
+            if kind in perf and perf.get(f"{kind}_reference") is not None and dropped(
+                    perf[kind], perf[f"{kind}_reference"], spec.higher_is_better, spec.performance_tolerance):
+                reasons.append(kind)
+        transition = st.tracker.step(bool(reasons))
+        if transition == "start":  # the episode starts with the first window of the breached run
+            st.episode = {"id": new_id(), "started_ts": st.run[0]["start_ts"] if st.run else win[0].ts,
+                          "request_id": None, "windows": list(st.run), "reports": []}
+        in_episode = st.tracker.active or transition == "end"
+        report_path = self._html(st, base, cur, bool(reasons))
         rep = DriftReport(model_name=spec.name, model_version=version, window_start_ts=win[0].ts,
-                          window_end_ts=win[-1].ts, rows=len(win), drift_share=share, drifted=drifted,
-                          columns=cols)
-        DRIFT_SHARE.labels(model=spec.name).set(share)
+                          window_end_ts=win[-1].ts, rows=len(win), drift_share=result.share,
+                          drifted=result.share >= spec.drift_share_threshold, columns=result.columns,
+                          performance=perf, breached=bool(reasons), reasons=reasons,
+                          episode={"start": "started", "end": "ended"}.get(transition or "",
+                                                                         "ongoing" if st.tracker.active else "none"),
+                          episode_id=st.episode.get("id") if in_episode else None,
+                          report_url=report_path.as_uri() if report_path else "")
+        self._gauges(spec, result, perf)
         out = Deliveries(self.producer)
         out.event(self.s, "drift.reports", rep, spec.name)
-        log.info("%s window v%s: drift share %.2f%s", spec.name, version, share, " DRIFT" if drifted else "")
-        st.run_windows = st.run_windows + 1 if drifted else 0
-        if st.run_windows == 1:
-            st.run_start_ts = rep.window_start_ts
-        if st.run_windows >= spec.drift_persist_windows and \
-                time.monotonic() - st.last_request_s >= spec.retrain_cooldown_s:
-            self.request(spec.name, "drift", {
-                "report_id": rep.event_id, "drift_share": share, "windows": st.run_windows,
-                "drifted_columns": [c for c, v in cols.items() if v["drifted"]]}, since_ts=st.run_start_ts)
         out.wait()
+        st.windows_seen += 1
+        st.last_window = win[-1].event_id
+        log.info("%s window v%s: drift share %.2f%s%s", spec.name, version, result.share,
+                 f" BREACH ({', '.join(reasons)})" if reasons else "", f" episode {transition}" if transition else "")
+        evidence = {"report_id": rep.event_id, "start_ts": rep.window_start_ts, "end_ts": rep.window_end_ts,
+                    "drift_share": result.share, "reasons": reasons}
+        st.run = [*st.run[-9:], evidence] if reasons else []
+        if st.tracker.active:
+            st.episode["windows"] = [*st.episode["windows"][-9:], evidence]
+            if report_path:
+                st.episode["reports"] = [*st.episode["reports"][-9:], rep.report_url]
+            if transition == "start":
+                self.notifier.send("drift.detected", {"model": spec.name, "version": version, "episode_id":
+                                                      st.episode["id"], "report_id": rep.event_id, "reasons": reasons})
+            if st.episode.get("request_id") is None:
+                self._episode_request(st, rep)
+        elif transition == "end":
+            self._end_episode(st, "recovered")
+        self._save(st)
         return rep
 
-    def request(self, name: str, reason: str, evidence: dict[str, Any], since_ts: int | None = None) -> str:
-        """Publish a retrain request for model ``name`` and wait for its ack; returns its id (DeliveryError
-        when the broker did not acknowledge it)."""
-        req = RetrainRequest(model_name=name, reason=reason, evidence=evidence,  # type: ignore[arg-type]
-                             since_ts=since_ts)
-        out = Deliveries(self.producer)
-        out.event(self.s, "retrain.requests", req, name)
-        out.wait()
-        RETRAIN_REQUESTS.labels(model=name, reason=reason).inc()
-        self.states[name].last_request_s = time.monotonic()
-        log.info("%s: retrain request %s (%s)", name, req.request_id, reason)
-        return req.request_id
+    def _performance(self, st: ModelState, base: Baseline, win: list[Prediction]) -> dict[str, float]:
+        spec, perf = st.spec, {}
+        probs = np.asarray([p.probabilities for p in win], np.float64) if spec.task == "multiclass" else None
+        est = estimate(spec.task, spec.metric, np.asarray([p.score for p in win], np.float64), probs)
+        if est is not None:
+            perf["estimated"] = est
+            if base.estimated is not None:
+                perf["estimated_reference"] = base.estimated
+        if len(st.labelled.rows) >= spec.drift_min_rows:
+            pairs = st.labelled.take()
+            perf["realised"] = realised(spec.task, spec.metric, outputs([y for y, _ in pairs]),
+                                        outputs([o for _, o in pairs]))
+            perf["realised_rows"] = float(len(pairs))
+            if base.realised is not None:
+                perf["realised_reference"] = base.realised
+        return {k: float(v) for k, v in perf.items() if v is not None and np.isfinite(v)}
 
-    def on_alert(self, alert: dict[str, Any]) -> str:
-        """A webhook alert → a ``webhook`` retrain request of its model (cooldown does not apply to explicit
-        alerts). Raises ValueError for a malformed alert, UnknownModel for an undeclared model."""
-        name = alert.get("model_name")
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"the alert needs model_name, one of: {', '.join(sorted(self.states)) or 'none'}")
-        if name not in self.states:
-            raise UnknownModel(name, sorted(self.states))
-        since = alert.get("since_ts")
-        if since is not None and (not isinstance(since, int) or isinstance(since, bool)):
-            raise ValueError("since_ts must be epoch microseconds (int)")
-        return self.request(name, "webhook", {"alert": alert}, since_ts=since)
+    def _gauges(self, spec: ModelSpec, result: Any, perf: dict[str, float]) -> None:
+        DRIFT_SHARE.labels(model=spec.name).set(result.share)
+        for col, v in result.columns.items():
+            DRIFT_SCORE.labels(model=spec.name, column=col, method=v["method"]).set(v["score"])
+        for kind in ("estimated", "realised"):
+            if kind in perf:
+                PERFORMANCE.labels(model=spec.name, metric=spec.metric, kind=kind).set(perf[kind])
+        DRIFT_EPISODE.labels(model=spec.name).set(1 if self.states[spec.name].tracker.active else 0)
+
+    def _html(self, st: ModelState, base: Baseline, cur: pd.DataFrame, breached: bool):
+        """Queue the window's Evidently HTML report (every breached window, one in ``drift_report_every``
+        others); its path, or None."""
+        if not breached and st.windows_seen % self.s.drift_report_every:
+            return None
+        folder = self.s.drift_dir / "reports" / st.spec.name
+        path = folder / f"{time.strftime('%Y%m%dT%H%M%S')}-v{st.version}-w{st.windows_seen}.html"
+        cols = [c for c in st.columns if c in base.sample]
+
+        def write() -> None:
+            try:
+                write_report(base.sample[cols], cur[cols], cols, path)
+                prune(folder, self.s.drift_report_keep)
+            except Exception:
+                log.exception("%s: HTML drift report %s failed", st.spec.name, path.name)
+
+        self.html.submit(write)
+        return path
+
+    # --- requests ------------------------------------------------------------------------------------
+
+    def _episode_request(self, st: ModelState, rep: DriftReport) -> None:
+        """The episode's one request, once the model is free to ask (else the next breached window tries)."""
+        spec = st.spec
+        reason = "drift" if "drift" in rep.reasons else "performance"
+        evidence = {"episode_id": st.episode["id"], "windows": st.episode["windows"], "columns": rep.columns,
+                    "performance": rep.performance, "reports": st.episode["reports"], "version": rep.model_version}
+        rid, status = self.request(spec.name, reason, evidence, since_ts=st.episode["started_ts"],
+                                   cooldown_s=spec.retrain_cooldown_s)
+        if status == "accepted":
+            st.episode["request_id"] = rid
+        else:
+            log.info("%s: episode %s waits to ask for a retrain (%s)", spec.name, st.episode["id"], status)
+
+    def _end_episode(self, st: ModelState, why: str) -> None:
+        log.info("%s: drift episode %s ended (%s)", st.spec.name, st.episode.get("id"), why)
+        st.tracker.reset()
+        st.episode = {}
+        DRIFT_EPISODE.labels(model=st.spec.name).set(0)
+
+    def request(self, name: str, reason: str, evidence: dict[str, Any], *, since_ts: int | None = None,
+                key: str | None = None, cooldown_s: float | None = None) -> tuple[str, str]:
+        """Ask for a retrain of ``name`` unless ``key`` was seen, one is in flight, or the cooldown or the
+        daily budget forbids it: (request id or "", "accepted" | "duplicate" | "in_flight" | "cooldown" |
+        "over_budget"). Raises DeliveryError when the broker did not acknowledge the request."""
+        spec = self.decls.model(name)
+        with self.requesting:
+            now = time.time()
+            decision, rid = self.state.decide(name, key, now, cooldown_s=cooldown_s,
+                                              budget_per_day=spec.retrain_budget_per_day)
+            if decision != "go":
+                return rid or "", decision
+            req = RetrainRequest(model_name=name, reason=reason, evidence=evidence,  # type: ignore[arg-type]
+                                 since_ts=since_ts)
+            out = Deliveries(self.producer)
+            out.event(self.s, "retrain.requests", req, name)
+            out.wait()
+            self.state.record(req.request_id, name, reason, key, now)
+        RETRAIN_REQUESTS.labels(model=name, reason=reason).inc()
+        self.notifier.send("retrain.requested", {"model": name, "request_id": req.request_id, "reason": reason,
+                                                 "evidence": evidence})
+        log.info("%s: retrain request %s (%s)", name, req.request_id, reason)
+        return req.request_id, "accepted"
+
+    def on_outcome(self, ev: ModelPromoted | ModelRejected) -> None:
+        """A retrain outcome: its request is no longer in flight; tell the outbound webhooks."""
+        if ev.request_id:
+            self.state.done(ev.request_id, "promoted" if isinstance(ev, ModelPromoted) else "rejected", time.time())
+        if isinstance(ev, ModelPromoted):
+            event = "model.rolled_back" if ev.reason == "rollback" else "model.promoted"
+        else:
+            event = "model.rejected"
+        self.notifier.send(event, ev.model_dump())
+
+    # --- the webhook's AlertSink ---------------------------------------------------------------------
+
+    def models(self) -> list[str]:
+        return sorted(self.states)
+
+    def alert(self, model: str, reason: str, evidence: dict[str, Any], key: str | None) -> tuple[str, str]:
+        """An authenticated alert: a ``webhook`` request (no cooldown; in-flight, dedupe and budget apply)."""
+        if model not in self.states:
+            raise UnknownModel(model, self.models())
+        return self.request(model, "webhook", {"reason": reason, **evidence}, key=key)
+
+    # --- offsets -------------------------------------------------------------------------------------
+
+    def held(self) -> dict[tuple[str, int], int]:
+        """The first offset per (topic, partition) that an open window or label buffer still needs."""
+        out: dict[tuple[str, int], int] = {}
+        for st in self.states.values():
+            for h in (st.window, st.labelled):
+                for tp, off in h.first.items():
+                    out[tp] = min(off, out.get(tp, off))
+        return out
+
+
+def commit_point(consumed: dict[tuple[str, int], int], held: dict[tuple[str, int], int]) -> list[TopicPartition]:
+    """Offsets to commit: past every consumed record, except where a held record starts."""
+    return [TopicPartition(t, p, held.get((t, p), last + 1)) for (t, p), last in consumed.items()]
+
+
+PARSERS = {"predictions": Prediction, "labels": Label, "models.promoted": ModelPromoted,
+           "models.rejected": ModelRejected}
+
+
+def handle(mon: Monitor, msg: Message, kinds: dict[str, str]) -> bool:
+    """One record; whether it closed a window. Malformed records are logged and skipped."""
+    kind = kinds.get(msg.topic(), "")
+    try:
+        rec = PARSERS[kind].from_bytes(msg.value())
+    except (ValidationError, ValueError, KeyError) as e:
+        log.warning("skipping a malformed %s record at offset %s: %s", kind, msg.offset(), str(e)[:300])
+        return False
+    if isinstance(rec, Prediction):
+        return mon.add(rec, msg) is not None
+    if isinstance(rec, Label):
+        mon.add_label(rec, msg)
+    else:
+        mon.on_outcome(rec)
+    return False
 
 
 def run(settings: Settings) -> None:
@@ -171,25 +461,29 @@ def run(settings: Settings) -> None:
     watch = DeclarationsWatch(settings)
     mon = Monitor(settings)
     log.info("monitoring models %s", sorted(mon.states) or "none (nothing declared)")
-    server = start_webhook(settings.webhook_port, mon.on_alert)
-    consumer = make_consumer(settings, f"{settings.topic_prefix}drift", ["predictions"])
+    auth = WebhookAuth(load_or_create_token(settings), settings.webhook_max_skew_s)
+    server = start_server(create_app(mon, auth, rate_per_s=settings.webhook_rate_per_s, burst=settings.webhook_burst),
+                          settings.webhook_host, settings.webhook_port)
+    consumer = make_consumer(settings, f"{settings.topic_prefix}drift", TOPICS)
+    kinds = {settings.topic(t): t for t in TOPICS}
     mark_ready(settings, "drift")
+    consumed: dict[tuple[str, int], int] = {}
     restart = False
     try:
         while not stop and not restart:
             msgs = good_messages(consumer.consume(1000, 0.5))
-            reported = False
             for msg in msgs:
-                try:
-                    p = Prediction.from_bytes(msg.value())
-                except (ValidationError, ValueError):
-                    continue
-                reported = mon.add(p) is not None or reported
-            if reported or (msgs and not mon.pending()):
-                consumer.commit(asynchronous=False)
+                handle(mon, msg, kinds)
+                consumed[(msg.topic(), msg.partition())] = msg.offset()
+            if msgs:
+                owned = {(tp.topic, tp.partition) for tp in consumer.assignment()}
+                consumed = {tp: off for tp, off in consumed.items() if tp in owned}  # a rebalance moved the rest
+                if consumed:
+                    consumer.commit(offsets=commit_point(consumed, mon.held()), asynchronous=False)
             restart = watch.changed()  # open windows are not committed: the restarted worker re-reads them
     finally:
         consumer.close()
-        server.shutdown()
+        server.stop()
+        mon.close()
     if restart:
         raise SystemExit(RESTART_EXIT)

@@ -17,6 +17,7 @@ from feast import FeatureService, FeatureView, KafkaSource, OnDemandFeatureView,
 from feast.stream_feature_view import StreamFeatureView
 
 from driftloop.core.declarations import (
+    DRIFT_METHODS,
     METRICS,
     SCHEMA_VERSION_TAG,
     Declarations,
@@ -185,6 +186,7 @@ class _Resolver:
         for what, ref in (("trainer", m.trainer), ("generator", m.generator)):
             if ref:
                 self.importable(m, what, ref)
+        self.drift_policy(m, k, features)
         if len(self.problems) > n or scored is None or key is None or label is None:
             return None
         d, r = m.drift, m.retrain
@@ -197,6 +199,10 @@ class _Resolver:
                 gate_margin=m.gate.margin, slices=list(m.gate.slices), slice_tolerance=m.gate.slice_tolerance,
                 drift_window=d.window, drift_share_threshold=d.share_threshold,
                 drift_persist_windows=d.persist_windows, performance_tolerance=d.performance_tolerance,
+                drift_window_s=d.window_time.total_seconds() if d.window_time else None,
+                drift_min_rows=d.min_rows, drift_recover_windows=d.recover_windows,
+                drift_methods=dict(d.methods), drift_categorical=list(d.categorical),
+                drift_numeric_method=d.numeric_method, drift_categorical_method=d.categorical_method,
                 retrain_cooldown_s=r.cooldown.total_seconds(), retrain_budget_per_day=r.budget_per_day,
                 min_labels=r.min_labels, train_max_rows=r.max_rows, epochs=r.epochs,
                 int8_tolerance=m.serving.int8_tolerance,
@@ -204,6 +210,27 @@ class _Resolver:
         except ValueError as e:
             self.problem(m, k, str(e).replace("\n", " "))
             return None
+
+    def drift_policy(self, m: Model, k: str, features: list[str]) -> None:
+        """Drift columns (features and ``score``) and methods must exist; windows and runs must be positive."""
+        d, columns = m.drift, [*features, "score"]
+        for col, method in d.methods.items():
+            if col not in columns:
+                self.problem(m, k, f"drift method for {col!r}: not a model column ({', '.join(columns)})")
+            if method not in DRIFT_METHODS:
+                self.problem(m, k, f"drift method {method!r} for {col!r}: use one of {', '.join(DRIFT_METHODS)}")
+        for col in d.categorical:
+            if col not in columns:
+                self.problem(m, k, f"drift categorical column {col!r}: not a model column ({', '.join(columns)})")
+        for kind, method in (("numeric", d.numeric_method), ("categorical", d.categorical_method)):
+            if method != "auto" and DRIFT_METHODS.get(method) != kind:
+                self.problem(m, k, f"drift {kind}_method {method!r}: use auto or one of "
+                             f"{', '.join(x for x, v in DRIFT_METHODS.items() if v == kind)}")
+        for what in ("window", "min_rows", "persist_windows", "recover_windows"):
+            if getattr(d, what) < 1:
+                self.problem(m, k, f"drift {what} must be at least 1")
+        if d.window_time is not None and d.window_time.total_seconds() <= 0:
+            self.problem(m, k, "drift window_time must be positive (or None)")
 
     def features(self, m: Model) -> tuple[list[str], tuple[str, str] | None, dict[str, ValueType]]:
         """The service's feature columns in order, its one entity key, and the request fields it reads."""

@@ -90,3 +90,10 @@ def load_reference(settings: Settings, name: str, version: str) -> pd.DataFrame:
     mv = client(settings).get_model_version(name, version)
     path = mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path=REFERENCE_PATH)
     return pd.read_parquet(path)
+
+
+def run_metric(settings: Settings, name: str, version: str, key: str) -> float | None:
+    """A metric the version's training run logged (e.g. ``holdout_log_loss``), or None."""
+    mv = client(settings).get_model_version(name, version)
+    value = client(settings).get_run(mv.run_id).data.metrics.get(key)
+    return None if value is None else float(value)

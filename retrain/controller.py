@@ -33,7 +33,7 @@ from driftloop.features.vectors import to_matrix
 from driftloop.registry.aliases import promote
 from driftloop.registry.verify import ModelCheckError, check_outputs, load_scorer
 from driftloop.registry.versions import CHAMPION, alias_version, register_version
-from driftloop.retrain import metrics as m
+from driftloop.core import model_metrics as m
 from driftloop.retrain.launcher import Launcher, RayLauncher, TrainJob
 from driftloop.retrain.trainers import checked_onnx, outputs
 

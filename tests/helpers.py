@@ -171,3 +171,16 @@ def wait_streamed(s: Settings, events: list[tuple[str, dict]], views: list, stal
                   lambda: "rows (got/want): " + ", ".join(f"{n} {got.get(n, 0)}/{c}" for n, c in want.items()),
                   alive=alive)
     wait_committed(s, f"{s.topic_prefix}streams", [*topics, *map(repartition_topic, topics)], stall_s, alive=alive)
+
+
+@contextlib.contextmanager
+def alert_webhook(sink: object, token: str = "test-token") -> Iterator[tuple[str, dict[str, str]]]:
+    """A sink's alert webhook (``drift/webhook.py``) on a free port: (its base URL, bearer auth headers)."""
+    from driftloop.drift.auth import WebhookAuth
+    from driftloop.drift.webhook import create_app, start_server
+
+    server = start_server(create_app(sink, WebhookAuth(token), rate_per_s=1000, burst=1000), "127.0.0.1", 0)
+    try:
+        yield server.url, {"Authorization": f"Bearer {token}"}
+    finally:
+        server.stop()

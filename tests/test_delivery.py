@@ -36,13 +36,12 @@ from driftloop.core.kafka import (
 from driftloop.core.settings import Settings
 from driftloop.core.topics import ensure_topics
 from driftloop.drift.monitor import Monitor
-from driftloop.drift.webhook import start_webhook
 from driftloop.examples.ads.ads_generator import synthetic_events
 from driftloop.features.repo import apply, declarations, init_repo
 from driftloop.registry.aliases import promote
 from driftloop.registry.versions import load_reference
 from driftloop.serving.worker import ModelServer
-from tests.helpers import read_topic, wait_for
+from tests.helpers import alert_webhook, read_topic, wait_for
 
 MODEL, TOPIC = "ctr", "events.impressions"
 
@@ -252,24 +251,21 @@ def test_drift_webhook_failure_is_its_own_while_the_main_loop_reports(stack: tup
     rows = load_reference(s, MODEL, v1).sample(spec.drift_window * 3, replace=True, random_state=0)
     preds = [Prediction(key="u", model_name=MODEL, model_version=v1, score=float(r["score"]),
                         features={c: float(r[c]) for c in spec.features}, latency_s=0) for r in rows.to_dict("records")]
-    server = start_webhook(0, mon.on_alert)
-    url = f"http://127.0.0.1:{server.server_address[1]}/alerts"
     codes: list[int] = []
+    with alert_webhook(mon) as (base, auth):
+        url = f"{base}/v1/alerts"
 
-    def alerts() -> None:
-        for _ in range(5):
-            codes.append(requests.post(url, json={"model_name": MODEL}, timeout=30).status_code)
+        def alerts() -> None:
+            for _ in range(5):
+                codes.append(requests.post(url, json={"model": MODEL}, headers=auth, timeout=30).status_code)
 
-    try:
         s.refuse("retrain.requests")
         t = threading.Thread(target=alerts)
         t.start()
         reports = [r for p in preds if (r := mon.add(p)) is not None]  # the main loop, meanwhile
         t.join()
         s.refuse()
-        ok = requests.post(url, json={"model_name": MODEL}, timeout=30)
-    finally:
-        server.shutdown()
+        ok = requests.post(url, json={"model": MODEL}, headers=auth, timeout=30)
     assert len(reports) == 3 and codes == [503] * 5 and ok.status_code == 202, (len(reports), codes, ok.text)
     published = [orjson.loads(m.value()) for m in read_all(s, "drift.reports", 3, timeout=10)]
     assert sorted(r["event_id"] for r in published) == sorted(r.event_id for r in reports)
