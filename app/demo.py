@@ -186,6 +186,19 @@ def _metric(spec: ModelSpec, df: pd.DataFrame) -> float:
     return FUNCTIONS[spec.metric](df["label"].to_numpy(np.float64), df["score"].to_numpy(np.float64))
 
 
+def _estimate_vs_realised(spec: ModelSpec, obs: Observed, before_us: int | None) -> str | None:
+    """The label-free estimate of the primary metric against the realised one, over the stationary windows
+    (before the onset, for the drifted model) whose reports carry both; None without such windows."""
+    both = [r["performance"] for t, r in obs.of("drift.reports", spec.name)
+            if {"estimated", "realised"} <= set(r.get("performance", {}))
+            and (before_us is None or r["window_end_ts"] < before_us)]
+    if not both:
+        return None
+    est, real = (float(np.mean([p[k] for p in both])) for k in ("estimated", "realised"))
+    return (f"{spec.metric} estimated {est:.4f} vs realised {real:.4f} (|diff| {abs(est - real):.4f}, "
+            f"{abs(est - real) / max(abs(real), 1e-12):.1%}) over {len(both)} stationary windows")
+
+
 def _finish(s: Settings, specs: dict[str, ModelSpec], drift_name: str, obs: Observed, onset_us: int | None,
             version: str | None, reached: bool, t_start: float) -> bool:
     spec = specs[drift_name]
@@ -237,6 +250,9 @@ def _finish(s: Settings, specs: dict[str, ModelSpec], drift_name: str, obs: Obse
         summary[f"{n}_after_onset"] = "kept its champion" if untouched[n] else \
             f"retrain requests {requested}, promotions {promoted}"
     closed = closed and all(untouched.values())
+    for n, m in specs.items():
+        if (line := _estimate_vs_realised(m, obs, onset_us if n == drift_name else None)) is not None:
+            summary[f"{n}_estimate_vs_realised"] = line
     summary.update({"loop_closed": closed, f"{spec.metric}_before_swap": round(before, 4),
                     f"{spec.metric}_after_swap": round(after, 4),
                     "wall_time_s": round(time.monotonic() - t_start, 1)})

@@ -172,7 +172,7 @@ class Monitor:
                                                "last_window": st.last_window})
 
     def close(self) -> None:
-        self.html.shutdown(wait=True)
+        self.html.shutdown(wait=True, cancel_futures=True)  # the report being written finishes; queued ones not
         self.notifier.close(5.0)
         self.state.close()
 
@@ -344,7 +344,7 @@ class Monitor:
 
         def write() -> None:
             try:
-                write_report(base.sample[cols], cur[cols], cols, path)
+                write_report(base.sample, cur, cols, path, stats=base.stats, drift_share=st.spec.drift_share_threshold)
                 prune(folder, self.s.drift_report_keep)
             except Exception:
                 log.exception("%s: HTML drift report %s failed", st.spec.name, path.name)

@@ -10,25 +10,29 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 import textwrap
+import threading
 import time
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pandas as pd
 import pytest
 import requests
+from scipy.stats import mannwhitneyu
 
 from driftloop.bench.serving import read_all
 from driftloop.core.broker import free_port
-from driftloop.core.contracts import DriftReport, ModelRejected, Prediction, RetrainRequest
+from driftloop.core.contracts import DriftReport, Label, ModelRejected, Prediction, RetrainRequest
 from driftloop.core.kafka import Deliveries, make_producer
 from driftloop.core.settings import Settings
 from driftloop.registry.versions import register_version
 from tests.helpers import apply_repo, wait_for, worker
 from tests.test_retrain import FEATURES, REPO, TRAINER
 
-WINDOW = 500
+WINDOW = 1500  # above 1000: the default methods (Wasserstein, Jensen-Shannon)
 TOKEN = "test-token-" + "x" * 20
 OVERRIDES = {name: {"drift_window": WINDOW, "drift_window_s": None, "drift_persist_windows": 2,
                     "drift_recover_windows": 2, "retrain_cooldown_s": 0, "retrain_budget_per_day": 10}
@@ -49,9 +53,13 @@ def ds(tmp_path_factory, bootstrap_servers) -> Settings:
     return s
 
 
+def scores(x: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-(x @ np.array([0.8, -0.5, 0.3]))))
+
+
 def reference(rng: np.random.Generator, n: int = 5000) -> pd.DataFrame:
     x = rng.normal(size=(n, len(FEATURES)))
-    return pd.DataFrame(x, columns=FEATURES).assign(score=1 / (1 + np.exp(-x[:, 0])))
+    return pd.DataFrame(x, columns=FEATURES).assign(score=scores(x))
 
 
 def windows(rng: np.random.Generator, name: str, version: str, shifts: list[float], t0: int) -> list[Prediction]:
@@ -59,7 +67,7 @@ def windows(rng: np.random.Generator, name: str, version: str, shifts: list[floa
     out = []
     for w, shift in enumerate(shifts):
         x = rng.normal(size=(WINDOW, len(FEATURES))) + shift
-        score = 1 / (1 + np.exp(-x[:, 0]))
+        score = scores(x)
         for i in range(WINDOW):
             out.append(Prediction(key=f"k{i % 50}", model_name=name, model_version=version, score=float(score[i]),
                                   features=dict(zip(FEATURES, map(float, x[i]), strict=True)), latency_s=0.01,
@@ -86,7 +94,37 @@ def reports_of(s: Settings, name: str, n: int) -> list[DriftReport]:
                     len(got) >= n and got, 30)
 
 
+class Receiver(ThreadingHTTPServer):
+    """An outbound-webhook receiver that answers 500 to its first ``fail`` deliveries."""
+
+    def __init__(self, fail: int = 2):
+        self.fail, self.got = fail, []  # (status answered, headers, body)
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                code = 500 if receiver.fail > 0 else 200
+                receiver.fail -= 1
+                receiver.got.append((code, dict(self.headers), body))
+                self.send_response(code)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/hook"
+
+
 def test_one_request_per_episode_and_only_for_the_drifting_model(ds: Settings):
+    receiver = Receiver(fail=2)
+    ds = Settings(**{**ds.model_dump(), "notify_urls": [receiver.url]})
     rng = np.random.default_rng(11)
     versions = {}
     for name in ("m_bin", "m_reg"):
@@ -116,17 +154,26 @@ def test_one_request_per_episode_and_only_for_the_drifting_model(ds: Settings):
         wait_for(lambda: len([r for r in requests_now() if r.reason == "drift"]) >= 2, 60)
         time.sleep(2)
         drift_reqs = [r for r in requests_now() if r.reason == "drift"]
+        bin_reports = reports_of(ds, "m_bin", len(bin_shifts))
+        html = [r.report_url[len("file://"):] for r in bin_reports if r.breached]
+        wait_for(lambda: all(os.path.exists(f) for f in html), 120)  # written off the monitor's loop
     assert [r.model_name for r in drift_reqs] == ["m_bin", "m_bin"]
     assert drift_reqs[0].evidence["episode_id"] != drift_reqs[1].evidence["episode_id"]
-    bin_reports = reports_of(ds, "m_bin", len(bin_shifts))
     assert [r.episode for r in bin_reports] == ["none", "none", "none", "started", "ongoing", "ongoing", "ended",
                                                "none", "started"]
     assert [r.drifted for r in bin_reports] == [s > 0 for s in bin_shifts]
     reg_reports = reports_of(ds, "m_reg", 5)
     assert len(reg_reports) == 5 and not any(r.breached for r in reg_reports)
-    html = [r.report_url for r in bin_reports if r.breached]
-    assert html and all(u.startswith("file://") for u in html)
-    wait_for(lambda: all(pd.io.common.file_exists(u[len("file://"):]) for u in html), 60)
+    # outbound webhooks: the receiver failed twice, then got every event once, signed
+    ok = wait_for(lambda: [(h, b) for c, h, b in receiver.got if c == 200] or None, 30)
+    receiver.shutdown()
+    events = [json.loads(b)["event"] for _, b in ok]
+    assert events.count("drift.detected") == 2 and events.count("retrain.requested") == 2, events
+    assert "model.rejected" in events and len(receiver.got) == len(ok) + 2
+    assert len({h["X-Driftloop-Delivery"] for h, _ in ok}) == len(ok)
+    assert all(sign(b, int(h["X-Driftloop-Timestamp"]))["X-Driftloop-Signature"] == h["X-Driftloop-Signature"]
+               for h, b in ok)
+    assert len(html) == 5 and all("<html" in open(f).read(4096).lower() for f in html)
 
 
 # --- the alert webhook of the running worker ----------------------------------------------------------
@@ -164,6 +211,10 @@ def test_webhook_formats_and_abuse(ds: Settings):
         assert resolved.status_code == 200 and resolved.json()["request_ids"] == [], resolved.text  # never retrains
         unknown = requests.post(am, json=alertmanager(model="ghost", fingerprint="f3"), headers=bearer, timeout=10)
         assert unknown.status_code == 404 and "m_bin" in unknown.text
+        graf = {**alertmanager(model="m_custom", fingerprint="g1"), "orgId": 1, "state": "alerting",
+                "title": "[FIRING:1] Drift", "message": "drift"}
+        g = requests.post(f"{base}/v1/alerts/grafana", json=graf, headers=bearer, timeout=10)
+        assert g.status_code == 202, g.text
         gen = f"{base}/v1/alerts"
         body = json.dumps({"model": "m_mc", "reason": "grafana panel", "evidence": {"panel": 3}}).encode()
         signed = requests.post(gen, data=body, headers=sign(body), timeout=10)
@@ -181,4 +232,45 @@ def test_webhook_formats_and_abuse(ds: Settings):
         assert requests.get(f"{base}/docs", timeout=10).status_code == 200
     reqs = [RetrainRequest.from_bytes(m.value()) for m in everything(ds, "retrain.requests")]
     hooks = [(r.model_name, r.reason) for r in reqs if r.reason == "webhook"]
-    assert hooks == [("m_reg", "webhook"), ("m_mc", "webhook")]
+    assert hooks == [("m_reg", "webhook"), ("m_custom", "webhook"), ("m_mc", "webhook")]
+
+
+# --- performance before and after labels, windows by time (the monitor in-process) --------------------
+
+def test_realised_drop_breaches_and_time_closes_windows(ds: Settings):
+    """Labels that disagree with the scores drop the realised AUC below the version's holdout AUC: a breach
+    of its own ("realised") while the features and the label-free estimate hold; a quiet model's window
+    closes by event time."""
+    from my_trainer import Logistic
+
+    from driftloop.drift.monitor import Monitor
+    from driftloop.features.repo import declarations
+
+    rng = np.random.default_rng(3)
+    ref = reference(rng)
+    version, _ = register_version(ds, "m_custom", Logistic(3), FEATURES, ref, onnx_bytes=None, challenger=False,
+                                  metrics={"holdout_auc": 0.8})
+    decls = declarations(ds)
+    spec = decls.models["m_custom"].model_copy(update={"drift_window": 400, "drift_min_rows": 100,
+                                                       "drift_window_s": 30.0})
+    mon = Monitor(ds, decls.model_copy(update={"models": {"m_custom": spec}}))
+    t0 = int(time.time() * 1e6)
+    first = windows(rng, "m_custom", version, [0], t0)[:400]
+    assert [mon.add(p) for p in first][-1] is not None  # closed by count
+    labels = (rng.random(len(first)) > np.array([p.score for p in first])).astype(float)  # against the scores
+    for p, y in zip(first, labels, strict=True):
+        mon.add_label(Label(model_name="m_custom", key=p.key, label=float(y), event_id=p.event_id, ts=p.ts))
+    second = windows(rng, "m_custom", version, [0], t0 + 10**9)[:150]  # 150 predictions ...
+    assert all(mon.add(p) is None for p in second)
+    late = Prediction(key="k", model_name="m_custom", model_version=version, score=0.5, latency_s=0,
+                      features=dict.fromkeys(FEATURES, 0.0), ts=second[-1].ts + 31_000_000)
+    rep = mon.add(late)  # ... then one 31 s later: the window closed by time, with 150 rows
+    assert rep is not None and rep.rows == 150
+    scores = np.array([p.score for p in first])
+    u = mannwhitneyu(scores[labels == 1], scores[labels == 0]).statistic  # the realised AUC, independently
+    assert rep.reasons == ["realised"], rep.columns
+    perf = rep.performance
+    assert perf["realised"] == pytest.approx(u / ((labels == 1).sum() * (labels == 0).sum()))
+    assert perf["realised"] < 0.4 and perf["realised_reference"] == pytest.approx(0.8) and perf["realised_rows"] == 400
+    assert abs(perf["estimated"] - perf["estimated_reference"]) < 0.05
+    mon.close()
