@@ -186,17 +186,23 @@ def _metric(spec: ModelSpec, df: pd.DataFrame) -> float:
     return FUNCTIONS[spec.metric](df["label"].to_numpy(np.float64), df["score"].to_numpy(np.float64))
 
 
-def _estimate_vs_realised(spec: ModelSpec, obs: Observed, before_us: int | None) -> str | None:
-    """The label-free estimate of the primary metric against the realised one, over the stationary windows
-    (before the onset, for the drifted model) whose reports carry both; None without such windows."""
-    both = [r["performance"] for t, r in obs.of("drift.reports", spec.name)
-            if {"estimated", "realised"} <= set(r.get("performance", {}))
-            and (before_us is None or r["window_end_ts"] < before_us)]
-    if not both:
-        return None
-    est, real = (float(np.mean([p[k] for p in both])) for k in ("estimated", "realised"))
-    return (f"{spec.metric} estimated {est:.4f} vs realised {real:.4f} (|diff| {abs(est - real):.4f}, "
-            f"{abs(est - real) / max(abs(real), 1e-12):.1%}) over {len(both)} stationary windows")
+def _estimate_vs_realised(spec: ModelSpec, obs: Observed, onset_us: int | None) -> str | None:
+    """Per version, the label-free estimate of the primary metric against the realised one over its
+    stationary windows whose reports carry both (for the drifted model: its first version before the
+    onset, later versions after it); None without such windows."""
+    by_version: dict[str, list[dict[str, float]]] = {}
+    first = None
+    for _, r in obs.of("drift.reports", spec.name):
+        first = first or r["model_version"]
+        drifted_old = onset_us is not None and r["model_version"] == first and r["window_end_ts"] >= onset_us
+        if {"estimated", "realised"} <= set(r.get("performance", {})) and not drifted_old:
+            by_version.setdefault(r["model_version"], []).append(r["performance"])
+    parts = []
+    for v, perf in by_version.items():
+        est, real = (float(np.mean([p[k] for p in perf])) for k in ("estimated", "realised"))
+        parts.append(f"v{v} estimated {est:.4f} vs realised {real:.4f} ({abs(est - real) / max(abs(real), 1e-12):.1%}"
+                     f" off, {len(perf)} windows)")
+    return f"{spec.metric}: " + "; ".join(parts) if parts else None
 
 
 def _finish(s: Settings, specs: dict[str, ModelSpec], drift_name: str, obs: Observed, onset_us: int | None,

@@ -93,7 +93,7 @@ class Gate:
 
 
 # drift methods by column kind; "auto" picks by window size (see DriftPolicy)
-AUTO_LARGE_WINDOW = 1000
+AUTO_LARGE_REFERENCE = 1000
 DRIFT_METHODS = {"wasserstein": "numeric", "psi": "numeric", "ks": "numeric",
                  "jensenshannon": "categorical", "chisquare": "categorical"}
 
@@ -109,8 +109,8 @@ class DriftPolicy:
     performance_tolerance: float = 0.1  # relative drop of the primary metric that triggers on its own
     methods: dict[str, str] = field(default_factory=dict)  # column -> one of DRIFT_METHODS (per-column override)
     categorical: list[str] = field(default_factory=list)  # columns compared as categories (besides auto-detected)
-    # "auto" (Evidently's rule): windows of more than 1000 predictions use Wasserstein (numeric) and
-    # Jensen-Shannon (categorical), smaller ones the KS and chi-square tests, whose p-values stay calibrated
+    # "auto" (Evidently's rule): a reference sample of more than 1000 rows uses Wasserstein (numeric) and
+    # Jensen-Shannon (categorical) distances, a smaller one the KS and chi-square tests
     numeric_method: str = "auto"
     categorical_method: str = "auto"
 
@@ -218,12 +218,14 @@ class ModelSpec(_Spec):
     def n_outputs(self) -> int:
         return len(self.classes) if self.task == "multiclass" else 1
 
-    def drift_method(self, kind: str) -> str:
-        """The declared default method for ``kind`` ("numeric" | "categorical"), "auto" resolved by window size."""
+    def drift_method(self, kind: str, reference_rows: int) -> str:
+        """The declared default method for ``kind`` ("numeric" | "categorical"); "auto" by the reference
+        sample's size, as Evidently decides: Wasserstein / Jensen-Shannon above 1000 rows, KS / chi-square
+        tests at or below."""
         method = self.drift_numeric_method if kind == "numeric" else self.drift_categorical_method
         if method != "auto":
             return method
-        large = self.drift_window > AUTO_LARGE_WINDOW
+        large = reference_rows > AUTO_LARGE_REFERENCE
         if kind == "numeric":
             return "wasserstein" if large else "ks"
         return "jensenshannon" if large else "chisquare"

@@ -10,7 +10,10 @@ One consumer reads ``predictions``, ``labels`` and the retrain outcomes (``model
   once per version (``drift/stats.py``), and its score distribution gives a label-free estimate of the
   primary metric (``drift/performance.py``); labels joined since the last window give the realised one.
 - **A window breaches** the policy when its drifted-column share reaches the threshold or the estimated
-  or realised metric dropped by more than the tolerance from the version's reference value.
+  or realised metric dropped by more than the tolerance from the version's reference value: for the
+  estimate, the estimate on the reference sample; for the realised metric, the version's first
+  ``BASELINE_WINDOWS`` realised values live (its training holdout is reported beside: comparing with it
+  would turn a train/serve gap that retraining cannot close into a retrain loop).
 - **Episodes** (``drift/episodes.py``): ``persist_windows`` breaches in a row start one, ``recover_windows``
   healthy windows end it. An episode asks for one retrain, with its evidence, as soon as the model has
   no request in flight, is out of its cooldown and within its daily budget (``drift/state.py``).
@@ -73,6 +76,7 @@ log = logging.getLogger(__name__)
 
 TOPICS = ["predictions", "labels", "models.promoted", "models.rejected"]
 JOIN_KEEP = 50_000  # recent predictions per model kept to join their labels
+BASELINE_WINDOWS = 2  # a version's first realised metrics live: the reference later ones are compared with
 
 
 class UnknownModel(LookupError):
@@ -102,12 +106,13 @@ class Held:
 
 @dataclass
 class Baseline:
-    """A version's reference: drift statistics, the raw sample (for HTML reports), metric reference values."""
+    """A version's reference: drift statistics, the raw sample (for HTML reports), the label-free estimate of
+    its metric on the sample and its training run's holdout metric."""
 
     stats: ReferenceStats
     sample: pd.DataFrame
     estimated: float | None
-    realised: float | None
+    holdout: float | None
 
 
 @dataclass
@@ -116,6 +121,7 @@ class ModelState:
     tracker: EpisodeTracker
     episode: dict[str, Any]  # id, started_ts, request_id, windows (evidence), reports
     run: list[dict[str, Any]] = field(default_factory=list)  # evidence of the current run of breached windows
+    realised_first: list[float] = field(default_factory=list)  # the version's first realised metrics
     window: Held = field(default_factory=Held)
     labelled: Held = field(default_factory=Held)  # (label, output) pairs of the window's version
     version: str | None = None
@@ -162,14 +168,13 @@ class Monitor:
                 setattr(tracker, k, saved["tracker"][k])
         st = ModelState(spec, tracker, saved.get("episode") or {}, saved.get("run") or [],
                         version=saved.get("version"), windows_seen=saved.get("windows_seen", 0),
-                        last_window=saved.get("last_window"))
+                        last_window=saved.get("last_window"), realised_first=saved.get("realised_first") or [])
         DRIFT_EPISODE.labels(model=spec.name).set(1 if tracker.active else 0)
         return st
 
     def _save(self, st: ModelState) -> None:
-        self.state.save_episode(st.spec.name, {"tracker": st.tracker.to_dict(), "episode": st.episode, "run": st.run,
-                                               "version": st.version, "windows_seen": st.windows_seen,
-                                               "last_window": st.last_window})
+        keep = ("episode", "run", "realised_first", "version", "windows_seen", "last_window")
+        self.state.save_episode(st.spec.name, {"tracker": st.tracker.to_dict(), **{k: getattr(st, k) for k in keep}})
 
     def close(self) -> None:
         self.html.shutdown(wait=True, cancel_futures=True)  # the report being written finishes; queued ones not
@@ -186,11 +191,11 @@ class Monitor:
                 sample = load_reference(self.s, spec.name, version)
                 stats = self.cache.get(spec.name, version, lambda: sample, [*spec.features, "score"],
                                        methods=spec.drift_methods, categorical=spec.drift_categorical,
-                                       numeric_method=spec.drift_method("numeric"),
-                                       categorical_method=spec.drift_method("categorical"))
+                                       numeric_method=spec.drift_method("numeric", len(sample)),
+                                       categorical_method=spec.drift_method("categorical", len(sample)))
                 est = estimate(spec.task, spec.metric, *self._scores(spec, sample))
-                real = run_metric(self.s, spec.name, version, f"holdout_{spec.metric}")
-                self.baselines[key] = Baseline(stats, sample, est, real if real is not None else est)
+                holdout = run_metric(self.s, spec.name, version, f"holdout_{spec.metric}")
+                self.baselines[key] = Baseline(stats, sample, est, holdout)
             except Exception as e:  # a version without a readable reference sample cannot be compared
                 log.warning("%s v%s: no reference (%s); its windows are not checked", spec.name, version, e)
                 self.baselines[key] = None
@@ -247,7 +252,7 @@ class Monitor:
         if st.tracker.active:
             self._end_episode(st, "new version")
         st.tracker.reset()
-        st.version = version
+        st.version, st.realised_first = version, []
         self._save(st)
 
     def evaluate(self, st: ModelState, win: list[Prediction]) -> DriftReport | None:
@@ -315,13 +320,16 @@ class Monitor:
             perf["estimated"] = est
             if base.estimated is not None:
                 perf["estimated_reference"] = base.estimated
+        if base.holdout is not None:
+            perf["realised_holdout"] = base.holdout
         if len(st.labelled.rows) >= spec.drift_min_rows:
             pairs = st.labelled.take()
-            perf["realised"] = realised(spec.task, spec.metric, outputs([y for y, _ in pairs]),
-                                        outputs([o for _, o in pairs]))
-            perf["realised_rows"] = float(len(pairs))
-            if base.realised is not None:
-                perf["realised_reference"] = base.realised
+            value = realised(spec.task, spec.metric, outputs([y for y, _ in pairs]), outputs([o for _, o in pairs]))
+            perf["realised"], perf["realised_rows"] = value, float(len(pairs))
+            if len(st.realised_first) >= BASELINE_WINDOWS:
+                perf["realised_reference"] = float(np.mean(st.realised_first))
+            elif np.isfinite(value):
+                st.realised_first.append(value)
         return {k: float(v) for k, v in perf.items() if v is not None and np.isfinite(v)}
 
     def _gauges(self, spec: ModelSpec, result: Any, perf: dict[str, float]) -> None:

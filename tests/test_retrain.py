@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import textwrap
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -161,15 +162,20 @@ def _stamp(df: pd.DataFrame, topic: str) -> pa.Table:
          for f in pa.Schema.from_pandas(out, preserve_index=False)]))
 
 
-@pytest.fixture(scope="module")
-def rs(tmp_path_factory, bootstrap_servers) -> Settings:
-    """Settings over the temporary repo, with its tables written and the repo applied."""
-    root = tmp_path_factory.mktemp("retrain")
+def items_repo(root: Path) -> Path:
+    """The four-model repo of these tests (and its trainer) under ``root/repo``."""
     repo = root / "repo"
     repo.mkdir()
     (repo / "items.py").write_text(textwrap.dedent(REPO))
     (repo / "my_trainer.py").write_text(textwrap.dedent(TRAINER))
-    s = Settings(data_dir=root / "data", repo=repo, bootstrap_servers=bootstrap_servers,
+    return repo
+
+
+@pytest.fixture(scope="module")
+def rs(tmp_path_factory, bootstrap_servers) -> Settings:
+    """Settings over the temporary repo, with its tables written and the repo applied."""
+    root = tmp_path_factory.mktemp("retrain")
+    s = Settings(data_dir=root / "data", repo=items_repo(root), bootstrap_servers=bootstrap_servers,
                  topic_prefix=f"r{uuid.uuid4().hex[:8]}.", partitions=1, retrain_wait_s=1)
     apply(s)
     ensure_topics(s)
