@@ -31,6 +31,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,7 +65,7 @@ from driftloop.core.worker import RESTART_EXIT, DeclarationsWatch, StopFlag, mar
 from driftloop.drift.auth import WebhookAuth, load_or_create_token
 from driftloop.drift.episodes import EpisodeTracker
 from driftloop.drift.notify import Notifier
-from driftloop.drift.performance import dropped, estimate, realised
+from driftloop.drift.performance import calibration, dropped, estimate, realised
 from driftloop.drift.reports import prune, write_report
 from driftloop.drift.state import DriftState
 from driftloop.drift.stats import ReferenceCache, ReferenceStats, check
@@ -75,6 +76,7 @@ from driftloop.registry.versions import load_reference, run_metric
 log = logging.getLogger(__name__)
 
 TOPICS = ["predictions", "labels", "models.promoted", "models.rejected"]
+Calibration = Callable[[np.ndarray], np.ndarray]
 JOIN_KEEP = 50_000  # recent predictions per model kept to join their labels
 BASELINE_WINDOWS = 2  # a version's first realised metrics live: the reference later ones are compared with
 
@@ -113,6 +115,7 @@ class Baseline:
     sample: pd.DataFrame
     estimated: float | None
     holdout: float | None
+    calibrate: Calibration | None = None  # binary: scores -> calibrated probabilities (reference labels)
 
 
 @dataclass
@@ -193,19 +196,23 @@ class Monitor:
                                        methods=spec.drift_methods, categorical=spec.drift_categorical,
                                        numeric_method=spec.drift_method("numeric", len(sample)),
                                        categorical_method=spec.drift_method("categorical", len(sample)))
-                est = estimate(spec.task, spec.metric, *self._scores(spec, sample))
+                cal = calibration(sample["score"], sample["label"]) if spec.task == "binary" and \
+                    "label" in sample else None
+                est = estimate(spec.task, spec.metric, *self._scores(spec, sample, cal))
                 holdout = run_metric(self.s, spec.name, version, f"holdout_{spec.metric}")
-                self.baselines[key] = Baseline(stats, sample, est, holdout)
+                self.baselines[key] = Baseline(stats, sample, est, holdout, cal)
             except Exception as e:  # a version without a readable reference sample cannot be compared
                 log.warning("%s v%s: no reference (%s); its windows are not checked", spec.name, version, e)
                 self.baselines[key] = None
         return self.baselines[key]
 
     @staticmethod
-    def _scores(spec: ModelSpec, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray | None]:
+    def _scores(spec: ModelSpec, frame: pd.DataFrame, cal: Calibration | None) -> tuple[Any, Any, Any]:
+        """(scores, class probabilities, calibrated probabilities) of the reference sample, for ``estimate``."""
         if spec.task == "multiclass":
-            return frame["score"].to_numpy(), frame[[f"p{i}" for i in range(spec.n_outputs)]].to_numpy()
-        return frame["score"].to_numpy(), None
+            return frame["score"].to_numpy(), frame[[f"p{i}" for i in range(spec.n_outputs)]].to_numpy(), None
+        scores = frame["score"].to_numpy(np.float64)
+        return scores, None, (cal(scores) if cal else None)
 
     # --- the stream ---------------------------------------------------------------------------------
 
@@ -315,7 +322,8 @@ class Monitor:
     def _performance(self, st: ModelState, base: Baseline, win: list[Prediction]) -> dict[str, float]:
         spec, perf = st.spec, {}
         probs = np.asarray([p.probabilities for p in win], np.float64) if spec.task == "multiclass" else None
-        est = estimate(spec.task, spec.metric, np.asarray([p.score for p in win], np.float64), probs)
+        scores = np.asarray([p.score for p in win], np.float64)
+        est = estimate(spec.task, spec.metric, scores, probs, base.calibrate(scores) if base.calibrate else None)
         if est is not None:
             perf["estimated"] = est
             if base.estimated is not None:

@@ -24,6 +24,7 @@ Regression: no estimate (None); only the realised metric.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
@@ -40,26 +41,31 @@ def _check_metric(task: str, metric: str) -> None:
         raise ValueError(f"metric {metric!r} does not fit a {task} model; use one of {', '.join(fits)}")
 
 
-def expected_auc(p: np.ndarray) -> float:
-    """Expected ROC AUC of scores ``p`` when each row is positive with probability ``p`` (see module doc)."""
+def expected_auc(p: np.ndarray, q: np.ndarray | None = None) -> float:
+    """Expected ROC AUC of scores ``p`` when each row is positive with probability ``q`` (default ``p``;
+    see module doc)."""
     p = np.clip(np.asarray(p, np.float64), 0.0, 1.0)
+    q = p if q is None else np.clip(np.asarray(q, np.float64), 0.0, 1.0)
     order = np.argsort(p, kind="stable")
-    ps = p[order]
-    qs = 1.0 - ps
+    ps, qp = p[order], q[order]
+    qs = 1.0 - qp
     _, start, sizes = np.unique(ps, return_index=True, return_counts=True)
-    group_neg = np.add.reduceat(qs, start)  # summed (1 − p) of each group of tied scores
+    group_neg = np.add.reduceat(qs, start)  # summed (1 − q) of each group of tied scores
     below = np.cumsum(group_neg) - group_neg  # ... of the rows scored strictly lower
     g = np.repeat(np.arange(start.size), sizes)
-    num = float(np.sum(ps * (below[g] + 0.5 * (group_neg[g] - qs))))  # ties count half, self excluded
-    den = float(p.sum() * (1.0 - p).sum() - np.sum(p * (1.0 - p)))
+    num = float(np.sum(qp * (below[g] + 0.5 * (group_neg[g] - qs))))  # ties count half, self excluded
+    den = float(q.sum() * (1.0 - q).sum() - np.sum(q * (1.0 - q)))
     return num / den if den > 0 else math.nan
 
 
-def estimate(task: str, metric: str, scores: np.ndarray, probabilities: np.ndarray | None = None) -> float | None:
-    """Label-free expected value of ``metric`` on a window, assuming calibrated scores; None for regression.
+def estimate(task: str, metric: str, scores: np.ndarray, probabilities: np.ndarray | None = None,
+             calibrated: np.ndarray | None = None) -> float | None:
+    """Label-free expected value of ``metric`` on a window; None for regression.
 
-    Binary: ``scores`` = P(positive). Multiclass: ``probabilities`` ``(n, K)`` (required). NaN for an
-    empty window; ValueError for a metric that does not fit the task."""
+    Binary: ``scores`` = the model's P(positive); ``calibrated`` = the probability of a positive per row
+    (the scores through the reference's calibration map; default: the scores themselves, i.e. assumed
+    calibrated). Multiclass: ``probabilities`` ``(n, K)`` (required). NaN for an empty window; ValueError
+    for a metric that does not fit the task."""
     _check_metric(task, metric)
     if task == "regression":
         return None
@@ -74,16 +80,42 @@ def estimate(task: str, metric: str, scores: np.ndarray, probabilities: np.ndarr
             return float(np.mean(pr.max(axis=1)))
         return float(np.mean(-np.sum(pr * np.log(pr), axis=1)))
     p = np.clip(np.asarray(scores, np.float64), 0.0, 1.0)
+    q = p if calibrated is None else np.clip(np.asarray(calibrated, np.float64), 0.0, 1.0)
     if p.size == 0:
         return math.nan
     if metric == "auc":
-        return expected_auc(p)
+        return expected_auc(p, q)
     if metric == "accuracy":
-        return float(np.mean(np.maximum(p, 1.0 - p)))
+        return float(np.mean(np.where(p >= 0.5, q, 1.0 - q)))
     if metric == "brier":
-        return float(np.mean(p * (1.0 - p)))
+        return float(np.mean(q * (1.0 - p) ** 2 + (1.0 - q) * p**2))
     pc = np.clip(p, EPS, 1 - EPS)
-    return float(np.mean(-(p * np.log(pc) + (1.0 - p) * np.log(1.0 - pc))))
+    return float(np.mean(-(q * np.log(pc) + (1.0 - q) * np.log(1.0 - pc))))
+
+
+def calibration(scores: np.ndarray, labels: np.ndarray, bins: int = 10,
+                min_rows: int = 50) -> Callable[[np.ndarray], np.ndarray] | None:
+    """A binary model's calibration map fitted on labelled reference rows (CBPE calibrates before it
+    estimates): quantile bins of the scores, each bin's positive share (shrunk toward the overall share),
+    made non-decreasing and interpolated between bin centres. None with fewer than ``2 * min_rows`` rows."""
+    s, y = np.asarray(scores, np.float64), np.asarray(labels, np.float64)
+    ok = np.isfinite(s) & np.isfinite(y)
+    s, y = s[ok], y[ok]
+    if len(s) < 2 * min_rows:
+        return None
+    n_bins = max(2, min(bins, len(s) // min_rows))
+    edges = np.unique(np.quantile(s, np.linspace(0, 1, n_bins + 1)))
+    idx = np.clip(np.searchsorted(edges, s, side="right") - 1, 0, len(edges) - 2)
+    counts = np.bincount(idx, minlength=len(edges) - 1)
+    keep = counts > 0
+    centre = np.bincount(idx, weights=s, minlength=len(counts))[keep] / counts[keep]
+    share = (np.bincount(idx, weights=y, minlength=len(counts))[keep] + y.mean()) / (counts[keep] + 1)
+    share = np.maximum.accumulate(share)
+
+    def apply(p: np.ndarray) -> np.ndarray:
+        return np.interp(np.asarray(p, np.float64), centre, share)
+
+    return apply
 
 
 def realised(task: str, metric: str, labels: np.ndarray, outputs: np.ndarray) -> float:

@@ -21,6 +21,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from pydantic import ValidationError
 
+from driftloop.core import model_metrics as m
 from driftloop.core.contracts import ModelPromoted, ModelRejected, RetrainRequest, now_us
 from driftloop.core.declarations import Declarations, ModelSpec
 from driftloop.core.kafka import Deliveries, good_messages, make_consumer, make_producer
@@ -33,7 +34,6 @@ from driftloop.features.vectors import to_matrix
 from driftloop.registry.aliases import promote
 from driftloop.registry.verify import ModelCheckError, check_outputs, load_scorer
 from driftloop.registry.versions import CHAMPION, alias_version, register_version
-from driftloop.core import model_metrics as m
 from driftloop.retrain.launcher import Launcher, RayLauncher, TrainJob
 from driftloop.retrain.trainers import checked_onnx, outputs
 
@@ -70,9 +70,10 @@ def usable_labels(df: pd.DataFrame, spec: ModelSpec) -> pd.DataFrame:
     return df[ok].assign(label=y[ok].astype("float64"))
 
 
-def reference_frame(x: np.ndarray, out: np.ndarray, spec: ModelSpec) -> pd.DataFrame:
-    """The version's reference sample: its inputs (as served) and its outputs on them (``score``; for a
-    multiclass model ``p0..pK-1`` besides, and ``score`` = the most probable class)."""
+def reference_frame(x: np.ndarray, out: np.ndarray, spec: ModelSpec, labels: np.ndarray | None = None) -> pd.DataFrame:
+    """The version's reference sample: its inputs (as served), its outputs on them (``score``; for a
+    multiclass model ``p0..pK-1`` besides, and ``score`` = the most probable class) and, when given, their
+    ``label`` (the drift monitor calibrates its label-free estimate on them)."""
     ref = pd.DataFrame(x, columns=spec.features)
     if spec.task == "multiclass":
         for i in range(out.shape[1]):
@@ -80,6 +81,8 @@ def reference_frame(x: np.ndarray, out: np.ndarray, spec: ModelSpec) -> pd.DataF
         ref["score"] = out.argmax(axis=1).astype("float64")
     else:
         ref["score"] = out
+    if labels is not None:
+        ref["label"] = labels
     return ref
 
 
@@ -164,7 +167,7 @@ class Controller:
                                   "seed": SEED, "epochs": spec.epochs, "onnx": onnx_note[:250],
                                   **{f"delta_version.{k}": v for k, v in versions.items()}}
         version, run_id = register_version(
-            self.s, spec.name, result.model, spec.features, reference_frame(x_ho, out, spec),
+            self.s, spec.name, result.model, spec.features, reference_frame(x_ho, out, spec, y_ho),
             onnx_bytes=onnx_bytes, task=spec.task, params=params,
             metrics=metrics, history=result.history)
         timeline["registered"] = now_us()

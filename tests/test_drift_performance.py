@@ -10,7 +10,7 @@ import pytest
 from scipy import stats as sps
 from scipy.special import expit
 
-from driftloop.drift.performance import dropped, estimate, expected_auc, outputs, realised
+from driftloop.drift.performance import calibration, dropped, estimate, expected_auc, outputs, realised
 
 
 def calibrated(rng: np.random.Generator, n: int, mean: float = 0.0, sd: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
@@ -100,3 +100,29 @@ def test_dropped() -> None:
     assert dropped(-0.2, 0.0, True, 0.1) and not dropped(-0.05, 0.0, True, 0.1)  # zero reference: absolute
     assert dropped(-0.5, -0.2, True, 0.1)  # r2 below a negative reference, relative to its size
     assert not dropped(math.nan, 0.8, True, 0.1) and not dropped(0.5, math.inf, True, 0.1)
+
+
+def test_calibration_on_reference_labels_corrects_a_miscalibrated_model():
+    """An overconfident model: its raw scores underestimate its log loss; calibrated on a labelled reference
+    (CBPE's first step), the estimate on a new window lands near the realised log loss."""
+    rng = np.random.default_rng(21)
+
+    def sample(n: int) -> tuple[np.ndarray, np.ndarray]:
+        z = rng.normal(size=n)
+        truth = 1 / (1 + np.exp(-z))  # P(y = 1)
+        score = 1 / (1 + np.exp(-2.5 * z))  # the model is overconfident
+        return score, (rng.random(n) < truth).astype(float)
+
+    ref_s, ref_y = sample(5000)
+    s, y = sample(20000)
+    pc = np.clip(s, 1e-15, 1 - 1e-15)
+    real = float(-np.mean(y * np.log(pc) + (1 - y) * np.log(1 - pc)))  # computed here, not by the code under test
+    raw = estimate("binary", "log_loss", s)
+    cal = calibration(ref_s, ref_y)
+    assert cal is not None and calibration(ref_s[:60], ref_y[:60]) is None
+    fixed = estimate("binary", "log_loss", s, calibrated=cal(s))
+    assert abs(raw - real) / real > 0.2 and abs(fixed - real) / real < 0.05, (raw, fixed, real)
+    acc = float(np.mean((s >= 0.5) == (y == 1)))
+    assert abs(estimate("binary", "accuracy", s, calibrated=cal(s)) - acc) < 0.02
+    auc = sps.mannwhitneyu(s[y == 1], s[y == 0]).statistic / ((y == 1).sum() * (y == 0).sum())
+    assert abs(estimate("binary", "auc", s, calibrated=cal(s)) - auc) < 0.02

@@ -300,7 +300,8 @@ def test_bootstrap_promotes_then_identical_retrain_fails_the_gate(rs: Settings):
     assert isinstance(first, ModelPromoted) and alias_version(rs, "m_bin") == first.version
     assert first.metrics["holdout_log_loss"] < 0.5 and "holdout_auc" in first.metrics
     ref = load_reference(rs, "m_bin", first.version)
-    assert list(ref.columns) == [*FEATURES, "score"] and len(ref) == N // 5
+    assert list(ref.columns) == [*FEATURES, "score", "label"] and len(ref) == N // 5
+    assert set(ref["label"]) == {0.0, 1.0}  # the holdout's labels: the drift monitor calibrates on them
     again = ctl.handle(RetrainRequest(model_name="m_bin", reason="manual"))
     assert isinstance(again, ModelRejected) and "gate" in again.checks and "log_loss" in again.checks["gate"]
     assert alias_version(rs, "m_bin") == first.version and alias_version(rs, "m_bin", "challenger") == again.version
@@ -314,7 +315,7 @@ def test_multiclass_model_is_trained_with_class_probabilities(rs: Settings):
     assert ev.metrics["holdout_accuracy"] > 0.6  # three classes: chance is about 1/3
     assert _registered_task(rs, "m_mc", ev.version) == "multiclass"
     ref = load_reference(rs, "m_mc", ev.version)
-    assert list(ref.columns) == [*FEATURES, "p0", "p1", "p2", "score"]
+    assert list(ref.columns) == [*FEATURES, "p0", "p1", "p2", "score", "label"]
     probs = ref[["p0", "p1", "p2"]].to_numpy()
     assert np.allclose(probs.sum(1), 1, atol=1e-4) and (ref["score"] == probs.argmax(1)).all()
 
