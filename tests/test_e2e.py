@@ -31,6 +31,7 @@ def _ours(data_dir: str) -> list[psutil.Process]:
     return out
 
 
+@pytest.mark.slow  # 2-3 minutes; the demo below covers `up` and producing, this adds tail/down and the CLI
 def test_up_produce_tail_down(tmp_path):
     data = str((tmp_path / "stack").resolve())
     env = {**os.environ, "DRIFTLOOP_DATA_DIR": data, "DRIFTLOOP_MODEL_OVERRIDES": '{"ctr": {"min_labels": 1000}}'}

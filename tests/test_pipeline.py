@@ -136,7 +136,7 @@ def test_retrain_registers_and_promotes(pipe: Settings, ctr: ModelSpec, champion
     assert promoted[0]["model_name"] == "ctr" and promoted[0]["version"] == champion
     assert promoted[0]["timeline"]["job_finished"] > 0 and "holdout_log_loss" in promoted[0]["metrics"]
     ref = load_reference(pipe, "ctr", champion)
-    assert list(ref.columns) == [*ctr.features, "score"] and len(ref) > 100
+    assert list(ref.columns) == [*ctr.features, "score", "label"] and len(ref) > 100
 
 
 def test_serving_scores_with_champion(pipe: Settings, ctr: ModelSpec, champion: str):

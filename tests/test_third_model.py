@@ -18,6 +18,7 @@ from deltalake import write_deltalake
 
 from driftloop.app.producer import publish
 from driftloop.app.supervisor import Stack
+from driftloop.bench.common import scrape, total
 from driftloop.core import delta
 from driftloop.core.settings import Settings
 from driftloop.features.repo import declarations, open_store
@@ -135,7 +136,10 @@ def test_a_model_declared_outside_the_project_runs_end_to_end(tmp_path, bootstra
                ("events.tickets", b"c1", b'{"schema_version": 2, "event_id": "x2", "ts": 5}')]
         publish(s, first[:2000] + bad + first[2000:], rate=3000)
         # the first champion trains itself from the labels topic once there are enough labels
-        wait_for(lambda: alias_version(s, "priority") is not None, 300, every=2.0)
+        version = wait_for(lambda: alias_version(s, "priority"), 300, every=2.0)
+        serving = stack.info["metrics_ports"]["serving"]  # events before it serves the champion pass unscored
+        wait_for(lambda: total(scrape(serving), "driftloop_serving_model_version", model="priority") == float(version),
+                 60)
         second = tickets(400, seed=2, tiers=tiers)
         publish(s, second, rate=2000)
         scored = {r["event_id"] for t, r in second if t == "events.tickets"}
