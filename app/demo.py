@@ -218,12 +218,15 @@ def _finish(s: Settings, specs: dict[str, ModelSpec], drift_name: str, obs: Obse
     before = after = float("nan")
     if onset_us and version:
         steps.append((f"{drift_name}: drift onset", 0.0))
-        det = [t for t, r in obs.of("drift.reports", drift_name) if r["drifted"] and r["window_end_ts"] >= onset_us]
+        det = [(t, r) for t, r in obs.of("drift.reports", drift_name)
+               if r.get("breached", r["drifted"]) and r["window_end_ts"] >= onset_us]
         if det:
-            steps.append(("drift detected (drift.reports)", rel(det[0])))
-        req = [t for t, r in obs.of("retrain.requests", drift_name) if r["reason"] == "drift" and r["ts"] >= onset_us]
+            why = ", ".join(det[0][1].get("reasons") or ["drift"])
+            steps.append((f"drift detected (drift.reports: {why})", rel(det[0][0])))
+        req = [(t, r) for t, r in obs.of("retrain.requests", drift_name)
+               if r["reason"] in ("drift", "performance") and r["ts"] >= onset_us]
         if req:
-            steps.append(("retrain request (retrain.requests)", rel(req[0])))
+            steps.append((f"retrain request (retrain.requests: {req[0][1]['reason']})", rel(req[0][0])))
         pr = next(r for _, r in obs.of("models.promoted", drift_name) if r["version"] == version)
         for key, name in [("job_started", "Ray job started"), ("job_finished", "Ray job finished"),
                           ("registered", f"version {version} registered in MLflow"),
