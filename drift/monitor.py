@@ -78,6 +78,7 @@ log = logging.getLogger(__name__)
 TOPICS = ["predictions", "labels", "models.promoted", "models.rejected"]
 Calibration = Callable[[np.ndarray], np.ndarray]
 JOIN_KEEP = 50_000  # recent predictions per model kept to join their labels
+SWITCH_AFTER = 20  # predictions of another version in a row before a model's windows follow it
 BASELINE_WINDOWS = 2  # a version's first realised metrics live: the reference later ones are compared with
 
 
@@ -125,6 +126,9 @@ class ModelState:
     episode: dict[str, Any]  # id, started_ts, request_id, windows (evidence), reports
     run: list[dict[str, Any]] = field(default_factory=list)  # evidence of the current run of breached windows
     realised_first: list[float] = field(default_factory=list)  # the version's first realised metrics
+    incoming: Held = field(default_factory=Held)  # predictions of another version, until it takes over
+    incoming_version: str | None = None
+    incoming_stale: int = 0  # predictions of the current version since the last incoming one
     window: Held = field(default_factory=Held)
     labelled: Held = field(default_factory=Held)  # (label, output) pairs of the window's version
     version: str | None = None
@@ -228,11 +232,15 @@ class Monitor:
         st = self.model_state(p.model_name)
         if st is None:
             return None
-        if p.model_version != st.version:
-            self._new_version(st, p.model_version)
         st.scored[p.event_id] = (p.model_version, output_of(p))
         if len(st.scored) > JOIN_KEEP:
             st.scored.popitem(last=False)
+        if p.model_version != st.version:
+            return self._incoming(st, p, msg)
+        if st.incoming.rows:
+            st.incoming_stale += 1
+            if st.incoming_stale > SWITCH_AFTER:  # stragglers of another version, not a switch
+                st.incoming.take()
         report = None
         rows = st.window.rows
         if rows and st.spec.drift_window_s is not None and len(rows) >= st.spec.drift_min_rows \
@@ -242,6 +250,22 @@ class Monitor:
         if len(st.window.rows) >= st.spec.drift_window:
             report = self.evaluate(st, st.window.take()) or report
         return report
+
+    def _incoming(self, st: ModelState, p: Prediction, msg: Message | None) -> DriftReport | None:
+        """A prediction of another version: the model switches to it once ``SWITCH_AFTER`` of them arrived
+        (during a hot swap both versions' predictions interleave across partitions for a moment)."""
+        if st.incoming_version != p.model_version:
+            st.incoming.take()
+            st.incoming_version = p.model_version
+        st.incoming.add(p, msg)
+        st.incoming_stale = 0
+        if st.version is not None and len(st.incoming.rows) < SWITCH_AFTER:
+            return None
+        self._new_version(st, p.model_version)
+        st.window, st.incoming, st.incoming_version = st.incoming, Held(), None
+        if len(st.window.rows) >= st.spec.drift_window:
+            return self.evaluate(st, st.window.take())
+        return None
 
     def add_label(self, lab: Label, msg: Message | None = None) -> None:
         """Join a label to its prediction (when still known) for the realised metric."""
@@ -440,7 +464,7 @@ class Monitor:
         """The first offset per (topic, partition) that an open window or label buffer still needs."""
         out: dict[tuple[str, int], int] = {}
         for st in self.states.values():
-            for h in (st.window, st.labelled):
+            for h in (st.window, st.labelled, st.incoming):
                 for tp, off in h.first.items():
                     out[tp] = min(off, out.get(tp, off))
         return out

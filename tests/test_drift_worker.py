@@ -277,3 +277,33 @@ def test_realised_drop_breaches_and_time_closes_windows(ds: Settings):
     assert perf["realised_reference"] == pytest.approx((auc(*truth[0]) + auc(*truth[1])) / 2)
     assert perf["realised_holdout"] == pytest.approx(0.8) and perf["realised_rows"] == 400
     assert abs(perf["estimated"] - perf["estimated_reference"]) < 0.05
+
+
+def test_a_hot_swap_moves_the_windows_once(ds: Settings, tmp_path):
+    """During a swap both versions' predictions interleave across partitions: the windows follow the new
+    version once it arrived 20 times, and stragglers of the old one neither flip them back nor linger."""
+    from driftloop.drift.monitor import SWITCH_AFTER, Monitor
+    from driftloop.features.repo import declarations
+
+    mon = Monitor(Settings(**{**ds.model_dump(), "data_dir": tmp_path}), declarations(ds))
+
+    def pred(version: str) -> Prediction:
+        return Prediction(key="k", model_name="m_reg", model_version=version, score=0.5, latency_s=0,
+                          features=dict.fromkeys(FEATURES, 0.0))
+
+    for _ in range(100):
+        mon.add(pred("1"))
+    st = mon.states["m_reg"]
+    for _ in range(10):
+        mon.add(pred("2"))
+        mon.add(pred("1"))
+    assert st.version == "1" and len(st.window.rows) == 110 and len(st.incoming.rows) == 10
+    for _ in range(SWITCH_AFTER - 10):
+        mon.add(pred("2"))
+    assert st.version == "2" and len(st.window.rows) == SWITCH_AFTER and not st.incoming.rows
+    for _ in range(5):
+        mon.add(pred("1"))  # stragglers
+    for _ in range(SWITCH_AFTER + 1):
+        mon.add(pred("2"))
+    assert st.version == "2" and len(st.window.rows) == 2 * SWITCH_AFTER + 1 and not st.incoming.rows
+    mon.close()
