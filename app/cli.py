@@ -57,7 +57,7 @@ def cmd_worker(a: argparse.Namespace, s: Settings) -> int:
     elif a.name == "serving":
         from driftloop.serving.worker import run
     elif a.name == "drift":
-        from driftloop.drift.monitor import run
+        from driftloop.drift.worker import run
     else:
         from driftloop.retrain.controller import run
     rc = run(s)

@@ -1,8 +1,8 @@
 """The drift monitor: per declared model, windows of its champion's predictions against that version's
 reference, performance before and after labels, episodes, and one retraining request per episode.
 
-One consumer reads ``predictions``, ``labels`` and the retrain outcomes (``models.promoted``,
-``models.rejected``). Per model:
+The worker (``drift/worker.py``) hands it every record of ``predictions``, ``labels`` and the retrain
+outcomes (``models.promoted``, ``models.rejected``). Per model:
 
 - **Windows** of one version's predictions close at the declared count, or once they span the declared
   event time with at least ``min_rows`` predictions. A window is compared column by column (the model's
@@ -20,9 +20,8 @@ One consumer reads ``predictions``, ``labels`` and the retrain outcomes (``model
 - **Outputs**: ``drift.reports`` per window; an Evidently HTML report for every breached window and a
   sample of the others (written off the loop, pruned); gauges per model and column; outbound webhooks.
 
-Offsets are committed after a window's outputs are acknowledged, up to the first record an open window
-still holds, so a restarted monitor rebuilds its open windows. Alerts arrive through the webhook
-(``drift/webhook.py``), which calls :meth:`Monitor.alert`.
+:meth:`Monitor.held` tells the worker which records open windows still need (it commits up to them).
+Alerts arrive through the webhook (``drift/webhook.py``), which calls :meth:`Monitor.alert`.
 """
 
 from __future__ import annotations
@@ -38,8 +37,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from confluent_kafka import Message, TopicPartition
-from pydantic import ValidationError
+from confluent_kafka import Message
 
 from driftloop.core.contracts import (
     DriftReport,
@@ -51,7 +49,7 @@ from driftloop.core.contracts import (
     new_id,
 )
 from driftloop.core.declarations import Declarations, ModelSpec
-from driftloop.core.kafka import Deliveries, good_messages, make_consumer, make_producer
+from driftloop.core.kafka import Deliveries, make_producer
 from driftloop.core.metrics import (
     DRIFT_CHECK_SECONDS,
     DRIFT_EPISODE,
@@ -61,15 +59,13 @@ from driftloop.core.metrics import (
     RETRAIN_REQUESTS,
 )
 from driftloop.core.settings import Settings
-from driftloop.core.worker import RESTART_EXIT, DeclarationsWatch, StopFlag, mark_ready
-from driftloop.drift.auth import WebhookAuth, load_or_create_token
+from driftloop.drift.auth import load_or_create_token
 from driftloop.drift.episodes import EpisodeTracker
 from driftloop.drift.notify import Notifier
 from driftloop.drift.performance import calibration, dropped, estimate, realised
 from driftloop.drift.reports import prune, write_report
 from driftloop.drift.state import DriftState
 from driftloop.drift.stats import ReferenceCache, ReferenceStats, check
-from driftloop.drift.webhook import create_app, start_server
 from driftloop.features.repo import declarations
 from driftloop.registry.versions import load_reference, run_metric
 
@@ -468,62 +464,3 @@ class Monitor:
                 for tp, off in h.first.items():
                     out[tp] = min(off, out.get(tp, off))
         return out
-
-
-def commit_point(consumed: dict[tuple[str, int], int], held: dict[tuple[str, int], int]) -> list[TopicPartition]:
-    """Offsets to commit: past every consumed record, except where a held record starts."""
-    return [TopicPartition(t, p, held.get((t, p), last + 1)) for (t, p), last in consumed.items()]
-
-
-PARSERS = {"predictions": Prediction, "labels": Label, "models.promoted": ModelPromoted,
-           "models.rejected": ModelRejected}
-
-
-def handle(mon: Monitor, msg: Message, kinds: dict[str, str]) -> bool:
-    """One record; whether it closed a window. Malformed records are logged and skipped."""
-    kind = kinds.get(msg.topic(), "")
-    try:
-        rec = PARSERS[kind].from_bytes(msg.value())
-    except (ValidationError, ValueError, KeyError) as e:
-        log.warning("skipping a malformed %s record at offset %s: %s", kind, msg.offset(), str(e)[:300])
-        return False
-    if isinstance(rec, Prediction):
-        return mon.add(rec, msg) is not None
-    if isinstance(rec, Label):
-        mon.add_label(rec, msg)
-    else:
-        mon.on_outcome(rec)
-    return False
-
-
-def run(settings: Settings) -> None:
-    stop = StopFlag()
-    watch = DeclarationsWatch(settings)
-    mon = Monitor(settings)
-    log.info("monitoring models %s", sorted(mon.states) or "none (nothing declared)")
-    auth = WebhookAuth(load_or_create_token(settings), settings.webhook_max_skew_s)
-    server = start_server(create_app(mon, auth, rate_per_s=settings.webhook_rate_per_s, burst=settings.webhook_burst),
-                          settings.webhook_host, settings.webhook_port)
-    consumer = make_consumer(settings, f"{settings.topic_prefix}drift", TOPICS)
-    kinds = {settings.topic(t): t for t in TOPICS}
-    mark_ready(settings, "drift")
-    consumed: dict[tuple[str, int], int] = {}
-    restart = False
-    try:
-        while not stop and not restart:
-            msgs = good_messages(consumer.consume(1000, 0.5))
-            for msg in msgs:
-                handle(mon, msg, kinds)
-                consumed[(msg.topic(), msg.partition())] = msg.offset()
-            if msgs:
-                owned = {(tp.topic, tp.partition) for tp in consumer.assignment()}
-                consumed = {tp: off for tp, off in consumed.items() if tp in owned}  # a rebalance moved the rest
-                if consumed:
-                    consumer.commit(offsets=commit_point(consumed, mon.held()), asynchronous=False)
-            restart = watch.changed()  # open windows are not committed: the restarted worker re-reads them
-    finally:
-        consumer.close()
-        server.stop()
-        mon.close()
-    if restart:
-        raise SystemExit(RESTART_EXIT)
