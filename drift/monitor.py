@@ -63,6 +63,7 @@ from driftloop.drift.auth import load_or_create_token
 from driftloop.drift.episodes import EpisodeTracker
 from driftloop.drift.notify import Notifier
 from driftloop.drift.performance import calibration, dropped, estimate, realised
+from driftloop.drift.performance import outputs as reference_outputs  # (scores, class probabilities)
 from driftloop.drift.reports import prune, write_report
 from driftloop.drift.state import DriftState
 from driftloop.drift.stats import ReferenceCache, ReferenceStats, check
@@ -142,10 +143,6 @@ def output_of(p: Prediction) -> Any:
     return p.probabilities if p.probabilities is not None else p.score
 
 
-def outputs(values: list[Any]) -> np.ndarray:
-    return np.asarray(values, dtype=np.float64)
-
-
 class Monitor:
     """Every declared model's windows and episodes; also the webhook's :class:`AlertSink`."""
 
@@ -198,21 +195,14 @@ class Monitor:
                                        categorical_method=spec.drift_method("categorical", len(sample)))
                 cal = calibration(sample["score"], sample["label"]) if spec.task == "binary" and \
                     "label" in sample else None
-                est = estimate(spec.task, spec.metric, *self._scores(spec, sample, cal))
+                scores, probs = reference_outputs(sample, spec.task)
+                est = estimate(spec.task, spec.metric, scores, probs, cal(scores) if cal else None)
                 holdout = run_metric(self.s, spec.name, version, f"holdout_{spec.metric}")
                 self.baselines[key] = Baseline(stats, sample, est, holdout, cal)
             except Exception as e:  # a version without a readable reference sample cannot be compared
                 log.warning("%s v%s: no reference (%s); its windows are not checked", spec.name, version, e)
                 self.baselines[key] = None
         return self.baselines[key]
-
-    @staticmethod
-    def _scores(spec: ModelSpec, frame: pd.DataFrame, cal: Calibration | None) -> tuple[Any, Any, Any]:
-        """(scores, class probabilities, calibrated probabilities) of the reference sample, for ``estimate``."""
-        if spec.task == "multiclass":
-            return frame["score"].to_numpy(), frame[[f"p{i}" for i in range(spec.n_outputs)]].to_numpy(), None
-        scores = frame["score"].to_numpy(np.float64)
-        return scores, None, (cal(scores) if cal else None)
 
     # --- the stream ---------------------------------------------------------------------------------
 
@@ -352,7 +342,8 @@ class Monitor:
             perf["realised_holdout"] = base.holdout
         if len(st.labelled.rows) >= spec.drift_min_rows:
             pairs = st.labelled.take()
-            value = realised(spec.task, spec.metric, outputs([y for y, _ in pairs]), outputs([o for _, o in pairs]))
+            labels, outs = (np.asarray(v, np.float64) for v in zip(*pairs, strict=True))
+            value = realised(spec.task, spec.metric, labels, outs)
             perf["realised"], perf["realised_rows"] = value, float(len(pairs))
             if len(st.realised_first) >= BASELINE_WINDOWS:
                 perf["realised_reference"] = float(np.mean(st.realised_first))
