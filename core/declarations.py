@@ -89,7 +89,10 @@ class FieldLabel:
 class Gate:
     margin: float = 0.001  # the challenger must beat the champion on the primary metric by this much
     slices: list[str] = field(default_factory=list)  # feature columns whose slices may not get worse
-    slice_tolerance: float = 0.05
+    slice_tolerance: float = 0.05  # relative: a slice's metric may be at most this much worse than the champion's
+    slice_min_rows: int = 50  # slices with fewer holdout rows are not judged
+    calibration_tolerance: float = 0.05  # binary/multiclass: expected calibration error; regression: |mean bias|/std
+    shadow_min_rows: int = 200  # labelled shadow predictions before live (shadow) results count in the gate
 
 
 # drift methods by column kind; "auto" picks by window size (see DriftPolicy)
@@ -195,6 +198,9 @@ class ModelSpec(_Spec):
     gate_margin: float = 0.001
     slices: list[str] = Field(default_factory=list)
     slice_tolerance: float = 0.05
+    slice_min_rows: int = 50
+    calibration_tolerance: float = 0.05
+    shadow_min_rows: int = 200
     drift_window: int = 1500
     drift_share_threshold: float = 0.5
     drift_persist_windows: int = 2

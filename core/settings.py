@@ -45,6 +45,16 @@ class Settings(BaseSettings):
     serving_linger_s: float = Field(0.05, ge=0)
     serving_alias_poll_s: float = Field(5.0, gt=0, description="Fallback poll of the champion alias.")
     serving_shadow: bool = Field(True, description="Score the challenger beside the champion (predictions.shadow).")
+    train_workers: int = Field(1, ge=1, description="Ray Train workers per training job (data-parallel).")
+    train_gpu: bool | None = Field(None, description="Train on GPUs: unset = when the Ray cluster reports one.")
+    train_max_failures: int = Field(2, ge=0, description="Ray Train restarts of a failed training run (it resumes "
+                                    "from its last epoch checkpoint).")
+    train_storage: str | None = Field(None, description="Ray Train run storage (checkpoints; a path or URI every "
+                                      "Ray node reaches); unset = <data_dir>/ray_results.")
+    retrain_max_attempts: int = Field(3, ge=1, description="Attempts at one retrain request before it ends failed.")
+    retrain_backoff_s: float = Field(5.0, ge=0, description="Wait before a request's second attempt (doubling).")
+    state_db: str | None = Field(None, description="SQLAlchemy URL of driftloop's own state (retrain requests, the "
+                                 "alias ledger); unset = sqlite under data_dir.")
     retrain_wait_s: float = Field(180.0, gt=0, description="How long a request may wait for fresh labels.")
 
     metrics_port: int = Field(0, ge=0, description="Prometheus port of this worker; 0 = none.")
@@ -109,6 +119,16 @@ class Settings(BaseSettings):
     @property
     def stack_file(self) -> Path:
         return self.root / "stack.json"
+
+    @property
+    def state_url(self) -> str:
+        """driftloop's own state database: retrain requests and the alias ledger."""
+        return self.state_db or f"sqlite:///{self.root / 'state.db'}"
+
+    @property
+    def train_storage_path(self) -> str:
+        """Where Ray Train keeps runs and their checkpoints (one run per retrain request)."""
+        return self.train_storage or str(self.root / "ray_results")
 
     @property
     def tracking_uri(self) -> str:

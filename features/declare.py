@@ -197,6 +197,8 @@ class _Resolver:
                 features=features, request_fields=sorted(request), label=label, trainer=m.trainer,
                 classes=[str(c) for c in m.classes], description=m.description, generator=m.generator,
                 gate_margin=m.gate.margin, slices=list(m.gate.slices), slice_tolerance=m.gate.slice_tolerance,
+                slice_min_rows=m.gate.slice_min_rows, calibration_tolerance=m.gate.calibration_tolerance,
+                shadow_min_rows=m.gate.shadow_min_rows,
                 drift_window=d.window, drift_share_threshold=d.share_threshold,
                 drift_persist_windows=d.persist_windows, performance_tolerance=d.performance_tolerance,
                 drift_window_s=d.window_time.total_seconds() if d.window_time else None,
