@@ -286,19 +286,59 @@ def cmd_demo(a: argparse.Namespace, s: Settings) -> int:
     return 0 if run_demo(s, rate=a.rate, timeout=a.timeout, **extra) else 1
 
 
-def cmd_rollback(a: argparse.Namespace, s: Settings) -> int:
-    from driftloop.core.kafka import make_producer
-    from driftloop.registry.aliases import RollbackError, rollback
-
+def _announcing(cmd: str, s: Settings) -> Settings | int:
+    """Settings with a broker to announce an alias move on, or the exit code of a clear failure."""
     s = _settings_from_stack(s)
     if not s.bootstrap_servers:
-        return _fail("rollback", "no broker to announce it on: start the stack (driftloop up -d) or set "
-                                 "DRIFTLOOP_BOOTSTRAP_SERVERS", 2)
+        return _fail(cmd, "no broker to announce it on: start the stack (driftloop up -d) or set "
+                          "DRIFTLOOP_BOOTSTRAP_SERVERS", 2)
+    return s
+
+
+def _alias_move(cmd: str, a: argparse.Namespace, s: Settings) -> int:
+    """``promote`` and ``rollback``: the checked move, recorded in the alias ledger and announced."""
+    from driftloop.core.kafka import make_producer
+    from driftloop.registry.aliases import RollbackError
+    from driftloop.registry.ledger import cli_actor
+    from driftloop.retrain.evaluation import RefusedError, promote_checked, rollback_checked
+
+    checked = _announcing(cmd, s)
+    if isinstance(checked, int):
+        return checked
     try:
-        ev = rollback(s, make_producer(s), a.model, to=a.to)
-    except RollbackError as e:
-        return _fail("rollback", str(e))
-    print(f"{ev.model_name}: champion v{ev.previous_version} → v{ev.version} (announced on models.promoted)")
+        spec = _declarations(checked).model(a.model)
+    except KeyError as e:
+        return _fail(cmd, str(e.args[0]))
+    try:
+        if cmd == "promote":
+            ev = promote_checked(checked, make_producer(checked), spec, a.version, reason=a.reason, actor=cli_actor())
+        else:
+            ev = rollback_checked(checked, make_producer(checked), spec, to=a.to, reason=a.reason or "",
+                                  actor=cli_actor())
+    except (RefusedError, RollbackError) as e:
+        return _fail(cmd, [str(e), *(f"{k}: {v}" for k, v in getattr(e, "checks", {}).items())])
+    print(f"{ev.model_name}: champion v{ev.previous_version} → v{ev.version} (ledger recorded; announced on "
+          "models.promoted)")
+    return 0
+
+
+def cmd_promote(a: argparse.Namespace, s: Settings) -> int:
+    return _alias_move("promote", a, s)
+
+
+def cmd_rollback(a: argparse.Namespace, s: Settings) -> int:
+    return _alias_move("rollback", a, s)
+
+
+def cmd_history(a: argparse.Namespace, s: Settings) -> int:
+    from driftloop.retrain.history import chain, render
+
+    try:
+        _declarations(s).model(a.model)
+    except KeyError as e:
+        return _fail("history", str(e.args[0]))
+    c = chain(s, a.model)
+    print(json.dumps(c, default=str) if a.json else "\n".join(render(c)))
     return 0
 
 
@@ -330,6 +370,11 @@ def cmd_bench(a: argparse.Namespace, s: Settings) -> int:
         from driftloop.bench.drift import run as run_drift
 
         run_drift(rows_ref=a.reference_rows, rows_window=a.window_rows, columns=a.columns, seed=a.seed)
+    elif a.what == "loop":
+        from driftloop.bench.loop import run as run_loop
+
+        return 0 if run_loop(s, rate=a.rate, timeout=a.timeout, drift_model=a.drift_model,
+                             overhead_rows=a.overhead_rows)["closed"] else 1
     return 0
 
 
@@ -394,9 +439,22 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--timeout", type=float, default=540.0)
     d.add_argument("--drift-model", default=None, help="the model whose traffic drifts (default: the first by name)")
 
-    rb = cmd("rollback", cmd_rollback, "move a model's champion alias back to the version it replaced")
+    po = cmd("promote", cmd_promote, "make a version the champion, if it passes the gate against the champion on "
+                                     "the most recent labelled holdout (recorded in the alias ledger)")
+    po.add_argument("model", help="a declared model's name")
+    po.add_argument("version", help="the registered version")
+    po.add_argument("--reason", required=True, help="why (kept in the alias ledger)")
+
+    rb = cmd("rollback", cmd_rollback, "move a model's champion alias back to the version it replaced (artifact "
+                                       "checks only; recorded in the alias ledger)")
     rb.add_argument("model", help="a declared model's name")
     rb.add_argument("--to", help="a specific version instead of the previous champion")
+    rb.add_argument("--reason", default=None, help="why (kept in the alias ledger)")
+
+    hi = cmd("history", cmd_history, "a model's retrain requests: trigger → data → run → metrics → decision → "
+                                     "alias moves")
+    hi.add_argument("model", help="a declared model's name")
+    hi.add_argument("--json", action="store_true")
 
     bf = cmd("backfill", cmd_backfill, "recompute a stream feature view from bronze with Spark (Spark Connect)")
     bf.add_argument("--view", required=True, help="stream feature view name")
@@ -444,6 +502,12 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--window-rows", type=int, default=10_000)
     dr.add_argument("--columns", type=int, default=20, help="half numeric, half categorical")
     dr.add_argument("--seed", type=int, default=0)
+    lp = bs.add_parser("loop", help="the closed loop on the embedded stack: drift onset → new champion serving, "
+                       "by phase; Ray Train's overhead over plain torch")
+    lp.add_argument("--rate", type=float, default=150.0, help="scored events per second, per model")
+    lp.add_argument("--timeout", type=float, default=540.0)
+    lp.add_argument("--drift-model", default=None)
+    lp.add_argument("--overhead-rows", type=int, default=20_000, help="training rows of the overhead comparison")
     tr = bs.add_parser("training", help="point-in-time training set: N labels × the example repo's 3 views")
     tr.add_argument("--labels", type=int, default=1_000_000)
     tr.add_argument("--rows-per-view", type=int, default=1_000_000, help="feature rows in each view's Delta table")

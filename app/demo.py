@@ -88,11 +88,15 @@ def scenario_repo(settings: Settings) -> Path:
     return repo
 
 
-def run_demo(settings: Settings, rate: float = 300.0, timeout: float = 600.0, drift_model: str | None = None) -> bool:
+def run_demo(settings: Settings, rate: float = 300.0, timeout: float = 600.0, drift_model: str | None = None,
+             outcome: dict[str, Any] | None = None) -> bool:
+    """Run the demo; True when the loop closed. ``outcome`` (if given) receives the drifted model's
+    timeline: ``onset_us``, ``detected_us``, ``requested_us``, ``swapped_us`` and the promotion's ``timeline``."""
     t_start = time.monotonic()
-    for sub in ("offline", "mlartifacts", "run", "reports", "faust"):
+    for sub in ("offline", "mlartifacts", "run", "reports", "faust", "drift", "retrain", "ray_results"):
         shutil.rmtree(settings.root / sub, ignore_errors=True)
-    for f in ("mlflow.db", "registry.db", "online.db", "online.db-wal", "online.db-shm", "declarations.json"):
+    for f in ("mlflow.db", "registry.db", "online.db", "online.db-wal", "online.db-shm", "declarations.json",
+              "state.db", "state.db-wal", "state.db-shm"):
         (settings.root / f).unlink(missing_ok=True)
     settings = settings.model_copy(update={"repo": scenario_repo(settings)})
     print(f"[demo] data dir {settings.root}; repo {settings.repo}; starting the embedded stack ...", flush=True)
@@ -160,7 +164,7 @@ def run_demo(settings: Settings, rate: float = 300.0, timeout: float = 600.0, dr
         for t in threads:
             t.join(15)
         stack.stop()
-    closed = _finish(s, specs, drift_name, obs, onset_us, new_version, ok, t_start)
+    closed = _finish(s, specs, drift_name, obs, onset_us, new_version, ok, t_start, outcome)
     if not closed:
         _print_log_problems(s.root / "logs")
     return closed
@@ -206,7 +210,7 @@ def _estimate_vs_realised(spec: ModelSpec, obs: Observed, onset_us: int | None) 
 
 
 def _finish(s: Settings, specs: dict[str, ModelSpec], drift_name: str, obs: Observed, onset_us: int | None,
-            version: str | None, reached: bool, t_start: float) -> bool:
+            version: str | None, reached: bool, t_start: float, outcome: dict[str, Any] | None = None) -> bool:
     spec = specs[drift_name]
     lab = labelled(obs, drift_name)
     steps: list[tuple[str, float]] = []
@@ -221,14 +225,17 @@ def _finish(s: Settings, specs: dict[str, ModelSpec], drift_name: str, obs: Obse
         det = [(t, r) for t, r in obs.of("drift.reports", drift_name)
                if r.get("breached", r["drifted"]) and r["window_end_ts"] >= onset_us]
         if det:
+            (outcome or {})["detected_us"] = det[0][0]
             why = ", ".join(det[0][1].get("reasons") or ["drift"])
             steps.append((f"drift detected (drift.reports: {why})", rel(det[0][0])))
         req = [(t, r) for t, r in obs.of("retrain.requests", drift_name)
                if r["reason"] in ("drift", "performance") and r["ts"] >= onset_us]
         if req:
+            (outcome or {})["requested_us"] = req[0][0]
             steps.append((f"retrain request (retrain.requests: {req[0][1]['reason']})", rel(req[0][0])))
         pr = next(r for _, r in obs.of("models.promoted", drift_name) if r["version"] == version)
-        for key, name in [("job_started", "Ray job started"), ("job_finished", "Ray job finished"),
+        (outcome or {}).update(onset_us=onset_us, timeline=pr["timeline"])
+        for key, name in [("job_started", "Ray Train run started"), ("job_finished", "Ray Train run finished"),
                           ("registered", f"version {version} registered in MLflow"),
                           ("promoted", "alias champion moved (models.promoted)")]:
             if key in pr["timeline"]:
@@ -236,6 +243,7 @@ def _finish(s: Settings, specs: dict[str, ModelSpec], drift_name: str, obs: Obse
         new = lab[lab["version"] == version]
         swap_us = int(new["arrived"].min()) if len(new) else None
         if swap_us:
+            (outcome or {})["swapped_us"] = swap_us
             steps.append((f"serving swapped to v{version} (first prediction)", rel(swap_us)))
         old = lab[(lab["version"] != version) & (lab["ts"] >= onset_us) & lab["label"].notna()]
         if swap_us:
@@ -259,6 +267,7 @@ def _finish(s: Settings, specs: dict[str, ModelSpec], drift_name: str, obs: Obse
         summary[f"{n}_after_onset"] = "kept its champion" if untouched[n] else \
             f"retrain requests {requested}, promotions {promoted}"
     closed = closed and all(untouched.values())
+    (outcome or {})["closed"] = closed
     for n, m in specs.items():
         if (line := _estimate_vs_realised(m, obs, onset_us if n == drift_name else None)) is not None:
             summary[f"{n}_estimate_vs_realised"] = line

@@ -114,6 +114,17 @@ class ModelRejected(Event):
     run_id: str | None
     checks: dict[str, str]
     request_id: str | None = None
+    outcome: Literal["rejected", "failed"] = "rejected"  # failed: the request gave up after its attempts
+
+
+class RetrainStatus(Event):
+    """A retrain request moved: requested → data → training → evaluating → promoted / rejected / failed."""
+
+    request_id: str
+    model_name: str
+    state: Literal["requested", "data", "training", "evaluating", "promoted", "rejected", "failed"]
+    attempt: int = 0
+    detail: dict[str, Any] = Field(default_factory=dict)
 
 
 # driftloop's own topics: logical name -> contract, key field (declared event topics come from the repo)
@@ -125,5 +136,6 @@ TOPICS: dict[str, tuple[type[Event] | None, str | None]] = {
     "retrain.requests": (RetrainRequest, "model_name"),
     "models.promoted": (ModelPromoted, "model_name"),
     "models.rejected": (ModelRejected, "model_name"),
+    "retrain.status": (RetrainStatus, "model_name"),
     "dlq": (None, None),
 }

@@ -53,8 +53,10 @@ def labelled_events(settings: Settings, spec: ModelSpec, since_ts: int | None = 
     and the request fields, oldest first (the newest ``max_rows``); plus the Delta versions read."""
     offline, bronze = settings.offline_dir, bronze_table(spec.topic)
     versions = {name: delta.version(offline / name) for name in (LABELS, bronze)}
-    labels = _labels(offline, spec.name, since_ts, ["event_id", "label"])
-    labels = labels.drop_duplicates("event_id", keep="last")
+    labels = _labels(offline, spec.name, since_ts, ["event_id", "label", "created"])
+    # the newest label of an event wins: by write time (a Delta table's files come back in no set order)
+    labels = labels.sort_values("created", kind="stable").drop_duplicates("event_id", keep="last")
+    labels = labels.drop(columns="created")
     events = delta.read(offline / bronze, ["event_id", spec.key, "ts", *spec.request_fields])
     events = events.drop_duplicates("event_id", keep="first")
     df = labels.merge(events, on="event_id", how="inner", validate="one_to_one")

@@ -26,7 +26,7 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 ONNX_PATH = "onnx/model.onnx"
 REFERENCE_PATH = "reference/reference.parquet"
-PREVIOUS_TAG = "previous_champion"
+LINEAGE_PATH = "lineage.json"
 
 
 def client(settings: Settings) -> MlflowClient:
@@ -51,13 +51,15 @@ def alias_version(settings: Settings, name: str, alias: str = CHAMPION) -> str |
 def register_version(settings: Settings, name: str, model: Any, features: Sequence[str], reference: pd.DataFrame, *,
                      onnx_bytes: bytes | None, task: str = "binary", params: Mapping[str, Any] | None = None,
                      metrics: Mapping[str, float] | None = None, history: Sequence[float] = (),
-                     tags: Mapping[str, str] | None = None, challenger: bool = True) -> tuple[str, str]:
+                     tags: Mapping[str, str] | None = None, lineage: Mapping[str, Any] | None = None,
+                     challenger: bool = True) -> tuple[str, str]:
     """Log one trained torch model as a new registered version of ``name``; returns (version, run id).
 
     ``reference`` holds the feature columns and a ``score`` column (the model's own outputs; for a
     multiclass model, one ``p<i>`` column per class besides). Without ``onnx_bytes`` the version has no
-    ONNX copy and serving falls back to torch. Everything is logged before the version is registered,
-    so a version never exists without its artifacts."""
+    ONNX copy and serving falls back to torch. ``tags`` go on the run and the version; ``lineage`` (what
+    triggered it, the data, code, params and gate decision) is logged as ``lineage.json``. Everything is
+    logged before the version is registered, so a version never exists without its artifacts."""
     import mlflow.pytorch  # noqa: PLC0415 - torch is heavy; only writers need it
 
     c = client(settings)
@@ -65,6 +67,9 @@ def register_version(settings: Settings, name: str, model: Any, features: Sequen
     version_tags = {"features": ",".join(features), "task": task, **(tags or {})}
     with mlflow.start_run(experiment_id=exp.experiment_id) as run, tempfile.TemporaryDirectory() as tmp:
         mlflow.log_params({"features": ",".join(features), "task": task, **(params or {})})
+        mlflow.set_tags(dict(tags or {}))
+        if lineage is not None:
+            mlflow.log_dict(dict(lineage), LINEAGE_PATH)
         if metrics:
             mlflow.log_metrics(dict(metrics))
         for i, v in enumerate(history):
@@ -97,3 +102,21 @@ def run_metric(settings: Settings, name: str, version: str, key: str) -> float |
     mv = client(settings).get_model_version(name, version)
     value = client(settings).get_run(mv.run_id).data.metrics.get(key)
     return None if value is None else float(value)
+
+
+def registered_for(settings: Settings, name: str, request_id: str) -> tuple[str, str] | None:
+    """(version, run id) of the version already registered for retrain request ``request_id``, if any."""
+    try:
+        found = client(settings).search_model_versions(f"name = '{name}' and tag.request_id = '{request_id}'")
+    except MlflowException:
+        return None
+    return (str(found[0].version), found[0].run_id) if found else None
+
+
+def lineage(settings: Settings, name: str, version: str) -> dict[str, Any] | None:
+    """The ``lineage.json`` a version's run logged, or None (versions registered by hand have none)."""
+    mv = client(settings).get_model_version(name, version)
+    try:
+        return mlflow.artifacts.load_dict(f"runs:/{mv.run_id}/{LINEAGE_PATH}")
+    except (MlflowException, OSError):
+        return None

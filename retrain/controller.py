@@ -1,28 +1,31 @@
-"""The retraining controller: ``retrain.requests`` → training set → Ray job → MLflow → gate → alias, per model.
+"""The retraining controller: ``retrain.requests`` → training set → Ray Train → gate → MLflow → alias, per model.
 
-A request names a declared model. Its labelled events (at least the model's ``min_labels``) are split
-in time order: the newest 20 % are the holdout, a seeded 10 % of the rest validates the trainer, the
-remainder trains it (the declared ``trainer`` or the built-in one for the task). The challenger is
-registered, then promoted (alias ``champion`` moved, ``models.promoted`` published) only when it beats
-the champion on the model's primary metric on the same holdout by the declared margin; otherwise
-``models.rejected`` says why. For each model with no champion it publishes a ``bootstrap`` request itself
-once enough labels exist, and again if that one did not produce a champion. A request's offset is
-committed after its outcome is published.
+Each request moves through persisted states (``retrain/store.py``): **requested** → **data** (its
+labelled events, at least the model's ``min_labels``, split in time order: the newest 20 % hold out, a
+seeded 10 % of the rest validates; the frames are kept under ``<data_dir>/retrain/<request>``) →
+**training** (a Ray Train run named after the request, checkpointed every epoch) → **evaluating**
+(the gate, ``retrain/gate.py``, against the champion on the same holdout) → **promoted** (``champion``
+moved through the alias ledger, ``models.promoted``) / **rejected** (``models.rejected`` with every
+failed check) / **failed** (after ``retrain_max_attempts`` attempts with doubling backoff). Every move is
+published on ``retrain.status``. A controller killed at any step resumes the request from its stored
+state: the saved frames, the same Ray Train run (which restarts from its last checkpoint), the version
+already registered for the request. A version is registered only with all its artifacts, its lineage
+and its gate decision. For each model with no champion it publishes a ``bootstrap`` request itself
+once enough labels exist. A request's offset is committed after its outcome is published.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from mlflow.exceptions import MlflowException
 from pydantic import ValidationError
 
-from driftloop.core import model_metrics as m
-from driftloop.core.contracts import ModelPromoted, ModelRejected, RetrainRequest, now_us
+from driftloop.core.contracts import ModelPromoted, ModelRejected, RetrainRequest, RetrainStatus, now_us
 from driftloop.core.declarations import Declarations, ModelSpec
 from driftloop.core.kafka import Deliveries, good_messages, make_consumer, make_producer
 from driftloop.core.metrics import TRAINING_RUNS
@@ -32,42 +35,20 @@ from driftloop.features.repo import declarations, on_path
 from driftloop.features.training import count_labels, training_set
 from driftloop.features.vectors import to_matrix
 from driftloop.registry.aliases import promote
-from driftloop.registry.verify import ModelCheckError, check_outputs, load_scorer
-from driftloop.registry.versions import CHAMPION, alias_version, register_version
-from driftloop.retrain.launcher import Launcher, RayLauncher, TrainJob
+from driftloop.registry.versions import CHAMPION, alias_version, client, register_version, registered_for
+from driftloop.retrain.data import MIN_ROWS, SEED, split, usable_labels
+from driftloop.retrain.evaluation import champion_outputs
+from driftloop.retrain.gate import GateResult, run_gate
+from driftloop.retrain.launcher import JobResult, Launcher, TrainJob, make_launcher
+from driftloop.retrain.lineage import code_version
+from driftloop.retrain.store import RequestStore, Stored
 from driftloop.retrain.trainers import checked_onnx, outputs
 
 log = logging.getLogger(__name__)
 
-HOLDOUT_SHARE = 0.2
-VALID_SHARE = 0.1  # of the rows before the holdout
-MIN_ROWS = 200
-SEED = 0
+SPLITS = ("train", "valid", "holdout")
 BOOTSTRAP_RETRY_S = 15.0  # after a bootstrap request that did not produce a champion
 BOOTSTRAP_POLL_S = 3.0
-
-
-def split(df: pd.DataFrame, seed: int = SEED) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """(train, valid, holdout) of a frame ordered oldest first: the newest 20 % hold out, a seeded 10 %
-    of the rest validates."""
-    cut = int(len(df) * (1 - HOLDOUT_SHARE))
-    rest, hold = df.iloc[:cut], df.iloc[cut:]
-    valid_idx = rest.sample(frac=VALID_SHARE, random_state=seed).index
-    return rest.drop(index=valid_idx), rest.loc[valid_idx], hold
-
-
-def usable_labels(df: pd.DataFrame, spec: ModelSpec) -> pd.DataFrame:
-    """The rows whose label fits the task (finite; binary 0/1; multiclass a class index)."""
-    y = pd.to_numeric(df["label"], errors="coerce")
-    ok = np.isfinite(y)
-    if spec.task == "binary":
-        ok &= y.isin([0.0, 1.0])
-    elif spec.task == "multiclass":
-        ok &= (y == y.round()) & (y >= 0) & (y < spec.n_outputs)
-    if not ok.all():
-        log.warning("%s: %d rows with labels that do not fit a %s model dropped", spec.name, int((~ok).sum()),
-                    spec.task)
-    return df[ok].assign(label=y[ok].astype("float64"))
 
 
 def reference_frame(x: np.ndarray, out: np.ndarray, spec: ModelSpec, labels: np.ndarray | None = None) -> pd.DataFrame:
@@ -86,15 +67,7 @@ def reference_frame(x: np.ndarray, out: np.ndarray, spec: ModelSpec, labels: np.
     return ref
 
 
-def gate_failure(spec: ModelSpec, mine: float, theirs: float, champion: str | None) -> str | None:
-    """Why the challenger's holdout metric ``mine`` fails the gate against the champion's ``theirs``; None
-    when it passes (with no champion, any finite value passes)."""
-    if champion is None:
-        return None if np.isfinite(mine) else f"holdout {spec.metric} is {mine}"
-    if m.better(mine, theirs, spec.higher_is_better, spec.gate_margin):
-        return None
-    return (f"holdout {spec.metric} {mine:.4f} does not beat champion v{champion} {theirs:.4f} by "
-            f"{spec.gate_margin} ({'higher' if spec.higher_is_better else 'lower'} is better)")
+CONTROLLER = "retrain-controller"
 
 
 class Controller:
@@ -103,6 +76,7 @@ class Controller:
         self.launcher = launcher
         self.decls = decls or declarations(settings)
         self.producer = make_producer(settings)
+        self.store = RequestStore(settings)
         self.last_promotion_us: dict[str, int] = {}
         self.next_bootstrap: dict[str, float] = {}  # model → when to check it for a bootstrap again
         on_path(settings.feature_repo_dir)  # declared trainers' modules, and unpickling their models
@@ -115,98 +89,190 @@ class Controller:
             n = count_labels(self.s.offline_dir, spec.name, since_ts)
         return n
 
+    # -- states ---------------------------------------------------------------------------------------------
+
+    def _move(self, row: Stored, state: str, detail: dict[str, Any] | None = None, **values: Any) -> Stored:
+        """Persist the move, then announce it on ``retrain.status``."""
+        row = self.store.move(row.request_id, state, detail, **values)
+        out = Deliveries(self.producer)
+        out.event(self.s, "retrain.status", RetrainStatus(request_id=row.request_id, model_name=row.model,
+                                                          state=state, attempt=row.attempt, detail=detail or {}),
+                  row.model)
+        out.wait()
+        return row
+
     def handle(self, req: RetrainRequest, stop: StopFlag | None = None) -> ModelPromoted | ModelRejected | None:
-        """Train, register and gate one request; None when a later promotion superseded it."""
+        """Take one request to its outcome (resuming it where a previous controller left it); None when it
+        had one already."""
+        row = self.store.add(req)
+        if row.done:
+            log.info("%s request %s already %s", req.model_name, req.request_id, row.state)
+            return None
         try:
             spec = self.decls.model(req.model_name)
         except KeyError as e:
-            return self._reject(req, None, None, {"model": str(e.args[0])})
+            return self._reject(row, {"model": str(e.args[0])})
         if req.ts < self.last_promotion_us.get(spec.name, 0):
-            log.info("%s request %s predates the last promotion: superseded", spec.name, req.request_id)
-            return None
+            return self._reject(row, {"superseded": "a later promotion of this model came first"})
+        while True:
+            wait_s = (row.not_before_us - now_us()) / 1e6
+            while wait_s > 0 and not stop:
+                time.sleep(min(wait_s, 0.5))
+                wait_s = (row.not_before_us - now_us()) / 1e6
+            if stop:
+                return None  # resumed by the next controller
+            try:
+                return self.attempt(row, spec, stop)
+            except Exception as e:  # a failed step is retried; the stored state says where it resumes
+                error = f"{type(e).__name__}: {e}"[:500]
+                log.exception("%s request %s attempt %d failed", spec.name, req.request_id, row.attempt + 1)
+                attempt = row.attempt + 1
+                if attempt >= self.s.retrain_max_attempts:
+                    return self._reject(row, {"error": error}, outcome="failed", error=error, attempt=attempt)
+                backoff = self.s.retrain_backoff_s * 2 ** (attempt - 1)
+                row = self._move(row, "requested", {"error": error, "retry_in_s": backoff}, attempt=attempt,
+                                 error=error, not_before_us=now_us() + int(backoff * 1e6))
+
+    def attempt(self, row: Stored, spec: ModelSpec, stop: StopFlag | None) -> ModelPromoted | ModelRejected | None:
+        """One attempt from the request's stored state to its outcome."""
+        req = row.as_request()
         timeline = {"request": req.ts, "handled": now_us()}
-        n = self.wait_for_labels(spec, req.since_ts, stop)
-        if n < spec.min_labels:
-            return self._reject(req, None, None, {"labels": f"{n} labelled events < min_labels {spec.min_labels}"})
-        df, versions = training_set(self.s, spec, req.since_ts, spec.train_max_rows)
-        df = usable_labels(df, spec)
-        if len(df) < MIN_ROWS:
-            return self._reject(req, None, None, {"rows": f"{len(df)} labelled rows < {MIN_ROWS}"})
-        train, valid, hold = split(df)
+        if row.state == "evaluating" and row.version is not None:
+            return self._decide(row, spec, timeline)  # registered before a crash: only the decision is left
+        frames = self._frames(row)
+        if frames is None:
+            row = self._move(row, "data")
+            n = self.wait_for_labels(spec, req.since_ts, stop)
+            if stop:
+                return None
+            if n < spec.min_labels:
+                return self._reject(row, {"labels": f"{n} labelled events < min_labels {spec.min_labels}"})
+            df, versions = training_set(self.s, spec, req.since_ts, spec.train_max_rows)
+            df = usable_labels(df, spec)
+            if len(df) < MIN_ROWS:
+                return self._reject(row, {"rows": f"{len(df)} labelled rows < {MIN_ROWS}"})
+            frames = split(df)
+            row = self._move(row, "training", data=self._save_frames(row, spec, frames, versions))
+        elif row.state != "training":
+            row = self._move(row, "training", {"resumed": True})
+        train, valid, hold = frames
         job = TrainJob(model=spec.name, features=list(spec.features), task=spec.task, classes=list(spec.classes),
                        trainer=spec.trainer, repo=str(self.s.feature_repo_dir) if spec.trainer else None,
-                       seed=SEED, epochs=spec.epochs)
+                       seed=SEED, epochs=spec.epochs, run_name=f"{spec.name}-{row.request_id}")
         timeline["job_submitted"] = now_us()
         result = self.launcher.run(train, valid, job)
         timeline["job_started"], timeline["job_finished"] = result.started_us, result.finished_us
+        row = self._move(row, "evaluating", {"device": result.device, "seconds": round(result.seconds, 3),
+                                             "resumed_from_epoch": result.resumed_from_epoch})
+        return self._evaluate(row, spec, result, hold, timeline)
 
+    # -- data -----------------------------------------------------------------------------------------------
+
+    def _request_dir(self, row: Stored) -> Path:
+        return self.s.root / "retrain" / row.request_id
+
+    def _save_frames(self, row: Stored, spec: ModelSpec, frames: tuple[pd.DataFrame, ...],
+                     versions: dict[str, int | None]) -> dict[str, Any]:
+        """Keep the split frames (a resumed request trains on exactly these) and describe them."""
+        folder = self._request_dir(row)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, df in zip(SPLITS, frames, strict=True):
+            tmp = folder / f".{name}.parquet"
+            df.to_parquet(tmp)
+            tmp.replace(folder / f"{name}.parquet")
+        train, valid, hold = frames
+        return {"folder": str(folder), "feature_service": spec.feature_service, "since_ts": row.request["since_ts"],
+                "rows": {n: len(f) for n, f in zip(SPLITS, frames, strict=True)}, "delta_versions": versions,
+                "seed": SEED, "holdout_ts": [int(hold["ts"].min()), int(hold["ts"].max())],
+                "train_ts": [int(min(train["ts"].min(), valid["ts"].min())),
+                             int(max(train["ts"].max(), valid["ts"].max()))]}
+
+    def _frames(self, row: Stored) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame] | None:
+        """The frames saved at the request's data step, when it got that far."""
+        if not row.data:
+            return None
+        folder = Path(row.data["folder"])
+        if not all((folder / f"{n}.parquet").exists() for n in SPLITS):
+            return None
+        train, valid, hold = (pd.read_parquet(folder / f"{n}.parquet") for n in SPLITS)
+        return train, valid, hold
+
+    # -- evaluation, registration, decision -----------------------------------------------------------------
+
+    def _evaluate(self, row: Stored, spec: ModelSpec, result: JobResult, hold: pd.DataFrame,
+                  timeline: dict[str, int]) -> ModelPromoted | ModelRejected:
         x_ho, y_ho = to_matrix(hold, list(spec.features)), hold["label"].to_numpy(np.float64)
-        where = f"{spec.name} challenger of request {req.request_id}"
+        where = f"{spec.name} challenger of request {row.request_id}"
         try:
             out = outputs(result.model, x_ho, spec.n_outputs)
-            check_outputs(out, len(x_ho), spec.task, spec.n_outputs, where)
-        except ModelCheckError as e:
-            return self._reject(req, None, None, {e.check: str(e)})
         except Exception as e:  # a declared module that cannot score its own inputs
-            return self._reject(req, None, None, {"outputs": f"{where}: scoring failed: {type(e).__name__}: {e}"})
+            return self._reject(row, {"signature": f"{where}: scoring the holdout failed: {type(e).__name__}: {e}"})
+        champ_version, champ_out, champ_note = champion_outputs(self.s, spec, x_ho)
+        gate = run_gate(spec, hold, out, champ_out, champion_version=champ_version)
+        if "signature" in gate.failed or "outputs" in gate.failed:
+            return self._reject(row, gate.failed)  # nothing worth registering
         onnx_bytes, onnx_note = checked_onnx(result.model, x_ho, spec.n_outputs)
         if onnx_bytes is None:
             log.warning("%s: no ONNX copy (%s); serving will use torch", where, onnx_note)
-        metrics = {f"holdout_{k}": v for k, v in m.evaluate(spec.task, y_ho, out).items()}
-        metrics |= {"rows": float(len(df)), "train_rows": float(len(train)), "holdout_rows": float(len(hold)),
-                    "train_seconds": result.seconds}
+        metrics = {**gate.metrics, "train_seconds": result.seconds}
+        metrics |= {f"{k}_rows": float(v) for k, v in (row.data or {}).get("rows", {}).items()}
         if result.history:
             metrics["train_loss"] = result.history[-1]
-        champ_version, theirs, champ_note = self.champion_metric(spec, x_ho, y_ho)
-        if champ_version is not None:
-            metrics[f"champion_holdout_{spec.metric}"] = theirs
-        mine = metrics[f"holdout_{spec.metric}"]
-        metrics = {k: v for k, v in metrics.items() if np.isfinite(v)}  # e.g. no AUC of a one-class holdout
-        params: dict[str, Any] = {"reason": req.reason, "request_id": req.request_id, "since_ts": req.since_ts,
-                                  "device": result.device, "trainer": spec.trainer or f"builtin:{spec.task}",
-                                  "seed": SEED, "epochs": spec.epochs, "onnx": onnx_note[:250],
-                                  **{f"delta_version.{k}": v for k, v in versions.items()}}
-        version, run_id = register_version(
+        metrics = {k: float(v) for k, v in metrics.items() if np.isfinite(v)}  # e.g. no AUC of a one-class holdout
+        decision = "promote" if gate.passed else "reject"
+        lineage = self._lineage(row, spec, result, gate, champ_version, champ_note, onnx_note)
+        params: dict[str, Any] = {"reason": row.reason, "request_id": row.request_id, "device": result.device,
+                                  "trainer": spec.trainer or f"builtin:{spec.task}", "seed": SEED,
+                                  "epochs": spec.epochs, "onnx": onnx_note[:250],
+                                  **{f"delta_version.{k}": v for k, v in (row.data or {})["delta_versions"].items()}}
+        version, run_id = registered_for(self.s, spec.name, row.request_id) or register_version(
             self.s, spec.name, result.model, spec.features, reference_frame(x_ho, out, spec, y_ho),
-            onnx_bytes=onnx_bytes, task=spec.task, params=params,
-            metrics=metrics, history=result.history)
+            onnx_bytes=onnx_bytes, task=spec.task, params=params, metrics=metrics, history=result.history,
+            tags={"request_id": row.request_id, "trigger": row.reason, "gate": decision,
+                  "gate_failed": gate.summary()[:4000]}, lineage=lineage)
         timeline["registered"] = now_us()
         TRAINING_RUNS.labels(model=spec.name, outcome="trained").inc()
-        failed = gate_failure(spec, mine, theirs, champ_version)
-        if failed:
-            return self._reject(req, version, run_id, {"gate": failed})
-        reason = req.reason if not champ_note else f"{req.reason} ({champ_note})"
-        ev = promote(self.s, self.producer, spec.name, version, reason=reason[:500], metrics=metrics,
-                     request_id=req.request_id, timeline=timeline)
+        row = self._move(row, "evaluating", {"decision": decision, "gate": gate.summary()[:2000]}, version=version,
+                         run_id=run_id, checks=gate.failed)
+        return self._decide(row, spec, timeline, metrics)
+
+    def _decide(self, row: Stored, spec: ModelSpec, timeline: dict[str, int],
+                metrics: dict[str, float] | None = None) -> ModelPromoted | ModelRejected:
+        """Promote or reject the version registered for the request, as its gate decided."""
+        if row.checks:
+            return self._reject(row, row.checks)
+        if metrics is None and row.run_id:
+            metrics = client(self.s).get_run(row.run_id).data.metrics
+        ev = promote(self.s, self.producer, spec.name, str(row.version), reason=f"{row.reason}: gate passed",
+                     actor=CONTROLLER, metrics=metrics, request_id=row.request_id, timeline=timeline)
         TRAINING_RUNS.labels(model=spec.name, outcome="promoted").inc()
         self.last_promotion_us[spec.name] = ev.timeline["promoted"]
+        self._move(row, "promoted", {"version": row.version})
         return ev
 
-    def champion_metric(self, spec: ModelSpec, x: np.ndarray, y: np.ndarray) -> tuple[str | None, float, str]:
-        """(champion version, its primary metric on ``x``/``y``, why it has none): a champion that cannot
-        score these inputs (e.g. trained on features no longer declared) counts as none."""
-        version = alias_version(self.s, spec.name, CHAMPION)
-        if version is None:
-            return None, float("nan"), ""
-        try:
-            champ = load_scorer(self.s, spec.name, version, list(spec.features), spec.task, spec.n_outputs,
-                                verify_reference=False)
-            return version, m.FUNCTIONS[spec.metric](y, champ.score(x)), ""
-        except (ModelCheckError, MlflowException) as e:
-            note = f"champion v{version} cannot score this holdout: {e}"
-            log.warning("%s: %s; the challenger is gated against nothing", spec.name, note)
-            return None, float("nan"), note
+    def _lineage(self, row: Stored, spec: ModelSpec, result: JobResult, gate: GateResult, champion: str | None,
+                 champion_note: str, onnx_note: str) -> dict[str, Any]:
+        """Everything behind a version: trigger, data, feature service, code, params, metrics, gate."""
+        return {"request": row.request, "trigger": {"reason": row.reason, "evidence": row.request.get("evidence")},
+                "data": row.data, "feature_service": spec.feature_service, "code": code_version(spec),
+                "params": {"seed": SEED, "epochs": spec.epochs, "trainer": spec.trainer or f"builtin:{spec.task}",
+                           "device": result.device, "resumed_from_epoch": result.resumed_from_epoch},
+                "gate": {"passed": gate.passed, "failed": gate.failed, "metrics": gate.metrics,
+                         "champion": champion, "champion_note": champion_note},
+                "onnx": onnx_note}
 
-    def _reject(self, req: RetrainRequest, version: str | None, run_id: str | None,
-                checks: dict[str, str], outcome: str = "rejected") -> ModelRejected:
-        TRAINING_RUNS.labels(model=req.model_name, outcome=outcome).inc()
-        ev = ModelRejected(model_name=req.model_name, version=version, run_id=run_id, checks=checks,
-                           request_id=req.request_id)
+    def _reject(self, row: Stored, checks: dict[str, str], outcome: str = "rejected", **values: Any) -> ModelRejected:
+        TRAINING_RUNS.labels(model=row.model, outcome=outcome).inc()
+        ev = ModelRejected(model_name=row.model, version=row.version, run_id=row.run_id, checks=checks,
+                           request_id=row.request_id, outcome=outcome)  # type: ignore[arg-type]
         out = Deliveries(self.producer)
-        out.event(self.s, "models.rejected", ev, req.model_name)
+        out.event(self.s, "models.rejected", ev, row.model)
         out.wait()
-        log.warning("rejected %s v%s: %s", req.model_name, version, checks)
+        self._move(row, outcome, {"checks": checks}, checks=checks, **values)
+        log.warning("%s %s v%s: %s", outcome, row.model, row.version, checks)
         return ev
+
+    # -- bootstrap ------------------------------------------------------------------------------------------
 
     def bootstrap_request(self, name: str) -> RetrainRequest | None:
         """A request for model ``name``'s first champion, once it has enough labels (and none is pending)."""
@@ -240,12 +306,17 @@ class Controller:
 def run(settings: Settings, launcher: Launcher | None = None) -> None:
     stop = StopFlag()
     watch = DeclarationsWatch(settings)
-    consumer = make_consumer(settings, f"{settings.topic_prefix}retrain", ["retrain.requests"])
-    ctl = Controller(settings, launcher or RayLauncher(settings))
+    # a request may train for long: the store makes a redelivery harmless, the long poll interval rare
+    consumer = make_consumer(settings, f"{settings.topic_prefix}retrain", ["retrain.requests"],
+                             **{"max.poll.interval.ms": 3_600_000})
+    ctl = Controller(settings, launcher or make_launcher(settings))
     log.info("retraining models %s", sorted(ctl.decls.models) or "none (nothing declared)")
     mark_ready(settings, "retrain")
     restart = False
     try:
+        for row in ctl.store.unfinished():  # a previous controller stopped mid-request
+            log.info("resuming %s request %s from state %s", row.model, row.request_id, row.state)
+            ctl.handle(row.as_request(), stop)
         while not stop and not restart:
             for msg in good_messages(consumer.consume(1, 0.5)):
                 try:
@@ -253,12 +324,10 @@ def run(settings: Settings, launcher: Launcher | None = None) -> None:
                 except (ValidationError, ValueError) as e:
                     log.warning("skipping malformed retrain request at offset %s: %s", msg.offset(), e)
                 else:
-                    try:
-                        ctl.handle(req, stop)
-                    except Exception as e:  # a failed job must not take the controller down
-                        log.exception("%s request %s failed", req.model_name, req.request_id)
-                        ctl._reject(req, None, None, {"error": f"{type(e).__name__}: {e}"[:500]}, outcome="failed")
+                    ctl.handle(req, stop)
                     ctl.handled(req)
+                if stop:
+                    break  # not committed: the next controller resumes it
                 consumer.commit(message=msg, asynchronous=False)
             restart = watch.changed()
             if not restart:

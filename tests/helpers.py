@@ -75,6 +75,11 @@ def read_topic(settings: Settings, topic: str, n: int, timeout: float = 30.0) ->
     return out
 
 
+def read_all(settings: Settings, topic: str, timeout: float = 30.0) -> list:
+    """Every message a topic holds now (read up to its real end offsets)."""
+    return read_topic(settings, topic, sum(end_offsets(settings, topic).values()), timeout)
+
+
 def end_offsets(settings: Settings, topic: str) -> dict[int, int]:
     """The real end offset of every partition of a logical topic.
 

@@ -178,15 +178,19 @@ def test_produce_publishes_each_models_traffic(on_broker: Settings, capsys: pyte
     assert all(m.key() == orjson.loads(m.value())["user_id"].encode() for m in impressions)
 
 
-def test_rollback_moves_the_champion_back(on_broker: Settings, capsys: pytest.CaptureFixture[str]) -> None:
+def test_rollback_refuses_without_history_and_an_unloadable_version(on_broker: Settings,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
     s = on_broker
-    client = versions(s.tracking_uri, "eta", s.root / "artifact")
-    client.set_model_version_tag("eta", "2", "previous_champion", "1")
-    rc, out, _ = cli(capsys, "rollback", "eta")
-    assert rc == 0 and "eta: champion v2 → v1" in out
-    assert str(client.get_model_version_by_alias("eta", "champion").version) == "1"
+    both(capsys, s.feature_repo_dir)  # declares eta
+    assert cli(capsys, "apply")[0] == 0
+    client = versions(s.tracking_uri, "eta", s.root / "artifact")  # versions without artifacts
     rc, _, err = cli(capsys, "rollback", "eta")
     assert rc == 1 and err.startswith("driftloop rollback: ") and "replaced no earlier champion" in err
+    rc, _, err = cli(capsys, "rollback", "eta", "--to", "1", "--reason", "bad deploy")
+    assert rc == 1 and "refused" in err and "\ndriftloop rollback: artifact: " in err
+    assert str(client.get_model_version_by_alias("eta", "champion").version) == "2"  # untouched
+    rc, _, err = cli(capsys, "rollback", "nope")
+    assert rc == 1 and "nope" in err
 
 
 def test_supervisor_restarts_a_worker_that_exits_for_new_declarations_at_once(tmp_path: Path) -> None:

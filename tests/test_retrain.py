@@ -7,6 +7,7 @@ are written here directly, so no streams worker is needed. Expected values come 
 
 from __future__ import annotations
 
+import json
 import textwrap
 import uuid
 from pathlib import Path
@@ -20,7 +21,7 @@ import sklearn.metrics as skm
 
 from driftloop.core import delta
 from driftloop.core import model_metrics as metrics
-from driftloop.core.contracts import ModelPromoted, ModelRejected, Prediction, RetrainRequest
+from driftloop.core.contracts import ModelPromoted, ModelRejected, Prediction, RetrainRequest, RetrainStatus
 from driftloop.core.declarations import ModelSpec
 from driftloop.core.kafka import make_producer
 from driftloop.core.settings import Settings
@@ -33,7 +34,7 @@ from driftloop.registry.versions import alias_version, client, load_reference, r
 from driftloop.retrain.controller import Controller
 from driftloop.retrain.launcher import LocalLauncher, RayLauncher, TrainJob
 from driftloop.retrain.trainers import checked_onnx, fit, onnx_outputs, outputs, to_onnx
-from tests.helpers import alert_webhook, read_topic
+from tests.helpers import alert_webhook, read_all, read_topic
 
 REPO = '''
 from datetime import timedelta
@@ -80,6 +81,8 @@ m_mc = Model(name="m_mc", task="multiclass", metric="accuracy", classes=["a", "b
              label=OutcomeLabel(source=outcomes, join_on="scored_id", value_field="value"), **KNOBS)
 m_custom = Model(name="m_custom", task="binary", metric="auc", trainer="my_trainer:train",
                  label=OutcomeLabel(source=outcomes, join_on="scored_id"), **KNOBS)
+m_flaky = Model(name="m_flaky", task="binary", metric="auc", trainer="my_trainer:flaky",
+                label=OutcomeLabel(source=outcomes, join_on="scored_id"), **KNOBS)
 '''
 
 TRAINER = '''
@@ -126,6 +129,19 @@ def train(train_df, valid_df, *, features, task, seed, device, classes):
         nn.functional.binary_cross_entropy(model(x).squeeze(1), y).backward()
         opt.step()
     return model
+
+
+def flaky(train_df, valid_df, **kw):
+    """``train``, after failing as many times as $FLAKY_FAILURES says (calls counted in $FLAKY_COUNTER)."""
+    import os
+    import pathlib
+
+    counter = pathlib.Path(os.environ["FLAKY_COUNTER"])
+    n = int(counter.read_text()) if counter.exists() else 0
+    counter.write_text(str(n + 1))
+    if n < int(os.environ["FLAKY_FAILURES"]):
+        raise RuntimeError(f"flaky trainer: failure {n + 1}")
+    return train(train_df, valid_df, **kw)
 '''
 
 N = 2500
@@ -146,7 +162,7 @@ def _labels(ev: pd.DataFrame, rng: np.random.Generator) -> pd.DataFrame:
     value = 3 * x1 - 2 * x2 + 10 + rng.normal(0, 0.3, N)
     cls = np.argmax(np.column_stack([x1, x2, -x1 - x2]) + rng.normal(0, 0.3, (N, 3)), axis=1).astype(float)
     frames = [ev.assign(model_name=name, label=y) for name, y in
-              (("m_bin", binary), ("m_reg", value), ("m_mc", cls), ("m_custom", binary))]
+              (("m_bin", binary), ("m_reg", value), ("m_mc", cls), ("m_custom", binary), ("m_flaky", binary))]
     lab = pd.concat(frames, ignore_index=True)
     dup = lab[lab.model_name == "m_bin"].head(50).assign(label=lambda d: 1 - d["label"])  # an earlier label,
     lab = pd.concat([dup, lab], ignore_index=True)  # corrected later (the newest row of an event wins)
@@ -294,7 +310,7 @@ def _registered_task(s: Settings, name: str, version: str) -> str:
 def test_bootstrap_promotes_then_identical_retrain_fails_the_gate(rs: Settings):
     ctl = Controller(rs, LocalLauncher())
     reqs = ctl.bootstrap_requests()
-    assert sorted(r.model_name for r in reqs) == ["m_bin", "m_custom", "m_mc", "m_reg"]
+    assert sorted(r.model_name for r in reqs) == ["m_bin", "m_custom", "m_flaky", "m_mc", "m_reg"]
     assert ctl.bootstrap_requests() == []  # once, until handled
     first = ctl.handle(next(r for r in reqs if r.model_name == "m_bin"))
     assert isinstance(first, ModelPromoted) and alias_version(rs, "m_bin") == first.version
@@ -303,7 +319,9 @@ def test_bootstrap_promotes_then_identical_retrain_fails_the_gate(rs: Settings):
     assert list(ref.columns) == [*FEATURES, "score", "label"] and len(ref) == N // 5
     assert set(ref["label"]) == {0.0, 1.0}  # the holdout's labels: the drift monitor calibrates on them
     again = ctl.handle(RetrainRequest(model_name="m_bin", reason="manual"))
-    assert isinstance(again, ModelRejected) and "gate" in again.checks and "log_loss" in again.checks["gate"]
+    assert isinstance(again, ModelRejected) and "log_loss" in again.checks["metric"], again
+    # reproducible: the same data and seed train to the same metrics, so it cannot beat itself
+    assert client(rs).get_run(again.run_id).data.metrics["holdout_log_loss"] == first.metrics["holdout_log_loss"]
     assert alias_version(rs, "m_bin") == first.version and alias_version(rs, "m_bin", "challenger") == again.version
     rejected = [ModelRejected.from_bytes(m.value()) for m in read_topic(rs, "models.rejected", 1)]
     assert rejected[0].version == again.version and rejected[0].model_name == "m_bin"
@@ -342,7 +360,7 @@ def test_gate_promotes_a_better_and_rejects_a_worse_challenger(rs: Settings):
     assert better.metrics["holdout_rmse"] < 0.2 * hold["label"].std()  # in label units: target scaling works
     oracle = _champion(rs, "m_reg", Fixed([3.0, -2.0, 0.0], 10.0), FEATURES)  # the true function
     worse = ctl.handle(RetrainRequest(model_name="m_reg", reason="manual"))
-    assert isinstance(worse, ModelRejected) and "rmse" in worse.checks["gate"], worse
+    assert isinstance(worse, ModelRejected) and "rmse" in worse.checks["metric"], worse
     assert alias_version(rs, "m_reg") == oracle
 
 
@@ -365,6 +383,94 @@ def test_unknown_model_and_too_few_labels_are_rejected(rs: Settings):
     assert isinstance(unknown, ModelRejected) and "m_bin" in unknown.checks["model"]
     few = ctl.handle(RetrainRequest(model_name="m_bin", reason="drift", since_ts=T0 + 10_000 * 2400))
     assert isinstance(few, ModelRejected) and few.checks["labels"].startswith("100 labelled events")
+
+
+def _versions(s: Settings, name: str) -> list[str]:
+    return sorted(str(v.version) for v in client(s).search_model_versions(f"name = '{name}'"))
+
+
+def test_failing_trainer_is_retried_then_ends_failed_with_no_version(rs: Settings, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch):
+    s = rs.model_copy(update={"retrain_backoff_s": 0.0, "retrain_max_attempts": 3})
+    monkeypatch.setenv("FLAKY_COUNTER", str(tmp_path / "calls"))
+    monkeypatch.setenv("FLAKY_FAILURES", "99")
+    ctl = Controller(s, LocalLauncher())
+    hopeless = ctl.handle(RetrainRequest(model_name="m_flaky", reason="manual"))
+    assert isinstance(hopeless, ModelRejected) and hopeless.outcome == "failed", hopeless
+    assert "flaky trainer: failure 3" in hopeless.checks["error"]
+    assert (tmp_path / "calls").read_text() == "3" and _versions(s, "m_flaky") == []  # nothing registered
+    row = ctl.store.get(hopeless.request_id)
+    assert row.state == "failed" and row.attempt == 3
+    assert [h["state"] for h in row.history] == ["requested", "data", "training", "requested", "training",
+                                                 "requested", "training", "failed"]
+    assert ctl.handle(RetrainRequest.model_validate(row.request)) is None  # delivered again: already handled
+
+    (tmp_path / "calls").unlink()
+    monkeypatch.setenv("FLAKY_FAILURES", "2")
+    ev = ctl.handle(RetrainRequest(model_name="m_flaky", reason="manual"))
+    assert isinstance(ev, ModelPromoted), ev
+    assert (tmp_path / "calls").read_text() == "3" and _versions(s, "m_flaky") == [ev.version]
+    states = [h["state"] for h in ctl.store.get(ev.request_id).history]
+    assert states == ["requested", "data", "training", "requested", "training", "requested", "training",
+                      "evaluating", "evaluating", "promoted"]
+    promoted = [ModelPromoted.from_bytes(m.value()) for m in read_all(s, "models.promoted")]
+    assert [p.version for p in promoted if p.request_id == ev.request_id] == [ev.version]  # promoted once
+    status = [RetrainStatus.from_bytes(m.value()) for m in read_all(s, "retrain.status")]
+    assert [x.state for x in status if x.request_id == ev.request_id] == states[1:]
+
+
+def test_history_shows_the_chain_and_manual_moves_pass_the_checks(rs: Settings, capsys: pytest.CaptureFixture[str],
+                                                                  monkeypatch: pytest.MonkeyPatch):
+    from my_trainer import Fixed
+
+    from tests.test_cli import cli as run_cli
+
+    for k, v in {"DATA_DIR": rs.data_dir, "REPO": rs.repo, "BOOTSTRAP_SERVERS": rs.bootstrap_servers,
+                 "TOPIC_PREFIX": rs.topic_prefix}.items():
+        monkeypatch.setenv(f"DRIFTLOOP_{k}", str(v))
+    ctl = Controller(rs, LocalLauncher())
+    weak = _champion(rs, "m_reg", Fixed([0.5, 0.0, 0.0], 10.0), FEATURES)
+    ev = ctl.handle(RetrainRequest(model_name="m_reg", reason="webhook", evidence={"alert": "perf-drop"}))
+    assert isinstance(ev, ModelPromoted) and ev.previous_version == weak
+
+    def cli(*argv: str) -> tuple[int, str, str]:
+        return run_cli(capsys, *argv)
+
+    rc, _, err = cli("promote", "m_reg", weak, "--reason", "try the old one")  # worse than the champion
+    assert rc == 1 and "refused by the gate" in err and "\ndriftloop promote: metric: " in err
+    assert alias_version(rs, "m_reg") == ev.version
+    rc, out, _ = cli("rollback", "m_reg", "--reason", "bad deploy")  # skips the metric gate
+    assert rc == 0 and f"champion v{ev.version} → v{weak}" in out and alias_version(rs, "m_reg") == weak
+    rc, out, _ = cli("promote", "m_reg", ev.version, "--reason", "it was fine")  # better: passes
+    assert rc == 0 and alias_version(rs, "m_reg") == ev.version
+
+    rc, out, _ = cli("history", "m_reg")
+    assert rc == 0
+    block = out[out.index(f"request {ev.request_id}"):]
+    for line in ("trigger   webhook; evidence: alert perf-drop", "data      train ", "feature service items_v1",
+                 f"run       v{ev.version} (run {ev.run_id})", "trainer builtin:regression", "holdout_rmse",
+                 "decision  promoted (gate passed)",
+                 f"alias     champion v{weak} → v{ev.version}", "by retrain-controller"):
+        assert line in block, (line, out)
+    manual = out[out.index("alias moves not made by a retrain request:"):]
+    assert f"champion v{ev.version} → v{weak}" in manual and "rollback: bad deploy" in manual
+    assert f"champion v{weak} → v{ev.version}" in manual and "manual: it was fine" in manual and "by cli:" in manual
+    data = json.loads(cli("history", "m_reg", "--json")[1])
+    req = next(r for r in data["requests"] if r["request_id"] == ev.request_id)
+    lineage = req["lineage"]
+    assert lineage["trigger"] == {"reason": "webhook", "evidence": {"alert": "perf-drop"}}
+    assert lineage["code"]["trainer_sha256"] and lineage["code"]["driftloop"]
+    assert set(lineage["data"]["delta_versions"]) >= {"labels", "bronze_items", "item_stats"}
+    assert lineage["gate"]["passed"] and lineage["params"]["seed"] == 0
+
+
+def test_alias_ledger_is_append_only(rs: Settings):
+    from sqlalchemy.exc import IntegrityError
+
+    from driftloop.core.database import alias_moves, engine
+
+    with pytest.raises(IntegrityError, match="append-only"), engine(rs).begin() as c:
+        c.execute(alias_moves.delete())
 
 
 def test_ray_job_imports_the_declared_trainer_from_the_repo(rs: Settings):
@@ -415,7 +521,8 @@ def test_drift_of_one_model_requests_a_retrain_of_that_model_only(rs: Settings):
         missing = requests.post(url, json={"source": "grafana"}, headers=auth, timeout=5)
         unknown = requests.post(url, json={"model_name": "ctr"}, headers=auth, timeout=5)
     assert ok.status_code == 202 and missing.status_code == 422 and unknown.status_code == 404
-    assert unknown.json()["models"] == ["m_bin", "m_custom", "m_mc", "m_reg"] and "m_bin" in unknown.json()["error"]
+    assert unknown.json()["models"] == ["m_bin", "m_custom", "m_flaky", "m_mc", "m_reg"]
+    assert "m_bin" in unknown.json()["error"]
     reqs = [RetrainRequest.from_bytes(m.value()) for m in read_topic(rs, "retrain.requests", 20, timeout=5)]
     asked = [(r.model_name, r.reason) for r in reqs if r.reason in ("drift", "webhook")]
     assert asked == [("m_bin", "drift"), ("m_reg", "webhook")]
