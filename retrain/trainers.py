@@ -9,19 +9,26 @@ target) standardisation, so serving feeds them raw features.
 
 from __future__ import annotations
 
-import copy
 import importlib
 import io
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
-from driftloop.features.vectors import to_matrix
-
 HEADS = {"binary": "sigmoid", "regression": "identity", "multiclass": "softmax"}
+# The built-in trainer's state after an epoch: epoch (done), model and optimizer state, the batch-order RNG
+# state, the loss history and the best validation loss with its weights (CPU tensors; ``torch.save``-able).
+FitState = dict[str, Any]
+
+
+def to_matrix(df: pd.DataFrame, columns: list[str]) -> np.ndarray:
+    """Float32 matrix of ``columns`` in order, missing values as 0: ``features.vectors.to_matrix``, kept here
+    because importing that module imports feast (~5 s), and every Ray Train worker imports this one."""
+    return df[columns].astype("float64").fillna(0.0).to_numpy(np.float32)
 
 
 class TabularMLP(nn.Module):
@@ -61,53 +68,105 @@ class TabularMLP(nn.Module):
             self.y_std.fill_(float(y.std()) if y.std() > 1e-9 else 1.0)
 
 
-def _loss_fn(model: TabularMLP) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+class _Raw(nn.Module):
+    """``model.raw`` as a module's forward, so a data-parallel wrapper (DDP) sees the training forward pass."""
+
+    def __init__(self, model: TabularMLP):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.raw(x)
+
+
+def _loss_fn(model: TabularMLP, raw: Callable[[torch.Tensor], torch.Tensor]
+             ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     if model.task == "binary":
         bce = nn.BCEWithLogitsLoss()
-        return lambda x, y: bce(model.raw(x), y)
+        return lambda x, y: bce(raw(x), y)
     if model.task == "multiclass":
         ce = nn.CrossEntropyLoss()
-        return lambda x, y: ce(model.raw(x), y.long())
+        return lambda x, y: ce(raw(x), y.long())
     mse = nn.MSELoss()
-    return lambda x, y: mse(model.raw(x), (y - model.y_mean) / model.y_std)
+    return lambda x, y: mse(raw(x), (y - model.y_mean) / model.y_std)
+
+
+def _cpu(obj: Any) -> Any:
+    """A CPU copy of the tensors in a (nested) state dict."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().clone()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_cpu(v) for v in obj)
+    return obj
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size) of the torch process group this process trains in; (0, 1) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 def fit(train_df: pd.DataFrame, valid_df: pd.DataFrame, *, features: Sequence[str], task: str, seed: int = 0,
         device: str = "cpu", classes: Sequence[str] = (), epochs: int = 40, lr: float = 3e-3, batch: int = 256,
-        hidden: int = 32) -> tuple[TabularMLP, list[float]]:
+        hidden: int = 32, state: FitState | None = None, on_epoch: Callable[[FitState], None] | None = None,
+        wrap: Callable[[nn.Module], nn.Module] | None = None) -> tuple[TabularMLP, list[float]]:
     """The built-in trainer: returns the CPU model of the epoch with the lowest validation loss (the last
-    one without validation rows) and the per-epoch training loss."""
+    one without validation rows) and the per-epoch training loss.
+
+    Resumable: ``on_epoch`` receives a :data:`FitState` (CPU tensors) after every epoch, and passing one
+    back as ``state`` continues from that epoch to the same weights and history as an uninterrupted run.
+    ``wrap`` wraps the module computing the training outputs (e.g. ``ray.train.torch.prepare_model``: DDP
+    with several workers); in a torch process group of ``n`` ranks each rank trains on its ``1/n`` of
+    every batch."""
     torch.manual_seed(seed)
     x, y = to_matrix(train_df, list(features)), train_df["label"].to_numpy(np.float32)
     model = TabularMLP(x.shape[1], task, len(classes) if task == "multiclass" else 1, hidden)
     model.fit_scales(x, y)
     model.to(device)
-    loss_fn = _loss_fn(model)
-    xt, yt = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
-    xv = torch.from_numpy(to_matrix(valid_df, list(features))).to(device)
-    yv = torch.from_numpy(valid_df["label"].to_numpy(np.float32)).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     history: list[float] = []
-    best, best_state = float("inf"), None
-    for _ in range(epochs):
+    best, best_state, start = float("inf"), None, 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["rng"])
+        history, best, best_state, start = list(state["history"]), state["best"], state["best_state"], state["epoch"]
+    net = wrap(_Raw(model)) if wrap is not None else _Raw(model)
+    loss_fn = _loss_fn(model, net)
+    xt, yt = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+    xv = torch.from_numpy(to_matrix(valid_df, list(features))).to(device)
+    yv = torch.from_numpy(valid_df["label"].to_numpy(np.float32)).to(device)
+    rank, world = _world()
+    for epoch in range(start, epochs):
         model.train()
         perm = torch.randperm(len(xt), generator=gen).to(device)
-        total = 0.0
+        total = torch.zeros(2, dtype=torch.float64)  # loss sum, rows
         for i in range(0, len(xt), batch):
             idx = perm[i:i + batch]
+            if len(idx) < world:  # too few rows for every rank: skipped by all
+                continue
+            idx = idx[rank::world]
             opt.zero_grad()
             loss = loss_fn(xt[idx], yt[idx])
             loss.backward()
             opt.step()
-            total += loss.item() * len(idx)
-        history.append(total / max(len(xt), 1))
+            total += torch.tensor([loss.item() * len(idx), len(idx)], dtype=torch.float64)
+        if world > 1:
+            torch.distributed.all_reduce(total)
+        history.append(float(total[0] / max(float(total[1]), 1.0)))
         if len(xv):
             model.eval()
             with torch.no_grad():
                 v = loss_fn(xv, yv).item()
             if v < best:
-                best, best_state = v, copy.deepcopy(model.state_dict())
+                best, best_state = v, _cpu(model.state_dict())
+        if on_epoch is not None:
+            on_epoch({"epoch": epoch + 1, "model": _cpu(model.state_dict()), "optimizer": _cpu(opt.state_dict()),
+                      "rng": gen.get_state(), "history": list(history), "best": best, "best_state": best_state})
     if best_state is not None:
         model.load_state_dict(best_state)
     return model.cpu().eval(), history

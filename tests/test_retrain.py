@@ -187,12 +187,10 @@ def items_repo(root: Path) -> Path:
     return repo
 
 
-@pytest.fixture(scope="module")
-def rs(tmp_path_factory, bootstrap_servers) -> Settings:
-    """Settings over the temporary repo, with its tables written and the repo applied."""
-    root = tmp_path_factory.mktemp("retrain")
+def items_settings(root: Path, bootstrap_servers: str, **overrides: object) -> Settings:
+    """Settings over the items repo under ``root``, with its Delta tables written and the repo applied."""
     s = Settings(data_dir=root / "data", repo=items_repo(root), bootstrap_servers=bootstrap_servers,
-                 topic_prefix=f"r{uuid.uuid4().hex[:8]}.", partitions=1, retrain_wait_s=1)
+                 topic_prefix=f"r{uuid.uuid4().hex[:8]}.", partitions=1, retrain_wait_s=1, **overrides)
     apply(s)
     ensure_topics(s)
     rng = np.random.default_rng(0)
@@ -203,6 +201,12 @@ def rs(tmp_path_factory, bootstrap_servers) -> Settings:
     delta.append(s.offline_dir / "item_stats", _stamp(stats, "events.items"))
     delta.append(s.offline_dir / "labels", _stamp(_labels(ev, rng), "labels"))
     return s
+
+
+@pytest.fixture(scope="module")
+def rs(tmp_path_factory, bootstrap_servers) -> Settings:
+    """Settings over the temporary repo, with its tables written and the repo applied."""
+    return items_settings(tmp_path_factory.mktemp("retrain"), bootstrap_servers)
 
 
 def decl(s: Settings, name: str) -> ModelSpec:
