@@ -436,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = cmd("demo", cmd_demo, "run the end-to-end loop with a drift in the middle")
     d.add_argument("--rate", type=float, default=150.0, help="scored events per second, per model")
-    d.add_argument("--timeout", type=float, default=540.0)
+    d.add_argument("--timeout", type=float, default=900.0)
     d.add_argument("--drift-model", default=None, help="the model whose traffic drifts (default: the first by name)")
 
     po = cmd("promote", cmd_promote, "make a version the champion, if it passes the gate against the champion on "
@@ -505,7 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     lp = bs.add_parser("loop", help="the closed loop on the embedded stack: drift onset → new champion serving, "
                        "by phase; Ray Train's overhead over plain torch")
     lp.add_argument("--rate", type=float, default=150.0, help="scored events per second, per model")
-    lp.add_argument("--timeout", type=float, default=540.0)
+    lp.add_argument("--timeout", type=float, default=900.0)
     lp.add_argument("--drift-model", default=None)
     lp.add_argument("--overhead-rows", type=int, default=20_000, help="training rows of the overhead comparison")
     tr = bs.add_parser("training", help="point-in-time training set: N labels × the example repo's 3 views")

@@ -36,12 +36,12 @@ def phases(outcome: dict[str, Any]) -> dict[str, float | None]:
             for name, (a, b) in PHASES.items()}
 
 
-def run(settings: Settings, rate: float = 150.0, timeout: float = 540.0, drift_model: str | None = None,
+def run(settings: Settings, rate: float = 150.0, timeout: float = 900.0, drift_model: str | None = None,
         overhead_rows: int = 20_000) -> dict[str, Any]:
     from driftloop.bench.ray_overhead import measure  # noqa: PLC0415 - starts Ray
 
     data = settings.root / "bench" / "loop"
-    s = settings.model_copy(update={"data_dir": data, "repo": None})
+    s = settings.model_copy(update={"data_dir": data, "repo": None})  # a data directory of its own
     outcome: dict[str, Any] = {}
     closed = run_demo(s, rate=rate, timeout=timeout, drift_model=drift_model, outcome=outcome)
     ph = phases(outcome)

@@ -83,6 +83,13 @@ class Settings(BaseSettings):
             raise ValueError("topic_prefix must not contain whitespace")
         return v
 
+    def model_copy(self, *, update: dict[str, Any] | None = None, deep: bool = False) -> Settings:
+        """A copy with ``update`` applied; derived paths are computed again (``data_dir`` may change)."""
+        paths = {k: Path(v) for k, v in (update or {}).items() if k in ("data_dir", "repo") and isinstance(v, str)}
+        copy = super().model_copy(update={**(update or {}), **paths}, deep=deep)
+        copy.__dict__.pop("root", None)
+        return copy
+
     @cached_property
     def root(self) -> Path:
         """Absolute data directory, created on first use."""

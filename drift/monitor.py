@@ -4,9 +4,10 @@ reference, performance before and after labels, episodes, and one retraining req
 The worker (``drift/worker.py``) hands it every record of ``predictions``, ``labels`` and the retrain
 outcomes (``models.promoted``, ``models.rejected``). Per model:
 
-- **Windows** of one version's predictions close at the declared count, or once they span the declared
-  event time with at least ``min_rows`` predictions. A window is compared column by column (the model's
-  features and its score) with the version's reference sample, through reference statistics computed
+- **Windows** of one version's predictions (of events after the newest event it was trained on: a first
+  champion catching up on the backlog scores in-sample events) close at the declared count, or once they
+  span the declared event time with at least ``min_rows`` predictions. A window is compared column by
+  column (the model's features and its score) with the version's reference sample, through reference statistics computed
   once per version (``drift/stats.py``), and its score distribution gives a label-free estimate of the
   primary metric (``drift/performance.py``); labels joined since the last window give the realised one.
 - **A window breaches** the policy when its drifted-column share reaches the threshold or the estimated
@@ -68,7 +69,7 @@ from driftloop.drift.reports import prune, write_report
 from driftloop.drift.state import DriftState
 from driftloop.drift.stats import ReferenceCache, ReferenceStats, check
 from driftloop.features.repo import declarations
-from driftloop.registry.versions import load_reference, run_metric
+from driftloop.registry.versions import lineage, load_reference, run_metric
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +156,7 @@ class Monitor:
         secret = settings.notify_secret or load_or_create_token(settings)
         self.notifier = notifier or Notifier(settings.notify_urls, secret, max_attempts=settings.notify_max_attempts)
         self.baselines: dict[tuple[str, str], Baseline | None] = {}
+        self.cutoffs: dict[tuple[str, str], int] = {}  # version -> the newest event time it was trained on
         self.states = {name: self._restore(spec) for name, spec in self.decls.models.items()}
         self.skipped: set[str] = set()  # undeclared models already logged
         self.requesting = threading.Lock()  # decide + publish + record, one at a time
@@ -204,6 +206,20 @@ class Monitor:
                 self.baselines[key] = None
         return self.baselines[key]
 
+    def trained_until(self, spec: ModelSpec, version: str) -> int:
+        """The newest event time in the version's training data (its holdout's end, from its lineage); 0 when
+        unknown. Events up to it are in-sample for that version: scoring them (e.g. the backlog a first
+        champion catches up on) says nothing about drift since it was trained."""
+        key = (spec.name, version)
+        if key not in self.cutoffs:
+            try:
+                data = (lineage(self.s, spec.name, version) or {}).get("data") or {}
+                self.cutoffs[key] = int((data.get("holdout_ts") or [0, 0])[1])
+            except Exception as e:  # noqa: BLE001 - a version without lineage is judged on every event
+                log.debug("%s v%s: no lineage (%s)", spec.name, version, e)
+                self.cutoffs[key] = 0
+        return self.cutoffs[key]
+
     # --- the stream ---------------------------------------------------------------------------------
 
     def model_state(self, name: str) -> ModelState | None:
@@ -218,6 +234,8 @@ class Monitor:
         st = self.model_state(p.model_name)
         if st is None:
             return None
+        if p.ts <= self.trained_until(st.spec, p.model_version):
+            return None  # in-sample for its version: not a sign of drift
         st.scored[p.event_id] = (p.model_version, output_of(p))
         if len(st.scored) > JOIN_KEEP:
             st.scored.popitem(last=False)

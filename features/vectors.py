@@ -3,8 +3,8 @@
 Serving: :class:`Vectorizer` reads the service's stored views online for each event's entity
 (``features/online_read.py``) and computes its on-demand views from the event's request fields (and
 the view features they read) through Feast's public on-demand API, so an on-demand feature is computed
-by the same user function Feast runs. Training: :func:`to_matrix` turns a training frame into the same
-column order. Missing values are 0 in both.
+by the same user function Feast runs. Training: ``core.frames.to_matrix`` turns a training frame into
+the same column order. Missing values are 0 in both.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 from feast import FeatureStore, OnDemandFeatureView
@@ -24,11 +23,6 @@ from driftloop.core.declarations import ModelSpec
 from driftloop.features.online_read import OnlineReader, service_reads, stored
 
 KEY_TYPES = {"string": pa.string(), "int": pa.int64()}
-
-
-def to_matrix(df: pd.DataFrame, columns: list[str]) -> np.ndarray:
-    """Float32 matrix of ``columns`` in order; missing values (no history) become 0."""
-    return df[columns].astype("float64").fillna(0.0).to_numpy(np.float32)
 
 
 @dataclass

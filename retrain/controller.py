@@ -27,13 +27,13 @@ from pydantic import ValidationError
 
 from driftloop.core.contracts import ModelPromoted, ModelRejected, RetrainRequest, RetrainStatus, now_us
 from driftloop.core.declarations import Declarations, ModelSpec
+from driftloop.core.frames import to_matrix
 from driftloop.core.kafka import Deliveries, good_messages, make_consumer, make_producer
 from driftloop.core.metrics import TRAINING_RUNS
 from driftloop.core.settings import Settings
 from driftloop.core.worker import RESTART_EXIT, DeclarationsWatch, StopFlag, mark_ready
 from driftloop.features.repo import declarations, on_path
 from driftloop.features.training import count_labels, training_set
-from driftloop.features.vectors import to_matrix
 from driftloop.registry.aliases import promote
 from driftloop.registry.versions import CHAMPION, alias_version, client, register_version, registered_for
 from driftloop.retrain.data import MIN_ROWS, SEED, split, usable_labels

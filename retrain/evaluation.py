@@ -18,9 +18,9 @@ from mlflow.exceptions import MlflowException
 
 from driftloop.core.contracts import ModelPromoted
 from driftloop.core.declarations import ModelSpec
+from driftloop.core.frames import to_matrix
 from driftloop.core.settings import Settings
 from driftloop.features.training import training_set
-from driftloop.features.vectors import to_matrix
 from driftloop.registry.aliases import ROLLBACK, promote, rollback_target
 from driftloop.registry.verify import ModelCheckError, load_scorer
 from driftloop.registry.versions import CHAMPION, alias_version, client

@@ -19,16 +19,12 @@ import pandas as pd
 import torch
 from torch import nn
 
+from driftloop.core.frames import to_matrix
+
 HEADS = {"binary": "sigmoid", "regression": "identity", "multiclass": "softmax"}
 # The built-in trainer's state after an epoch: epoch (done), model and optimizer state, the batch-order RNG
 # state, the loss history and the best validation loss with its weights (CPU tensors; ``torch.save``-able).
 FitState = dict[str, Any]
-
-
-def to_matrix(df: pd.DataFrame, columns: list[str]) -> np.ndarray:
-    """Float32 matrix of ``columns`` in order, missing values as 0: ``features.vectors.to_matrix``, kept here
-    because importing that module imports feast (~5 s), and every Ray Train worker imports this one."""
-    return df[columns].astype("float64").fillna(0.0).to_numpy(np.float32)
 
 
 class TabularMLP(nn.Module):

@@ -11,9 +11,10 @@ import pandas as pd
 
 from driftloop.bench.online import _fill
 from driftloop.core.declarations import ModelSpec
+from driftloop.core.frames import to_matrix
 from driftloop.core.settings import Settings
 from driftloop.features.repo import apply, init_repo
-from driftloop.features.vectors import Vectorizer, to_matrix
+from driftloop.features.vectors import Vectorizer
 
 INT_REPO = '''
 from datetime import timedelta

@@ -7,6 +7,7 @@ are written here directly, so no streams worker is needed. Expected values come 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import textwrap
 import uuid
@@ -23,18 +24,19 @@ from driftloop.core import delta
 from driftloop.core import model_metrics as metrics
 from driftloop.core.contracts import ModelPromoted, ModelRejected, Prediction, RetrainRequest, RetrainStatus
 from driftloop.core.declarations import ModelSpec
+from driftloop.core.frames import to_matrix
 from driftloop.core.kafka import make_producer
 from driftloop.core.settings import Settings
 from driftloop.core.topics import ensure_topics
 from driftloop.features.repo import apply, declarations
 from driftloop.features.training import count_labels, training_set
-from driftloop.features.vectors import to_matrix
 from driftloop.registry.aliases import promote
 from driftloop.registry.versions import alias_version, client, load_reference, register_version
 from driftloop.retrain.controller import Controller
 from driftloop.retrain.launcher import LocalLauncher, RayLauncher, TrainJob
+from driftloop.retrain.store import RequestStore
 from driftloop.retrain.trainers import checked_onnx, fit, onnx_outputs, outputs, to_onnx
-from tests.helpers import alert_webhook, read_all, read_topic
+from tests.helpers import alert_webhook, read_all, read_topic, wait_for, worker
 
 REPO = '''
 from datetime import timedelta
@@ -475,6 +477,44 @@ def test_alias_ledger_is_append_only(rs: Settings):
 
     with pytest.raises(IntegrityError, match="append-only"), engine(rs).begin() as c:
         c.execute(alias_moves.delete())
+
+
+def _latest_epoch(run_dir: Path) -> int:
+    """The newest epoch checkpointed under a Ray Train run folder (the launcher's meta.json)."""
+    epochs = []
+    for meta in run_dir.glob("checkpoint_*/meta.json"):
+        with contextlib.suppress(OSError, ValueError):
+            epochs.append(json.loads(meta.read_text()).get("epoch", 0))
+    return max(epochs, default=0)
+
+
+@pytest.mark.slow
+def test_controller_killed_during_training_resumes_the_same_run(tmp_path: Path, bootstrap_servers: str):
+    """The retrain worker SIGKILLed mid-training; started again, it resumes the request from its stored state
+    and the Ray Train run from its last checkpoint: one request, one run, one version, one promotion."""
+    quiet = {n: {"min_labels": 10**9} for n in ("m_reg", "m_mc", "m_custom", "m_flaky")}  # only m_bin trains
+    s = items_settings(tmp_path, bootstrap_servers, model_overrides={"m_bin": {"epochs": 150}, **quiet})
+    store = RequestStore(s)
+    with worker(s, "retrain") as proc:  # bootstraps m_bin by itself
+        row = wait_for(lambda: next((r for r in store.of_model("m_bin") if r.state == "training"), None), 120)
+        run_dir = Path(s.train_storage_path) / f"m_bin-{row.request_id}"
+        wait_for(lambda: _latest_epoch(run_dir) >= 3, 180, every=0.1)
+        proc.kill()
+        proc.wait()
+    killed_at = _latest_epoch(run_dir)
+    assert store.get(row.request_id).state == "training" and killed_at < 150
+    with worker(s, "retrain", log_name="retrain-2"):
+        wait_for(lambda: store.get(row.request_id).done, 300)
+    final = store.get(row.request_id)
+    assert final.state == "promoted", final
+    resumed = [h["detail"]["resumed_from_epoch"] for h in final.history if "resumed_from_epoch" in h["detail"]]
+    assert resumed and resumed[0] >= killed_at - 1, (resumed, killed_at)  # not from epoch 0
+    assert [r.request_id for r in store.of_model("m_bin")] == [row.request_id]  # no second request
+    assert _versions(s, "m_bin") == [final.version]
+    runs = sorted(p.name for p in Path(s.train_storage_path).iterdir() if p.name.startswith("m_bin-"))
+    assert runs == [f"m_bin-{row.request_id}"]  # the same run, not a second one
+    promoted = [ModelPromoted.from_bytes(m.value()) for m in read_all(s, "models.promoted")]
+    assert [p.version for p in promoted] == [final.version]
 
 
 def test_ray_job_imports_the_declared_trainer_from_the_repo(rs: Settings):
