@@ -212,6 +212,7 @@ def _estimate_vs_realised(spec: ModelSpec, obs: Observed, onset_us: int | None) 
 def _finish(s: Settings, specs: dict[str, ModelSpec], drift_name: str, obs: Observed, onset_us: int | None,
             version: str | None, reached: bool, t_start: float, outcome: dict[str, Any] | None = None) -> bool:
     spec = specs[drift_name]
+    marks = outcome if outcome is not None else {}  # the caller's (bench loop) timeline marks
     lab = labelled(obs, drift_name)
     steps: list[tuple[str, float]] = []
     summary: dict[str, Any] = {"drifted_model": drift_name}
@@ -225,16 +226,16 @@ def _finish(s: Settings, specs: dict[str, ModelSpec], drift_name: str, obs: Obse
         det = [(t, r) for t, r in obs.of("drift.reports", drift_name)
                if r.get("breached", r["drifted"]) and r["window_end_ts"] >= onset_us]
         if det:
-            (outcome or {})["detected_us"] = det[0][0]
+            marks["detected_us"] = det[0][0]
             why = ", ".join(det[0][1].get("reasons") or ["drift"])
             steps.append((f"drift detected (drift.reports: {why})", rel(det[0][0])))
         req = [(t, r) for t, r in obs.of("retrain.requests", drift_name)
                if r["reason"] in ("drift", "performance") and r["ts"] >= onset_us]
         if req:
-            (outcome or {})["requested_us"] = req[0][0]
+            marks["requested_us"] = req[0][0]
             steps.append((f"retrain request (retrain.requests: {req[0][1]['reason']})", rel(req[0][0])))
         pr = next(r for _, r in obs.of("models.promoted", drift_name) if r["version"] == version)
-        (outcome or {}).update(onset_us=onset_us, timeline=pr["timeline"])
+        marks.update(onset_us=onset_us, timeline=pr["timeline"])
         for key, name in [("job_started", "Ray Train run started"), ("job_finished", "Ray Train run finished"),
                           ("registered", f"version {version} registered in MLflow"),
                           ("promoted", "alias champion moved (models.promoted)")]:
@@ -243,7 +244,7 @@ def _finish(s: Settings, specs: dict[str, ModelSpec], drift_name: str, obs: Obse
         new = lab[lab["version"] == version]
         swap_us = int(new["arrived"].min()) if len(new) else None
         if swap_us:
-            (outcome or {})["swapped_us"] = swap_us
+            marks["swapped_us"] = swap_us
             steps.append((f"serving swapped to v{version} (first prediction)", rel(swap_us)))
         old = lab[(lab["version"] != version) & (lab["ts"] >= onset_us) & lab["label"].notna()]
         if swap_us:
@@ -267,7 +268,7 @@ def _finish(s: Settings, specs: dict[str, ModelSpec], drift_name: str, obs: Obse
         summary[f"{n}_after_onset"] = "kept its champion" if untouched[n] else \
             f"retrain requests {requested}, promotions {promoted}"
     closed = closed and all(untouched.values())
-    (outcome or {})["closed"] = closed
+    marks["closed"] = closed
     for n, m in specs.items():
         if (line := _estimate_vs_realised(m, obs, onset_us if n == drift_name else None)) is not None:
             summary[f"{n}_estimate_vs_realised"] = line

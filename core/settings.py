@@ -51,6 +51,8 @@ class Settings(BaseSettings):
                                     "from its last epoch checkpoint).")
     train_storage: str | None = Field(None, description="Ray Train run storage (checkpoints; a path or URI every "
                                       "Ray node reaches); unset = <data_dir>/ray_results.")
+    retrain_concurrency: int = Field(2, ge=1, description="Retrain requests of different models handled at once "
+                                     "(one at a time per model).")
     retrain_max_attempts: int = Field(3, ge=1, description="Attempts at one retrain request before it ends failed.")
     retrain_backoff_s: float = Field(5.0, ge=0, description="Wait before a request's second attempt (doubling).")
     state_db: str | None = Field(None, description="SQLAlchemy URL of driftloop's own state (retrain requests, the "

@@ -11,13 +11,16 @@ published on ``retrain.status``. A controller killed at any step resumes the req
 state: the saved frames, the same Ray Train run (which restarts from its last checkpoint), the version
 already registered for the request. A version is registered only with all its artifacts, its lineage
 and its gate decision. For each model with no champion it publishes a ``bootstrap`` request itself
-once enough labels exist. A request's offset is committed after its outcome is published.
+once enough labels exist. A request's offset is committed once it is stored (the store resumes it);
+requests of different models run at once (``retrain_concurrency``), one at a time per model.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -303,37 +306,65 @@ class Controller:
             self.next_bootstrap[req.model_name] = time.monotonic() + BOOTSTRAP_RETRY_S
 
 
+class Dispatcher:
+    """Runs the stored unfinished requests: requests of different models at once (up to
+    ``retrain_concurrency``), one at a time per model, oldest first."""
+
+    def __init__(self, ctl: Controller, stop: StopFlag, workers: int):
+        self.ctl, self.stop = ctl, stop
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="retrain")
+        self.busy: set[str] = set()
+        self.lock = threading.Lock()
+
+    def dispatch(self) -> None:
+        for row in self.ctl.store.unfinished():
+            with self.lock:
+                if row.model in self.busy:
+                    continue
+                self.busy.add(row.model)
+            self.pool.submit(self._handle, row)
+
+    def _handle(self, row: Stored) -> None:
+        req = row.as_request()
+        try:
+            if row.attempt or row.state != "requested":
+                log.info("resuming %s request %s from state %s", row.model, row.request_id, row.state)
+            self.ctl.handle(req, self.stop)
+        except Exception:  # a bug in one request must not stop the others; it stays stored, retried later
+            log.exception("%s request %s: unexpected error", row.model, row.request_id)
+        finally:
+            self.ctl.handled(req)
+            with self.lock:
+                self.busy.discard(row.model)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=not self.stop, cancel_futures=True)
+
+
 def run(settings: Settings, launcher: Launcher | None = None) -> None:
     stop = StopFlag()
     watch = DeclarationsWatch(settings)
-    # a request may train for long: the store makes a redelivery harmless, the long poll interval rare
-    consumer = make_consumer(settings, f"{settings.topic_prefix}retrain", ["retrain.requests"],
-                             **{"max.poll.interval.ms": 3_600_000})
+    consumer = make_consumer(settings, f"{settings.topic_prefix}retrain", ["retrain.requests"])
     ctl = Controller(settings, launcher or make_launcher(settings))
     log.info("retraining models %s", sorted(ctl.decls.models) or "none (nothing declared)")
     mark_ready(settings, "retrain")
+    runner = Dispatcher(ctl, stop, settings.retrain_concurrency)
     restart = False
     try:
-        for row in ctl.store.unfinished():  # a previous controller stopped mid-request
-            log.info("resuming %s request %s from state %s", row.model, row.request_id, row.state)
-            ctl.handle(row.as_request(), stop)
         while not stop and not restart:
-            for msg in good_messages(consumer.consume(1, 0.5)):
+            for msg in good_messages(consumer.consume(10, 0.5)):
                 try:
-                    req = RetrainRequest.from_bytes(msg.value())
+                    ctl.store.add(RetrainRequest.from_bytes(msg.value()))
                 except (ValidationError, ValueError) as e:
                     log.warning("skipping malformed retrain request at offset %s: %s", msg.offset(), e)
-                else:
-                    ctl.handle(req, stop)
-                    ctl.handled(req)
-                if stop:
-                    break  # not committed: the next controller resumes it
-                consumer.commit(message=msg, asynchronous=False)
+                consumer.commit(message=msg, asynchronous=False)  # stored durably: the store resumes it
+            runner.dispatch()
             restart = watch.changed()
             if not restart:
                 ctl.bootstrap_requests()
     finally:
         consumer.close()
+        runner.close()
         ctl.launcher.close()
     if restart:
         raise SystemExit(RESTART_EXIT)

@@ -87,6 +87,6 @@ eta = Model(
                        window=timedelta(seconds=30)),
     generator="delivery_generator:DeliveryTraffic",
     gate=Gate(margin=0.05, slices=["is_peak"], slice_tolerance=0.1),
-    drift=DriftPolicy(window=1000, share_threshold=0.5, persist_windows=3, performance_tolerance=0.15),
+    drift=DriftPolicy(window=1000, share_threshold=0.75, persist_windows=3, performance_tolerance=0.3),
     retrain=RetrainPolicy(cooldown=timedelta(seconds=60), min_labels=2500),
 )
