@@ -91,7 +91,7 @@ class Gate:
     slices: list[str] = field(default_factory=list)  # feature columns whose slices may not get worse
     slice_tolerance: float = 0.05  # relative: a slice's metric may be at most this much worse than the champion's
     slice_min_rows: int = 50  # slices with fewer holdout rows are not judged
-    calibration_tolerance: float = 0.05  # binary/multiclass: expected calibration error; regression: |mean bias|/std
+    calibration_tolerance: float = 0.1  # binary/multiclass: expected calibration error; regression: |mean bias|/std
     shadow_min_rows: int = 200  # labelled shadow predictions before live (shadow) results count in the gate
 
 
@@ -199,7 +199,7 @@ class ModelSpec(_Spec):
     slices: list[str] = Field(default_factory=list)
     slice_tolerance: float = 0.05
     slice_min_rows: int = 50
-    calibration_tolerance: float = 0.05
+    calibration_tolerance: float = 0.1
     shadow_min_rows: int = 200
     drift_window: int = 1500
     drift_share_threshold: float = 0.5

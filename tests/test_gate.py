@@ -146,21 +146,22 @@ def test_miscalibrated_fails_calibration(data):
     spec = make_spec(metric="auc", higher_is_better=True, slices=[], calibration_tolerance=0.1)
     chal = p ** 2  # same ranking as p: the better AUC, but too low
     assert skm.roc_auc_score(y, chal) > skm.roc_auc_score(y, c) + 0.001 and ece(c, y) <= 0.1 < ece(chal, y)
+    assert ece(chal, y) > ece(c, y) + 0.1  # beyond the champion's own error plus the tolerance too
     res = run_gate(spec, d["hold"], chal, c, champion_version="1")
     assert set(res.failed) == {"calibration"}
     assert res.metrics["calibration_error"] == pytest.approx(ece(chal, y))
     assert f"{ece(chal, y):.4f} above tolerance 0.1" in res.failed["calibration"]
 
 
-def test_a_miscalibrated_champion_only_bars_getting_worse(data):
+def test_a_miscalibrated_champion_raises_the_bar_by_its_own_error(data):
     d = data
     y, p = d["y"], d["p"]
     spec = make_spec(slices=[], calibration_tolerance=0.05)
     a, b = p ** 1.5, p ** 3  # both above tolerance, b further off
-    assert 0.05 < ece(a, y) < ece(b, y)
+    assert 0.05 < ece(a, y) and ece(b, y) > ece(a, y) + 0.05
     assert run_gate(spec, d["hold"], a, b, champion_version="1").passed
     res = run_gate(spec, d["hold"], b, a, champion_version="1")
-    assert "worse than champion v1's" in res.failed["calibration"]
+    assert f"above champion v1's {ece(a, y):.4f} + tolerance 0.05" in res.failed["calibration"]
 
 
 def test_multiclass_and_regression_calibration():
