@@ -17,15 +17,17 @@ from driftloop.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# phase name → (from, to) marks: outcome keys or the promotion's timeline keys
+# phase name → (from, to) marks: the promotion's timeline (request, handled, job_submitted, job_started,
+# job_finished, registered, promoted) and the demo's own marks (onset_us, swapped_us)
 PHASES = {
-    "detect": ("onset_us", "detected_us"),
-    "request": ("detected_us", "requested_us"),
-    "queue": ("requested_us", "job_started"),
+    "detect": ("onset_us", "request"),  # drift onset → the retrain request
+    "queue": ("request", "handled"),  # the request waits for the controller
+    "data": ("handled", "job_submitted"),  # fresh labels and the point-in-time training set
+    "ray_start": ("job_submitted", "job_started"),  # Ray Train starts its controller and worker
     "train": ("job_started", "job_finished"),
-    "evaluate_register": ("job_finished", "registered"),
+    "evaluate_register": ("job_finished", "registered"),  # gate, ONNX copy, MLflow registration
     "promote": ("registered", "promoted"),
-    "swap": ("promoted", "swapped_us"),
+    "swap": ("promoted", "swapped_us"),  # serving's first prediction with the new champion
 }
 
 
