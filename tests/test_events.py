@@ -1,5 +1,7 @@
 """Validation of declared events (core/events.py) against a topic's schema, and driftloop's own contracts."""
 
+from pathlib import Path
+
 import orjson
 import pytest
 from pydantic import ValidationError
@@ -110,4 +112,6 @@ def test_contracts_reject_bad_values():
 
 def test_topic_table_matches_architecture():
     assert set(TOPICS) == {"labels", "predictions", "predictions.shadow", "drift.reports", "retrain.requests",
-                           "models.promoted", "models.rejected", "dlq"}
+                           "models.promoted", "models.rejected", "retrain.status", "dlq"}
+    table = (Path(__file__).parents[1] / "docs" / "ARCHITECTURE.md").read_text()
+    assert all(f"| `{t}` |" in table for t in TOPICS)

@@ -150,7 +150,7 @@ def test_miscalibrated_fails_calibration(data):
     res = run_gate(spec, d["hold"], chal, c, champion_version="1")
     assert set(res.failed) == {"calibration"}
     assert res.metrics["calibration_error"] == pytest.approx(ece(chal, y))
-    assert f"{ece(chal, y):.4f} above tolerance 0.1" in res.failed["calibration"]
+    assert f"{ece(chal, y):.4f} above champion v1's {ece(c, y):.4f} + tolerance 0.1" in res.failed["calibration"]
 
 
 def test_a_miscalibrated_champion_raises_the_bar_by_its_own_error(data):

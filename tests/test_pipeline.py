@@ -119,7 +119,7 @@ def champion(pipe: Settings, streamed: None) -> str:
         assert isinstance(ev, ModelPromoted), ev
         # a second, identical training must not beat the champion by the margin: rejected
         again = ctl.handle(RetrainRequest(model_name="ctr", reason="manual"))
-        assert isinstance(again, ModelRejected) and "gate" in again.checks
+        assert isinstance(again, ModelRejected) and "metric" in again.checks
     finally:
         ctl.launcher.close()
     return ev.version
