@@ -283,8 +283,8 @@ class Controller:
         if time.monotonic() < self.next_bootstrap.get(name, 0.0):
             return None
         self.next_bootstrap[name] = time.monotonic() + BOOTSTRAP_POLL_S
-        if alias_version(self.s, name, CHAMPION) is not None:
-            return None
+        if alias_version(self.s, name, CHAMPION) is not None or self.store.unfinished(name):
+            return None  # it has a champion, or a request that may make one is under way
         n = count_labels(self.s.offline_dir, name)
         if n < spec.min_labels:
             return None

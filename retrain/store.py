@@ -90,11 +90,14 @@ class RequestStore:
                              .order_by(transitions.c.id)).mappings().all()
         return Stored(**dict(row), history=[dict(h) for h in hist])
 
-    def unfinished(self) -> list[Stored]:
-        """Requests not yet promoted, rejected or failed, oldest first (a restarted controller resumes them)."""
+    def unfinished(self, model: str | None = None) -> list[Stored]:
+        """Requests (of ``model``, or all) not yet promoted, rejected or failed, oldest first (a restarted
+        controller resumes them)."""
+        q = select(requests.c.request_id).where(requests.c.state.not_in(TERMINAL))
+        if model is not None:
+            q = q.where(requests.c.model == model)
         with self.engine.connect() as c:
-            ids = c.execute(select(requests.c.request_id).where(requests.c.state.not_in(TERMINAL))
-                            .order_by(requests.c.created_us)).scalars().all()
+            ids = c.execute(q.order_by(requests.c.created_us)).scalars().all()
         return [s for i in ids if (s := self.get(i)) is not None]
 
     def of_model(self, model: str) -> list[Stored]:
