@@ -369,9 +369,6 @@ class RayTrainLauncher(Launcher):
             ray.shutdown()
 
 
-RayLauncher = RayTrainLauncher  # the former name
-
-
 class RayJobsLauncher(Launcher):
     """Each job is a Ray job (submission id = the run name; ``<name>-2``… for attempts after a failed one)
     whose entrypoint runs :func:`fit_on_ray` on the cluster. Its inputs and result travel through the run

@@ -109,9 +109,9 @@ def test_training_set_is_point_in_time(pipe: Settings, ctr: ModelSpec, streamed:
 def champion(pipe: Settings, streamed: None) -> str:
     """The retrain controller (real Ray) trains, registers and promotes the first champion."""
     from driftloop.retrain.controller import Controller
-    from driftloop.retrain.launcher import RayLauncher
+    from driftloop.retrain.launcher import RayTrainLauncher
 
-    ctl = Controller(pipe, RayLauncher(pipe))
+    ctl = Controller(pipe, RayTrainLauncher(pipe))
     try:
         req = ctl.bootstrap_request("ctr")
         assert req is not None and req.reason == "bootstrap"

@@ -33,7 +33,7 @@ from driftloop.features.training import count_labels, training_set
 from driftloop.registry.aliases import promote
 from driftloop.registry.versions import alias_version, client, load_reference, register_version
 from driftloop.retrain.controller import Controller
-from driftloop.retrain.launcher import LocalLauncher, RayLauncher, TrainJob
+from driftloop.retrain.launcher import LocalLauncher, RayTrainLauncher, TrainJob
 from driftloop.retrain.store import RequestStore
 from driftloop.retrain.trainers import checked_onnx, fit, onnx_outputs, outputs, to_onnx
 from tests.helpers import alert_webhook, read_all, read_topic, wait_for, worker
@@ -519,7 +519,7 @@ def test_controller_killed_during_training_resumes_the_same_run(tmp_path: Path, 
 
 def test_ray_job_imports_the_declared_trainer_from_the_repo(rs: Settings):
     df = training_set(rs, decl(rs, "m_custom"))[0]
-    launcher = RayLauncher(rs)
+    launcher = RayTrainLauncher(rs)
     try:
         res = launcher.run(df.iloc[:1500], df.iloc[1500:1700],
                            TrainJob(model="m_custom", features=FEATURES, task="binary", trainer="my_trainer:train",
