@@ -212,8 +212,10 @@ def flush_or_raise(producer: Producer, timeout: float = 30.0) -> None:
 
 
 def read_past_reported_end(settings: Settings, topic: str, partitions: Iterable[int],
-                           idle_polls: int = 3, timeout: float = 60.0) -> Iterator[Message]:
-    """The records of ``topic`` (full name) from each partition's reported end − 1 to its real end.
+                           idle_polls: int = 3, timeout: float = 60.0,
+                           from_time_ms: int | None = None) -> Iterator[Message]:
+    """The records of ``topic`` (full name) from each partition's reported end − 1 (or, with
+    ``from_time_ms``, from its first record published at or after that time) to its real end.
 
     Tansu reports a partition's end as the base offset of its last record batch + 1 (ARCHITECTURE.md),
     so a reader that stops at the reported end misses the rest of that batch; this reads it. It ends
@@ -221,11 +223,15 @@ def read_past_reported_end(settings: Settings, topic: str, partitions: Iterable[
     brought nothing; ``TimeoutError`` if those records do not arrive within ``timeout``."""
     c = Consumer(consumer_config(settings, f"{settings.topic_prefix}tail-{uuid.uuid4().hex[:8]}"))
     try:
+        parts = list(partitions)
+        at = {} if from_time_ms is None else {tp.partition: tp.offset for tp in c.offsets_for_times(
+            [TopicPartition(topic, p, max(from_time_ms, 0)) for p in parts], timeout=10)}
         tps, pending = [], {}
-        for p in partitions:
+        for p in parts:
             lo, hi = c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-            tps.append(TopicPartition(topic, p, max(lo, hi - 1)))
-            if hi > lo:
+            start = max(lo, hi - 1) if from_time_ms is None else max(lo, at[p] if at[p] >= 0 else hi)
+            tps.append(TopicPartition(topic, p, start))
+            if hi > start:
                 pending[p] = hi - 1
         if not tps:
             return

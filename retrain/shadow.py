@@ -16,7 +16,6 @@ goes on until the record before the reported end arrived and a few polls in a ro
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -26,12 +25,12 @@ import orjson
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer
 
 from driftloop.core import delta
 from driftloop.core import model_metrics as m
 from driftloop.core.declarations import ModelSpec
-from driftloop.core.kafka import consumer_config, good_messages
+from driftloop.core.kafka import consumer_config, read_past_reported_end
 from driftloop.core.settings import Settings
 from driftloop.retrain.data import usable_labels
 
@@ -41,7 +40,6 @@ CHAMPION_TOPIC, CHALLENGER_TOPIC = "predictions", "predictions.shadow"
 LABELS = "labels"  # the Delta labels table (features/training.py)
 READ_TIMEOUT_S = 30.0
 IDLE_POLLS = 2  # empty polls after the reported ends before a read ends
-POLL_S = 0.1
 BOOTSTRAP_ROUNDS = 100
 BOOTSTRAP_MAX_ROWS = 10_000  # bounds the bootstrap's cost (about 0.5 s for AUC)
 SEED = 0
@@ -67,36 +65,22 @@ def read_predictions(settings: Settings, topic: str, spec: ModelSpec, version: s
     published at or after ``since_us`` (``only``: keep these events only). Outputs: binary P(positive) or
     the regression value (floats), multiclass the probability lists."""
     full = settings.topic(topic)
-    c = Consumer(consumer_config(settings, f"{settings.topic_prefix}shadow-{uuid.uuid4().hex[:8]}"))
     out: dict[str, Any] = {}
+    c = Consumer(consumer_config(settings, f"{settings.topic_prefix}shadow-{uuid.uuid4().hex[:8]}"))
     try:
         parts = sorted(c.list_topics(full, timeout=10).topics[full].partitions)
-        starts = c.offsets_for_times([TopicPartition(full, p, max(since_us // 1000, 0)) for p in parts], timeout=10)
-        assign, pending = [], {}
-        for tp in starts:
-            lo, hi = c.get_watermark_offsets(TopicPartition(full, tp.partition), timeout=10)
-            start = max(tp.offset if tp.offset >= 0 else hi, lo)  # -1: nothing published since
-            assign.append(TopicPartition(full, tp.partition, start))
-            if hi > start:
-                pending[tp.partition] = hi - 1  # the record before the reported end (see the module docstring)
-        if not pending:
-            return out
-        c.assign(assign)
-        read, empty, deadline = 0, 0, time.monotonic() + READ_TIMEOUT_S
-        while (pending or empty < IDLE_POLLS) and read < max_records:
-            if time.monotonic() > deadline:
-                log.warning("%s: stopped reading %s after %.0fs (%d records; waiting for %s)", spec.name, full,
-                            READ_TIMEOUT_S, read, pending)
-                break
-            msgs = good_messages(c.consume(min(10_000, max_records - read), POLL_S))
-            empty = 0 if msgs else empty + 1
-            read += len(msgs)
-            for msg in msgs:
-                if msg.offset() >= pending.get(msg.partition(), msg.offset() + 1):
-                    del pending[msg.partition()]
-                _keep(msg.value(), spec, version, only, out)
     finally:
         c.close()
+    records = read_past_reported_end(settings, full, parts, IDLE_POLLS, READ_TIMEOUT_S, from_time_ms=since_us // 1000)
+    try:
+        for read, msg in enumerate(records, 1):
+            _keep(msg.value(), spec, version, only, out)
+            if read >= max_records:
+                break
+    except TimeoutError as e:
+        log.warning("%s: stopped reading %s (%d records so far): %s", spec.name, full, len(out), e)
+    finally:
+        records.close()
     return out
 
 
