@@ -8,13 +8,12 @@ import os
 import signal
 import sys
 import time
-import warnings
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from driftloop.core.declarations import Declarations, LabelSpec
-from driftloop.core.logsetup import setup_logging
+from driftloop.core.logsetup import quiet_warnings, setup_logging
 from driftloop.core.settings import Settings, get_settings
 from driftloop.examples import DEFAULT as DEFAULT_EXAMPLE
 from driftloop.examples import names as example_names
@@ -23,10 +22,12 @@ WORKERS = ("streams", "serving", "drift", "retrain")
 
 
 def _settings_from_stack(s: Settings) -> Settings:
-    """Use the running embedded stack's broker when none is configured."""
-    if s.bootstrap_servers or not s.stack_file.exists():
+    """Use the running embedded stack's broker (``<data-dir>/stack.json``) when none is configured."""
+    from driftloop.app.stackinfo import running_stack
+
+    stack = None if s.bootstrap_servers else running_stack(s)
+    if stack is None:
         return s
-    stack = json.loads(s.stack_file.read_text())
     return s.model_copy(update={"bootstrap_servers": stack["bootstrap_servers"],
                                 "mlflow_tracking_uri": s.mlflow_tracking_uri or stack.get("mlflow_uri")})
 
@@ -50,8 +51,8 @@ def _declarations(s: Settings) -> Declarations:
 def cmd_worker(a: argparse.Namespace, s: Settings) -> int:
     from driftloop.core.metrics import serve_metrics
 
-    if a.name != "streams":
-        serve_metrics(s.metrics_port)
+    if a.name in ("drift", "retrain"):  # streams and serving start theirs once their consumers exist
+        serve_metrics(s.metrics_port, a.name, s.metrics_host)
     if a.name == "streams":
         from driftloop.streams.app import run
     elif a.name == "serving":
@@ -86,7 +87,6 @@ def cmd_init(a: argparse.Namespace, s: Settings) -> int:
 def cmd_apply(a: argparse.Namespace, s: Settings) -> int:
     from driftloop.features.repo import RepoError, apply
 
-    s = _settings_from_stack(s)
     try:
         _, plan, decls = apply(s, dry_run=a.plan)
     except (RepoError, FileNotFoundError) as e:
@@ -128,7 +128,6 @@ def _champion(s: Settings, name: str) -> str | None:
 
 
 def cmd_models(a: argparse.Namespace, s: Settings) -> int:
-    s = _settings_from_stack(s)
     decls = _declarations(s)
     rows: list[dict[str, Any]] = [
         {"name": m.name, "task": m.task, "metric": m.metric, "topic": m.topic, "feature_service": m.feature_service,
@@ -153,7 +152,6 @@ def cmd_produce(a: argparse.Namespace, s: Settings) -> int:
     from driftloop.app.producer import load_generator, produce
     from driftloop.core.topics import ensure_topics
 
-    s = _settings_from_stack(s)
     if not s.bootstrap_servers:
         return _fail("produce", "no broker: start the stack (driftloop up -d) or set DRIFTLOOP_BOOTSTRAP_SERVERS", 2)
     decls = _declarations(s)
@@ -180,7 +178,6 @@ def cmd_produce(a: argparse.Namespace, s: Settings) -> int:
 def cmd_tail(a: argparse.Namespace, s: Settings) -> int:
     from driftloop.core.kafka import good_messages, make_consumer
 
-    s = _settings_from_stack(s)
     c = make_consumer(s, f"tail-{os.getpid()}-{time.time_ns()}", [a.topic],
                       **{"auto.offset.reset": "earliest" if a.from_beginning else "latest"})
     n = 0
@@ -288,7 +285,6 @@ def cmd_demo(a: argparse.Namespace, s: Settings) -> int:
 
 def _announcing(cmd: str, s: Settings) -> Settings | int:
     """Settings with a broker to announce an alias move on, or the exit code of a clear failure."""
-    s = _settings_from_stack(s)
     if not s.bootstrap_servers:
         return _fail(cmd, "no broker to announce it on: start the stack (driftloop up -d) or set "
                           "DRIFTLOOP_BOOTSTRAP_SERVERS", 2)
@@ -342,6 +338,31 @@ def cmd_history(a: argparse.Namespace, s: Settings) -> int:
     return 0
 
 
+def cmd_usage(a: argparse.Namespace, s: Settings) -> int:
+    from driftloop.core.usage import KINDS, totals
+
+    rows = totals(s, a.since, a.model)
+    if a.json:
+        print(json.dumps({"since": a.since.isoformat() if a.since else None, "models": rows}))
+        return 0
+    if not rows:
+        print("no usage recorded" + (f" since {a.since.isoformat()}" if a.since else ""))
+        return 0
+    head = ("MODEL", "TRAINING S", "SCORING S", "EVENTS", "PREDICTIONS")
+    table = [head] + [(m, *(f"{v[k]:.1f}" if k.endswith("seconds") else f"{v[k]:.0f}" for k in KINDS))
+                      for m, v in sorted(rows.items())]
+    widths = [max(len(r[i]) for r in table) for i in range(len(head))]
+    for r in table:
+        print("  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths, strict=True))))
+    return 0
+
+
+def cmd_status(a: argparse.Namespace, s: Settings) -> int:
+    from driftloop.app.status import cmd_status as status
+
+    return status(a, s)
+
+
 def cmd_bench(a: argparse.Namespace, s: Settings) -> int:
     if a.what == "streams":
         from driftloop.bench.streams import run
@@ -386,6 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--repo", default=argparse.SUPPRESS,
                         help="the feature repo: Feast definitions and model declarations (env DRIFTLOOP_REPO; "
                              "default <data-dir>/feature_repo)")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks and debug logs")
     p = argparse.ArgumentParser(prog="driftloop", description=__doc__, parents=[common])
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -475,6 +498,15 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("--retention-hours", type=float, default=168.0, help="vacuum files unreferenced this long")
     mt.add_argument("--no-vacuum", action="store_true")
 
+    stt = cmd("status", cmd_status, "one screen: broker, workers, lag, freshness, serving versions, last drift "
+                                    "report and retrain; exits 1 when something is down")
+    stt.add_argument("--json", action="store_true")
+
+    us = cmd("usage", cmd_usage, "per model: training and scoring compute seconds, scored events, predictions")
+    us.add_argument("--since", type=_utc, default=None, help="ISO 8601 time (naive = UTC); default: all recorded")
+    us.add_argument("--model", default=None, help="one model only")
+    us.add_argument("--json", action="store_true")
+
     b = cmd("bench", cmd_bench, "run a benchmark; the last line of output is one JSON object")
     bs = b.add_subparsers(dest="what", required=True)
     st = bs.add_parser("streams", help="streams throughput, freshness and the per-event baseline")
@@ -517,22 +549,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+STACK_FREE = ("init", "up", "down", "demo", "bench")  # commands that start or stop a stack of their own
+
+
 def main(argv: list[str] | None = None) -> int:
     mp_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if mp_dir and not os.path.isdir(mp_dir):  # left over from a Feast import in a parent process
         del os.environ["PROMETHEUS_MULTIPROC_DIR"]
     args = build_parser().parse_args(argv)
-    # Feast warns on every load that stream and on-demand views are experimental: noise on a command line
-    warnings.filterwarnings("ignore", message=".*experimental.*", category=RuntimeWarning)
+    debug = bool(getattr(args, "debug", False))
+    if not debug:
+        quiet_warnings()
     overrides: dict[str, object] = {}
     if getattr(args, "data_dir", None):
         overrides["data_dir"] = Path(args.data_dir)
     if getattr(args, "repo", None):
         overrides["repo"] = Path(args.repo).expanduser().resolve()
-    settings = get_settings(**overrides)
+    if debug:
+        overrides["log_level"] = "DEBUG"
+    try:
+        settings = get_settings(**overrides)
+    except ValueError as e:  # pydantic's ValidationError: a DRIFTLOOP_* variable with a bad value
+        return _fail(args.cmd, " ".join(str(e).split())[:500], 2)
     setup_logging(settings.log_level, component=getattr(args, "name", None) or args.cmd)
     if args.cmd in ("produce", "tail"):
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if args.cmd not in STACK_FREE:
+        settings = _settings_from_stack(settings)
     from driftloop.features.repo import RepoError  # light: Feast is imported only where it is used
 
     try:
@@ -541,6 +584,13 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(args.cmd, e.problems)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader went away (e.g. `| head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except Exception as e:  # one line for the user; the traceback with --debug
+        if debug:
+            raise
+        return _fail(args.cmd, f"{type(e).__name__}: {' '.join(str(e).split())[:400]} (--debug shows where)")
 
 
 if __name__ == "__main__":

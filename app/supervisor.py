@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from driftloop.app.stackinfo import StackRunning, alive, hold_stack_lock, running_message, stack_locked
 from driftloop.core.broker import EmbeddedBroker, free_port
 from driftloop.core.settings import Settings
 from driftloop.core.topics import ensure_topics
@@ -90,11 +91,9 @@ class Stack:
         self.topics_for: float | None = None  # the declarations' mtime the topics were last ensured for
 
     def start(self, timeout: float = 180.0) -> dict[str, Any]:
+        self.lock = hold_stack_lock(self.s)  # held until this process exits: one stack per data directory
         if self.s.stack_file.exists():
-            pid = json.loads(self.s.stack_file.read_text()).get("supervisor_pid")
-            if pid and _alive(pid):
-                raise RuntimeError(f"a stack is already running (supervisor pid {pid}); `driftloop down` first")
-            self.s.stack_file.unlink()
+            self.s.stack_file.unlink()  # left by a stack that was killed
         logs = self.s.root / "logs"
         logs.mkdir(exist_ok=True)
         from driftloop.registry.versions import init_store  # noqa: PLC0415 - MLflow is slow to import
@@ -140,6 +139,7 @@ class Stack:
             "webhook_token_file": str(token_file),
             "metrics_ports": metrics_ports,
             "workers": {c.name: c.proc.pid for c in self.children if c.proc},
+            "restarts": {c.name: c.restarts for c in self.children},
             "supervisor_pid": os.getpid(),
             "data_dir": str(self.s.root),
             "topic_prefix": self.s.topic_prefix,
@@ -188,6 +188,7 @@ class Stack:
         c.start()
         if self.info:
             self.info["workers"][c.name] = c.proc.pid  # type: ignore[union-attr]
+            self.info["restarts"][c.name] = self.info["restarts"].get(c.name, 0) + 1
             self.s.stack_file.write_text(json.dumps(self.info, indent=2))
 
     def run_forever(self) -> None:
@@ -225,20 +226,12 @@ class Stack:
         log.info("stack stopped")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-
-
 def start_detached(settings: Settings, timeout: float = 180.0) -> dict[str, Any]:
     """Start ``driftloop up`` in the background and return stack.json once it is ready."""
+    if stack_locked(settings):
+        raise StackRunning(running_message(settings))
     logs = settings.root / "logs"
-    logs.mkdir(exist_ok=True)
+    logs.mkdir(parents=True, exist_ok=True)
     if settings.stack_file.exists():
         settings.stack_file.unlink()
     out = open(logs / "supervisor.log", "ab")  # noqa: SIM115
@@ -265,13 +258,13 @@ def stop_stack(settings: Settings, timeout: float = 30.0) -> bool:
         return True
     info = json.loads(settings.stack_file.read_text())
     pids = [info["supervisor_pid"], *info.get("workers", {}).values()]
-    if _alive(info["supervisor_pid"]):
+    if alive(info["supervisor_pid"]):
         os.kill(info["supervisor_pid"], signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.2)
     for p in pids:
-        if _alive(p):
+        if alive(p):
             try:
                 os.killpg(p, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):

@@ -114,7 +114,8 @@ class ModelRejected(Event):
     run_id: str | None
     checks: dict[str, str]
     request_id: str | None = None
-    outcome: Literal["rejected", "failed"] = "rejected"  # failed: the request gave up after its attempts
+    # failed: the request gave up after its attempts; refused: over the model's training compute quota
+    outcome: Literal["rejected", "failed", "refused"] = "rejected"
 
 
 class RetrainStatus(Event):

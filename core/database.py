@@ -1,4 +1,4 @@
-"""driftloop's own state database (SQLAlchemy): retrain requests and the alias ledger.
+"""driftloop's own state database (SQLAlchemy): retrain requests, the alias ledger and metered usage.
 
 sqlite under the data directory by default (WAL, so workers and the CLI read while the controller
 writes); any SQLAlchemy URL (e.g. PostgreSQL in the compose stack) with ``DRIFTLOOP_STATE_DB``.
@@ -15,6 +15,7 @@ from sqlalchemy import (
     BigInteger,
     Column,
     Engine,
+    Float,
     Integer,
     MetaData,
     String,
@@ -69,6 +70,16 @@ alias_moves = Table(
     Column("reason", Text, nullable=False),
     Column("request_id", String(64)),
     Column("run_id", String(64)),
+)
+# metered usage, appended by each worker every few seconds (core/usage.py)
+usage = Table(
+    "usage", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("model", String(200), nullable=False, index=True),
+    Column("kind", String(32), nullable=False),  # training_seconds, scoring_seconds, events, predictions
+    Column("amount", Float, nullable=False),
+    Column("at_us", BigInteger, nullable=False, index=True),
+    Column("component", String(32), nullable=False),
 )
 for _table in ("alias_moves", "retrain_transitions"):  # sqlite refuses edits of the append-only tables
     for _op in ("UPDATE", "DELETE"):

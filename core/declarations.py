@@ -129,6 +129,7 @@ class ServingPolicy:
 class RetrainPolicy:
     cooldown: timedelta = timedelta(minutes=2)
     budget_per_day: int = 24
+    compute_budget_s: float | None = None  # training compute seconds per day; None = DRIFTLOOP_TRAIN_BUDGET_S
     min_labels: int = 3000  # labelled events before the first champion (and a retrain) trains
     max_rows: int = 20000
     epochs: int = 40
@@ -214,6 +215,7 @@ class ModelSpec(_Spec):
     performance_tolerance: float = 0.1
     retrain_cooldown_s: float = 120.0
     retrain_budget_per_day: int = 24
+    train_budget_s: float | None = None  # training compute seconds per day (None: the setting, or no quota)
     min_labels: int = 3000
     train_max_rows: int = 20000
     epochs: int = 40

@@ -199,6 +199,29 @@ def good_messages(messages: list[Message]) -> list[Message]:
     return out
 
 
+class LagReporter:
+    """Sets ``driftloop_consumer_lag`` for a consumer's assigned partitions every ``every_s`` seconds
+    (end offset minus position; one metadata round trip per partition, off the per-record path)."""
+
+    def __init__(self, consumer: Consumer, component: str, every_s: float = 5.0):
+        self.consumer, self.component, self.every_s = consumer, component, every_s
+        self._next = time.monotonic() + every_s
+
+    def maybe_report(self) -> None:
+        if time.monotonic() < self._next:
+            return
+        self._next = time.monotonic() + self.every_s
+        from driftloop.core.metrics import CONSUMER_LAG  # noqa: PLC0415 - keep this module free of metrics
+
+        try:
+            for tp in self.consumer.position(self.consumer.assignment()):
+                _low, high = self.consumer.get_watermark_offsets(tp, timeout=1.0, cached=False)
+                if tp.offset >= 0 and high >= 0:
+                    CONSUMER_LAG.labels(self.component, tp.topic, str(tp.partition)).set(max(0, high - tp.offset))
+        except KafkaException as e:
+            log.debug("consumer lag not measured: %s", e)
+
+
 def flush_or_raise(producer: Producer, timeout: float = 30.0) -> None:
     """Wait until every queued record of the producer (all threads') is acknowledged; raise if any record
     produced on it without a :class:`Deliveries` tracker ever failed. For a producer one thread uses; on a

@@ -4,6 +4,25 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
+from typing import Any
+
+QUIET = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
+_shown = warnings.showwarning
+
+
+def quiet_warnings() -> None:
+    """Hide library warnings that are not the user's business: deprecations inside the libraries we call,
+    and Feast's "experimental" notices on every load (Feast re-arms its own filters on import, so this
+    replaces the documented ``warnings.showwarning`` hook instead of adding a filter)."""
+
+    def show(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None,
+             line: str | None = None) -> None:
+        if issubclass(category, QUIET) or "experimental" in str(message):
+            return
+        _shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
 
 
 def setup_logging(level: str = "INFO", component: str = "driftloop") -> None:

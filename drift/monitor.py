@@ -56,14 +56,19 @@ from driftloop.core.metrics import (
     DRIFT_EPISODE,
     DRIFT_SCORE,
     DRIFT_SHARE,
+    DRIFT_SHARE_THRESHOLD,
+    DRIFT_WINDOWS,
     PERFORMANCE,
+    PERFORMANCE_DROP,
+    PERFORMANCE_REFERENCE,
+    PERFORMANCE_TOLERANCE,
     RETRAIN_REQUESTS,
 )
 from driftloop.core.settings import Settings
 from driftloop.drift.auth import load_or_create_token
 from driftloop.drift.episodes import EpisodeTracker
 from driftloop.drift.notify import Notifier
-from driftloop.drift.performance import calibration, dropped, estimate, realised
+from driftloop.drift.performance import calibration, dropped, estimate, realised, relative_drop
 from driftloop.drift.performance import outputs as reference_outputs  # (scores, class probabilities)
 from driftloop.drift.reports import prune, write_report
 from driftloop.drift.state import DriftState
@@ -322,7 +327,7 @@ class Monitor:
                                                                          "ongoing" if st.tracker.active else "none"),
                           episode_id=st.episode.get("id") if in_episode else None,
                           report_url=report_path.as_uri() if report_path else "")
-        self._gauges(spec, result, perf)
+        self._gauges(spec, result, perf, bool(reasons))
         out = Deliveries(self.producer)
         out.event(self.s, "drift.reports", rep, spec.name)
         out.wait()
@@ -369,13 +374,21 @@ class Monitor:
                 st.realised_first.append(value)
         return {k: float(v) for k, v in perf.items() if v is not None and np.isfinite(v)}
 
-    def _gauges(self, spec: ModelSpec, result: Any, perf: dict[str, float]) -> None:
+    def _gauges(self, spec: ModelSpec, result: Any, perf: dict[str, float], breached: bool) -> None:
         DRIFT_SHARE.labels(model=spec.name).set(result.share)
+        DRIFT_SHARE_THRESHOLD.labels(model=spec.name).set(spec.drift_share_threshold)
+        PERFORMANCE_TOLERANCE.labels(model=spec.name).set(spec.performance_tolerance)
+        DRIFT_WINDOWS.labels(model=spec.name, breached=str(breached).lower()).inc()
         for col, v in result.columns.items():
             DRIFT_SCORE.labels(model=spec.name, column=col, method=v["method"]).set(v["score"])
         for kind in ("estimated", "realised"):
             if kind in perf:
                 PERFORMANCE.labels(model=spec.name, metric=spec.metric, kind=kind).set(perf[kind])
+            ref = perf.get(f"{kind}_reference")
+            if kind in perf and ref is not None:
+                PERFORMANCE_REFERENCE.labels(model=spec.name, metric=spec.metric, kind=kind).set(ref)
+                PERFORMANCE_DROP.labels(model=spec.name, kind=kind).set(
+                    relative_drop(perf[kind], ref, spec.higher_is_better))
         DRIFT_EPISODE.labels(model=spec.name).set(1 if self.states[spec.name].tracker.active else 0)
 
     def _html(self, st: ModelState, base: Baseline, cur: pd.DataFrame, breached: bool):

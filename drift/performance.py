@@ -136,14 +136,20 @@ def outputs(frame: pd.DataFrame, task: str) -> tuple[np.ndarray, np.ndarray | No
     return scores, frame[[f"p{i}" for i in range(k)]].to_numpy(np.float64)
 
 
-def dropped(metric_value: float, reference_value: float, higher_is_better: bool, tolerance: float) -> bool:
-    """Whether ``metric_value`` is worse than ``reference_value`` by more than ``tolerance``, relative.
+def relative_drop(metric_value: float, reference_value: float, higher_is_better: bool) -> float:
+    """How much worse ``metric_value`` is than ``reference_value``, relative (positive = worse).
 
-    The drop is (reference − value) / |reference| when higher is better, (value − reference) / |reference|
-    otherwise; with a zero reference it is the absolute difference. Never when either value is NaN or
-    infinite (nothing to judge)."""
+    (reference − value) / |reference| when higher is better, (value − reference) / |reference| otherwise;
+    with a zero reference the absolute difference; NaN when either value is NaN or infinite."""
     if not (math.isfinite(metric_value) and math.isfinite(reference_value)):
-        return False
+        return math.nan
     worse = reference_value - metric_value if higher_is_better else metric_value - reference_value
     scale = abs(reference_value)
-    return (worse / scale if scale > 0 else worse) > tolerance
+    return worse / scale if scale > 0 else worse
+
+
+def dropped(metric_value: float, reference_value: float, higher_is_better: bool, tolerance: float) -> bool:
+    """Whether ``metric_value`` is worse than ``reference_value`` by more than ``tolerance`` (see
+    :func:`relative_drop`); never when either value is NaN or infinite (nothing to judge)."""
+    drop = relative_drop(metric_value, reference_value, higher_is_better)
+    return math.isfinite(drop) and drop > tolerance

@@ -206,6 +206,7 @@ class _Resolver:
                 drift_methods=dict(d.methods), drift_categorical=list(d.categorical),
                 drift_numeric_method=d.numeric_method, drift_categorical_method=d.categorical_method,
                 retrain_cooldown_s=r.cooldown.total_seconds(), retrain_budget_per_day=r.budget_per_day,
+                train_budget_s=r.compute_budget_s,
                 min_labels=r.min_labels, train_max_rows=r.max_rows, epochs=r.epochs,
                 int8_tolerance=m.serving.int8_tolerance,
                 source_file=self.objs.where(m))

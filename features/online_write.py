@@ -58,9 +58,9 @@ class OnlineSink:
             fresh = self._newer(fv, data, replace_same_instant)
             if fresh:
                 self.online.online_write_batch(self.config, fv, fresh, progress=None)
-        now_us = time.time() * 1e6
+        now_us, freshness = time.time() * 1e6, FRESHNESS.labels(view=view)
         for _k, _v, ts, _c in fresh:
-            FRESHNESS.observe(max(0.0, (now_us - to_us(ts)) / 1e6))
+            freshness.observe(max(0.0, (now_us - to_us(ts)) / 1e6))
         ROWS_WRITTEN.labels(sink=f"online:{view}").inc(len(fresh))
         if len(fresh) < len(data):
             log.info("online %s: kept %d stored rows that are newer", view, len(data) - len(fresh))

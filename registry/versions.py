@@ -30,14 +30,32 @@ LINEAGE_PATH = "lineage.json"
 
 
 def client(settings: Settings) -> MlflowClient:
+    """The MLflow client of ``settings.tracking_uri`` (tracking and registry), also made MLflow's default.
+    The registry URI is given, so MLflow never probes for an active Spark session to find one (which
+    ends the process where pyspark finds no SPARK_HOME)."""
     mlflow.set_tracking_uri(settings.tracking_uri)
-    return MlflowClient(settings.tracking_uri)
+    mlflow.set_registry_uri(settings.tracking_uri)
+    return MlflowClient(settings.tracking_uri, registry_uri=settings.tracking_uri)
 
 
 def init_store(settings: Settings) -> None:
     """Create the tracking/registry database once, before several workers open it at the same time
     (concurrent first opens of one sqlite file race in MLflow's schema migration)."""
     client(settings).search_registered_models(max_results=1)
+
+
+def experiment(settings: Settings, name: str) -> Any:
+    """The model's MLflow experiment, made active (created on first use). On a local store its artifacts go
+    under ``<data_dir>/mlartifacts`` — MLflow's default is ``./mlruns`` of whatever the working directory is;
+    a tracking server keeps its own artifact root."""
+    c = client(settings)
+    exp = c.get_experiment_by_name(name)
+    if exp is None and not settings.tracking_uri.startswith(("http://", "https://", "databricks")):
+        try:
+            c.create_experiment(name, artifact_location=(settings.root / "mlartifacts" / name).resolve().as_uri())
+        except MlflowException:  # created meanwhile by another process
+            pass
+    return mlflow.set_experiment(name)
 
 
 def alias_version(settings: Settings, name: str, alias: str = CHAMPION) -> str | None:
@@ -63,7 +81,7 @@ def register_version(settings: Settings, name: str, model: Any, features: Sequen
     import mlflow.pytorch  # noqa: PLC0415 - torch is heavy; only writers need it
 
     c = client(settings)
-    exp = mlflow.set_experiment(name)
+    exp = experiment(settings, name)
     version_tags = {"features": ",".join(features), "task": task, **(tags or {})}
     with mlflow.start_run(experiment_id=exp.experiment_id) as run, tempfile.TemporaryDirectory() as tmp:
         mlflow.log_params({"features": ",".join(features), "task": task, **(params or {})})

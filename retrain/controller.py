@@ -32,8 +32,9 @@ from driftloop.core.contracts import ModelPromoted, ModelRejected, RetrainReques
 from driftloop.core.declarations import Declarations, ModelSpec
 from driftloop.core.frames import to_matrix
 from driftloop.core.kafka import Deliveries, good_messages, make_consumer, make_producer
-from driftloop.core.metrics import TRAINING_RUNS
+from driftloop.core.metrics import RETRAIN_SECONDS, TRAINING_BUDGET, TRAINING_RUNS, beat
 from driftloop.core.settings import Settings
+from driftloop.core.usage import meter_training, training_used
 from driftloop.core.worker import RESTART_EXIT, DeclarationsWatch, StopFlag, mark_ready
 from driftloop.features.repo import declarations, on_path
 from driftloop.features.training import count_labels, training_set
@@ -144,6 +145,9 @@ class Controller:
             return self._decide(row, spec, timeline)  # registered before a crash: only the decision is left
         frames = self._frames(row)
         if frames is None:
+            over = self.over_quota(spec)  # a run already under way (its frames saved) is resumed regardless
+            if over:
+                return self._reject(row, {"quota": over}, outcome="refused")
             row = self._move(row, "data")
             n = self.wait_for_labels(spec, req.since_ts, stop)
             if stop:
@@ -164,10 +168,24 @@ class Controller:
                        seed=SEED, epochs=spec.epochs, run_name=f"{spec.name}-{row.request_id}")
         timeline["job_submitted"] = now_us()
         result = self.launcher.run(train, valid, job)
+        meter_training(self.s, spec.name, result.seconds * self.s.train_workers)
         timeline["job_started"], timeline["job_finished"] = result.started_us, result.finished_us
         row = self._move(row, "evaluating", {"device": result.device, "seconds": round(result.seconds, 3),
                                              "resumed_from_epoch": result.resumed_from_epoch})
         return self._evaluate(row, spec, result, hold, timeline)
+
+    def over_quota(self, spec: ModelSpec) -> str | None:
+        """Why a new training run of the model is refused (its compute budget for the last 24 h is spent),
+        or None."""
+        budget = spec.train_budget_s or self.s.train_budget_s
+        TRAINING_BUDGET.labels(model=spec.name).set(budget or 0)
+        if not budget:
+            return None
+        used = training_used(self.s, spec.name)
+        if used < budget:
+            return None
+        return (f"training compute budget spent: {used:.0f} s used in the last 24 h of {budget:.0f} s per day "
+                f"(RetrainPolicy(compute_budget_s=...) or DRIFTLOOP_TRAIN_BUDGET_S)")
 
     # -- data -----------------------------------------------------------------------------------------------
 
@@ -250,8 +268,14 @@ class Controller:
                      actor=CONTROLLER, metrics=metrics, request_id=row.request_id, timeline=timeline)
         TRAINING_RUNS.labels(model=spec.name, outcome="promoted").inc()
         self.last_promotion_us[spec.name] = ev.timeline["promoted"]
-        self._move(row, "promoted", {"version": row.version})
+        row = self._move(row, "promoted", {"version": row.version})
+        self._finished(row)
         return ev
+
+    @staticmethod
+    def _finished(row: Stored) -> None:
+        RETRAIN_SECONDS.labels(model=row.model, outcome=row.state).observe(
+            max(0.0, (row.updated_us - row.created_us) / 1e6))
 
     def _lineage(self, row: Stored, spec: ModelSpec, result: JobResult, gate: GateResult, champion: str | None,
                  champion_note: str, onnx_note: str) -> dict[str, Any]:
@@ -271,7 +295,7 @@ class Controller:
         out = Deliveries(self.producer)
         out.event(self.s, "models.rejected", ev, row.model)
         out.wait()
-        self._move(row, outcome, {"checks": checks}, checks=checks, **values)
+        self._finished(self._move(row, outcome, {"checks": checks}, checks=checks, **values))
         log.warning("%s %s v%s: %s", outcome, row.model, row.version, checks)
         return ev
 
@@ -359,6 +383,7 @@ def run(settings: Settings, launcher: Launcher | None = None) -> None:
                     log.warning("skipping malformed retrain request at offset %s: %s", msg.offset(), e)
                 consumer.commit(message=msg, asynchronous=False)  # stored durably: the store resumes it
             runner.dispatch()
+            beat("retrain", progressed=True)
             restart = watch.changed()
             if not restart:
                 ctl.bootstrap_requests()

@@ -10,7 +10,7 @@ from typing import Any
 from driftloop.core.settings import Settings
 from driftloop.registry.ledger import moves
 from driftloop.registry.versions import lineage
-from driftloop.retrain.store import RequestStore
+from driftloop.retrain.store import TERMINAL, RequestStore
 
 
 def _when(us: int | None) -> str:
@@ -58,7 +58,7 @@ def render(c: dict[str, Any]) -> list[str]:
             gate = lin.get("gate", {})
             shown = {k: v for k, v in gate.get("metrics", {}).items() if "." not in k}
             lines.append("  metrics   " + (", ".join(f"{k} {v:.4g}" for k, v in sorted(shown.items())) or "-"))
-        if r["state"] in ("promoted", "rejected", "failed"):
+        if r["state"] in TERMINAL:
             why = "; ".join(f"{k}: {v}" for k, v in (r["checks"] or {}).items())
             lines.append(f"  decision  {r['state']}" + (f": {why}" if why else " (gate passed)"))
         for m in r["moves"]:

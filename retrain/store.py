@@ -17,8 +17,8 @@ from driftloop.core.contracts import RetrainRequest, now_us
 from driftloop.core.database import engine, requests, transitions
 from driftloop.core.settings import Settings
 
-STATES = ("requested", "data", "training", "evaluating", "promoted", "rejected", "failed")
-TERMINAL = frozenset({"promoted", "rejected", "failed"})
+STATES = ("requested", "data", "training", "evaluating", "promoted", "rejected", "failed", "refused")
+TERMINAL = frozenset({"promoted", "rejected", "failed", "refused"})
 
 
 @dataclass

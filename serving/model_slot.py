@@ -84,7 +84,7 @@ class ModelSlot:
         self._pending = None
         old = self.current
         self.current = new
-        SWAP_SECONDS.observe(time.perf_counter() - seen)
+        SWAP_SECONDS.labels(model=self.spec.name).observe(time.perf_counter() - seen)
         if self.alias == CHAMPION:
             SERVING_VERSION.labels(model=new.name).set(float(new.version))
             SWAPS.labels(model=new.name).inc()

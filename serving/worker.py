@@ -37,9 +37,10 @@ from confluent_kafka import Message
 from driftloop.core.contracts import ModelRejected, Prediction
 from driftloop.core.declarations import Declarations, ModelSpec
 from driftloop.core.events import Invalid, parse
-from driftloop.core.kafka import Deliveries, good_messages, make_consumer, make_producer
-from driftloop.core.metrics import BATCH_SIZE, DLQ, EVENTS_IN, PREDICTION_LATENCY, PREDICTIONS
+from driftloop.core.kafka import Deliveries, LagReporter, good_messages, make_consumer, make_producer
+from driftloop.core.metrics import BATCH_SIZE, DLQ, EVENTS_IN, PREDICTION_LATENCY, beat, serve_metrics
 from driftloop.core.settings import Settings
+from driftloop.core.usage import UsageMeter, meter_scoring
 from driftloop.core.worker import RESTART_EXIT, DeclarationsWatch, StopFlag, mark_ready
 from driftloop.features.repo import declarations, on_path, open_store
 from driftloop.features.vectors import Vectorizer
@@ -81,8 +82,10 @@ def prediction_records(spec: ModelSpec, scorer: Scorer, events: Sequence[dict[st
 class ModelServer:
     """Scores one model's topic: consumer group, producer, champion (and challenger) slots of its own."""
 
-    def __init__(self, settings: Settings, decls: Declarations, spec: ModelSpec, halt: threading.Event):
+    def __init__(self, settings: Settings, decls: Declarations, spec: ModelSpec, halt: threading.Event,
+                 meter: UsageMeter | None = None):
         self.s = settings
+        self.meter = meter or UsageMeter(settings, "serving")
         self.spec = spec
         self.schema = decls.topics[spec.topic]
         self.halt = halt
@@ -95,6 +98,7 @@ class ModelServer:
         self.slots = [s for s in (self.champion, self.challenger) if s is not None]
         self.topics = {t: settings.topic(t) for t in ("predictions", "predictions.shadow", "dlq")}
         self.consumer = make_consumer(settings, f"{settings.topic_prefix}{self.name}", [spec.topic])
+        self.lag = LagReporter(self.consumer, "serving")
         self.refresh_requested = threading.Event()
         self.error: BaseException | None = None
         self._unscored_logged = 0.0
@@ -134,6 +138,8 @@ class ModelServer:
                 if msgs:
                     self.score_batch(msgs)
                     consumer.commit(asynchronous=False)
+                beat("serving", progressed=bool(msgs))
+                self.lag.maybe_report()
         except BaseException as e:  # the main thread stops the worker; the uncommitted batch is re-scored
             log.exception("%s failed", self.name)
             self.error = e
@@ -143,7 +149,7 @@ class ModelServer:
     def score_batch(self, msgs: list[Message]) -> int:
         """Score one batch with the champion (and challenger), dead-letter invalid events, publish, and wait
         for the broker's acks; returns the number of predictions."""
-        spec = self.spec
+        spec, cpu0 = self.spec, time.thread_time()
         BATCH_SIZE.labels(component="serving").observe(len(msgs))
         EVENTS_IN.labels(component="serving", topic=spec.topic).inc(len(msgs))
         batch = Deliveries(self.producer)
@@ -171,15 +177,16 @@ class ModelServer:
             self._unscored_logged = time.monotonic()
             log.warning("%s: no champion yet; events pass unscored", self.name)
         batch.wait()
+        meter_scoring(self.meter, spec.name, model.version if model is not None else "", len(msgs), len(recs),
+                      time.thread_time() - cpu0)
         if recs and model is not None:
-            PREDICTIONS.labels(model=spec.name, model_version=model.version).inc(len(recs))
             latency = PREDICTION_LATENCY.labels(model=spec.name)
             for _k, _v, lat in recs:
                 latency.observe(lat)
         return len(recs)
 
     def dead_letter(self, batch: Deliveries, m: Message, e: Invalid) -> None:
-        DLQ.labels(reason=e.reason).inc()
+        DLQ.labels(component="serving", topic=self.spec.topic, reason=e.reason).inc()
         headers = {"error": e.detail, "reason": e.reason, "source_topic": m.topic(), "partition": str(m.partition()),
                    "offset": str(m.offset()), "consumer": self.name}
         batch.produce(self.topics["dlq"], m.key(), m.value(), headers=headers)
@@ -199,8 +206,9 @@ def run(settings: Settings) -> int:
     watch = DeclarationsWatch(settings)  # before reading them, so a change in between is not missed
     decls = declarations(settings)
     on_path(settings.feature_repo_dir)  # a version without an ONNX copy unpickles the repo's trainer module
-    halt = threading.Event()
-    servers = {name: ModelServer(settings, decls, spec, halt) for name, spec in decls.models.items()}
+    halt, meter = threading.Event(), UsageMeter(settings, "serving")
+    serve_metrics(settings.metrics_port, "serving", settings.metrics_host)
+    servers = {name: ModelServer(settings, decls, spec, halt, meter) for name, spec in decls.models.items()}
     if not servers:
         log.warning("no models declared: waiting for driftloop apply")
     control = make_consumer(settings, f"{settings.topic_prefix}serving-ctl-{uuid.uuid4().hex[:8]}",
@@ -231,4 +239,5 @@ def run(settings: Settings) -> int:
             if srv.thread.is_alive():
                 srv.thread.join()
         control.close()
+        meter.close()
     return code

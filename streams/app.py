@@ -54,7 +54,7 @@ from driftloop.core.kafka import (
     produce_raw,
     read_past_reported_end,
 )
-from driftloop.core.metrics import BATCH_SIZE, CONSUMER_LAG, DLQ, EVENTS_IN, LABELS, LATE_OUTCOMES, serve_metrics
+from driftloop.core.metrics import BATCH_SIZE, CONSUMER_LAG, DLQ, EVENTS_IN, LABELS, LATE_OUTCOMES, beat, serve_metrics
 from driftloop.core.settings import Settings
 from driftloop.core.topics import ensure_topics
 from driftloop.core.worker import RESTART_EXIT, DeclarationsWatch, StopFlag, mark_ready
@@ -286,6 +286,7 @@ def create_app(settings: Settings) -> faust.App:
         await loop.run_in_executor(None, flush_or_raise, producer)
         t4 = time.perf_counter()
         _count(out)
+        beat("streams", progressed=True)
         log.debug("batch %d records: engine %.3fs, sinks %.3fs, state %.3fs, flush %.3fs (%d keys)", len(records),
                   t1 - t0, t2 - t1, t3 - t2, t4 - t3, len(out.states))
 
@@ -343,7 +344,7 @@ def create_app(settings: Settings) -> faust.App:
 
     def _count(out: BatchOutput) -> None:
         for _r, reason, _detail in out.dlq:
-            DLQ.labels(reason=reason).inc()
+            DLQ.labels(component="streams", topic=_r.topic, reason=reason).inc()
         for lb, _r in out.labels:
             LABELS.labels(model=lb.model_name).inc()
         for model, n in out.late_outcomes.items():
@@ -360,11 +361,12 @@ def create_app(settings: Settings) -> faust.App:
 
     @app.task
     async def _ready() -> None:
-        serve_metrics(settings.metrics_port)
+        serve_metrics(settings.metrics_port, "streams", settings.metrics_host)
         mark_ready(settings, "streams")
 
     @app.timer(interval=watch.every_s)
     async def _watch() -> None:  # an idle worker sees new declarations too
+        beat("streams")
         async with batch_lock:
             if watch.changed():
                 Restart.request()
@@ -375,7 +377,7 @@ def create_app(settings: Settings) -> faust.App:
 def _wait_for_topics(settings: Settings) -> None:
     """Nothing is declared: idle until ``driftloop apply`` writes declarations, then ask for a restart."""
     log.warning("no declared topics in %s: waiting for `driftloop apply`", settings.declarations_file)
-    serve_metrics(settings.metrics_port)
+    serve_metrics(settings.metrics_port, "streams", settings.metrics_host)
     mark_ready(settings, "streams")
     watch, stop = DeclarationsWatch(settings), StopFlag()
     while not stop:
