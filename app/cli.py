@@ -259,7 +259,8 @@ def cmd_up(a: argparse.Namespace, s: Settings) -> int:
 
     try:
         if a.detach:
-            print(json.dumps(start_detached(s, timeout=a.timeout), indent=2))
+            info = start_detached(s, timeout=a.timeout, progress=lambda m: print(f"driftloop up: {m}", file=sys.stderr))
+            print(json.dumps(info, indent=2))
             return 0
         stack = Stack(s)
         stack.start(timeout=a.timeout)

@@ -217,9 +217,10 @@ def _retrains(s: Settings, models: list[str]) -> dict[str, dict[str, Any]]:
 
 
 def _champions(s: Settings, models: list[str]) -> dict[str, str | None]:
-    """Each model's ``champion`` alias. Importing MLflow alone takes 4-15 s, so a tracking server is asked over
-    its REST API and a tracking database (sqlite, PostgreSQL...) is read with one query of MLflow's
-    ``registered_model_aliases`` table; only other stores (``file:``) go through MLflow's client."""
+    """Each model's ``champion`` alias (at least those of ``models``). Importing MLflow alone takes 4-15 s,
+    so a tracking server is asked over its REST API and a tracking database (sqlite, PostgreSQL...) is read
+    with one query of MLflow's ``registered_model_aliases`` table; only other stores (``file:``) go through
+    MLflow's client."""
     uri = s.tracking_uri
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
         return dict.fromkeys(models)  # no model store yet (and none is created)
@@ -235,7 +236,7 @@ def _champions(s: Settings, models: list[str]) -> dict[str, str | None]:
             with create_engine(uri, poolclass=NullPool, connect_args=args).connect() as c:
                 found = dict(c.execute(text("SELECT name, version FROM registered_model_aliases WHERE alias = "
                                             ":alias"), {"alias": CHAMPION}).tuples().all())
-            return {m: None if found.get(m) is None else str(found[m]) for m in models}
+            return {**dict.fromkeys(models), **{m: str(v) for m, v in found.items()}}
         except SQLAlchemyError:  # not MLflow's schema as we know it: ask MLflow
             pass
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(TIMEOUT_S)))
@@ -293,6 +294,8 @@ def collect(settings: Settings) -> dict[str, Any]:
     pids = (stack or {}).get("workers", {})
     restarts = (stack or {}).get("restarts", {})
     names = sorted(set(ports) | set(pids), key=lambda n: (n not in _ORDER, _ORDER.index(n) if n in _ORDER else n))
+    import httpx  # noqa: F401 - imported here, not on the threads, whose waits are for answers only
+    import prometheus_client.parser  # noqa: F401
     broker_t = _Background(_broker, s) if s.bootstrap_servers else None
     worker_t = {n: _Background(_worker, pids.get(n), ports.get(n)) for n in names}
     champion_t = _Background(_champions, s, models)
@@ -312,7 +315,7 @@ def collect(settings: Settings) -> dict[str, Any]:
     samples: dict[str, Samples] = {}
     for n, t in worker_t.items():
         try:
-            w = t.get(TIMEOUT_S + 1)
+            w = t.get(2 * TIMEOUT_S + 1)  # httpx's timeout is per phase: connect, then read
         except TimeoutError as e:
             w = {"pid": pids.get(n), "metrics_port": ports.get(n), "process": pid_alive(pids.get(n)),
                  "metrics": False, "error": f"/metrics: {e}", "_samples": {}}
@@ -348,7 +351,7 @@ def collect(settings: Settings) -> dict[str, Any]:
         problems.append(f"MLflow: {_why(e)}")
     retrains: dict[str, dict[str, Any]] = {}
     try:
-        retrains = retrain_t.get(TIMEOUT_S + 3)
+        retrains = retrain_t.get(5 * TIMEOUT_S)  # SQLAlchemy's import alone takes seconds on a busy machine
     except Exception as e:  # noqa: BLE001
         problems.append(f"state database: {_why(e)}")
 
@@ -420,10 +423,9 @@ def render(status: dict[str, Any]) -> Any:
 
     fr = status["freshness_p99_s"]
     if fr["views"]:
-        f = Table(title="feature freshness", title_justify="left", caption="p99 since the streams worker started",
-                  caption_justify="left")
+        f = Table(title="feature freshness", title_justify="left")
         f.add_column("view")
-        f.add_column("p99", justify="right")
+        f.add_column("p99 since start", justify="right")
         for view, v in fr["views"].items():
             f.add_row(view, _num(v, "{:.3f} s"))
         f.add_row(Text("all views", style="bold"), _num(fr["overall"], "{:.3f} s"))

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -226,8 +227,10 @@ class Stack:
         log.info("stack stopped")
 
 
-def start_detached(settings: Settings, timeout: float = 180.0) -> dict[str, Any]:
-    """Start ``driftloop up`` in the background and return stack.json once it is ready."""
+def start_detached(settings: Settings, timeout: float = 180.0,
+                   progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Start ``driftloop up`` in the background and return stack.json once it is ready; ``progress`` hears
+    which workers are ready as that changes."""
     if stack_locked(settings):
         raise StackRunning(running_message(settings))
     logs = settings.root / "logs"
@@ -238,10 +241,15 @@ def start_detached(settings: Settings, timeout: float = 180.0) -> dict[str, Any]
     proc = subprocess.Popen([sys.executable, "-m", "driftloop.app.cli", "up", "--timeout", str(timeout)],
                             env=settings_env(settings), stdout=out, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + timeout + 15
+    deadline, t0, said = time.monotonic() + timeout + 15, time.monotonic(), ""
     while time.monotonic() < deadline:
         if settings.stack_file.exists():
             return json.loads(settings.stack_file.read_text())
+        ready = sorted(f.stem for f in settings.run_dir.glob("*.ready")) if settings.run_dir.exists() else []
+        line = f"workers ready: {', '.join(ready) or 'none yet'} ({len(ready)}/{len(WORKERS)})"
+        if progress and line != said:
+            said = line
+            progress(f"{line} after {time.monotonic() - t0:.0f}s")
         if proc.poll() is not None:
             out.close()
             tail = (logs / "supervisor.log").read_text(errors="replace").strip().splitlines()[-5:]

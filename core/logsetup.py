@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 from typing import Any
@@ -26,6 +27,8 @@ def quiet_warnings() -> None:
 
 
 def setup_logging(level: str = "INFO", component: str = "driftloop") -> None:
+    # MLflow configures its own handler on import, at INFO (schema migrations, run links): quiet unless debugging
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "DEBUG" if level.upper() == "DEBUG" else "WARNING")
     fmt = f"%(asctime)s %(levelname)s {component} %(name)s: %(message)s"
     logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr, force=True)
     for noisy in ("aiokafka", "faust", "mode", "urllib3", "alembic", "mlflow", "feast", "httpx"):

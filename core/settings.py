@@ -57,8 +57,8 @@ class Settings(BaseSettings):
     retrain_backoff_s: float = Field(5.0, ge=0, description="Wait before a request's second attempt (doubling).")
     state_db: str | None = Field(None, description="SQLAlchemy URL of driftloop's own state (retrain requests, the "
                                  "alias ledger); unset = sqlite under data_dir.")
-    train_budget_s: float | None = Field(None, gt=0, description="Default training compute seconds a model may use "
-                                         "per day (a model's RetrainPolicy.budget_s overrides); unset = no quota.")
+    train_budget_s: float | None = Field(None, gt=0, description="Training compute seconds a model may use per day "
+                                         "unless its RetrainPolicy(compute_budget_s=...) says; unset = no quota.")
     retrain_wait_s: float = Field(180.0, gt=0, description="How long a request may wait for fresh labels.")
 
     metrics_port: int = Field(0, ge=0, description="Prometheus port of this worker; 0 = none.")

@@ -163,6 +163,9 @@ class Monitor:
         self.baselines: dict[tuple[str, str], Baseline | None] = {}
         self.cutoffs: dict[tuple[str, str], int] = {}  # version -> the newest event time it was trained on
         self.states = {name: self._restore(spec) for name, spec in self.decls.models.items()}
+        for spec in self.decls.models.values():  # the alert rules compare with these from the start
+            DRIFT_SHARE_THRESHOLD.labels(model=spec.name).set(spec.drift_share_threshold)
+            PERFORMANCE_TOLERANCE.labels(model=spec.name).set(spec.performance_tolerance)
         self.skipped: set[str] = set()  # undeclared models already logged
         self.requesting = threading.Lock()  # decide + publish + record, one at a time
         self.html = ThreadPoolExecutor(1, thread_name_prefix="drift-html")
@@ -376,8 +379,6 @@ class Monitor:
 
     def _gauges(self, spec: ModelSpec, result: Any, perf: dict[str, float], breached: bool) -> None:
         DRIFT_SHARE.labels(model=spec.name).set(result.share)
-        DRIFT_SHARE_THRESHOLD.labels(model=spec.name).set(spec.drift_share_threshold)
-        PERFORMANCE_TOLERANCE.labels(model=spec.name).set(spec.performance_tolerance)
         DRIFT_WINDOWS.labels(model=spec.name, breached=str(breached).lower()).inc()
         for col, v in result.columns.items():
             DRIFT_SCORE.labels(model=spec.name, column=col, method=v["method"]).set(v["score"])
@@ -420,8 +421,10 @@ class Monitor:
                     "performance": rep.performance, "reports": st.episode["reports"], "version": rep.model_version}
         rid, status = self.request(spec.name, reason, evidence, since_ts=st.episode["started_ts"],
                                    cooldown_s=spec.retrain_cooldown_s)
-        if status == "accepted":
+        if status in ("accepted", "in_flight"):  # in flight: the episode's drop is already being retrained for
             st.episode["request_id"] = rid
+            if status == "in_flight":
+                log.info("%s: episode %s joins request %s, already in flight", spec.name, st.episode["id"], rid)
         else:
             log.info("%s: episode %s waits to ask for a retrain (%s)", spec.name, st.episode["id"], status)
 
@@ -474,7 +477,11 @@ class Monitor:
         """An authenticated alert: a ``webhook`` request (no cooldown; in-flight, dedupe and budget apply)."""
         if model not in self.states:
             raise UnknownModel(model, self.models())
-        return self.request(model, "webhook", {"reason": reason, **evidence}, key=key)
+        rid, status = self.request(model, "webhook", {"reason": reason, **evidence}, key=key)
+        st = self.states[model]
+        if rid and st.tracker.active and st.episode and st.episode.get("request_id") is None:
+            st.episode["request_id"] = rid  # the open episode asks no second time for the same drop
+        return rid, status
 
     # --- offsets -------------------------------------------------------------------------------------
 

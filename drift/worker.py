@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from driftloop.core.contracts import DriftReport, Label, ModelPromoted, ModelRejected, Prediction
 from driftloop.core.kafka import LagReporter, good_messages, make_consumer
-from driftloop.core.metrics import beat
+from driftloop.core.metrics import BATCH_SIZE, EVENTS_IN, beat
 from driftloop.core.settings import Settings
 from driftloop.core.worker import RESTART_EXIT, DeclarationsWatch, StopFlag, mark_ready
 from driftloop.drift.auth import WebhookAuth, load_or_create_token
@@ -77,7 +77,10 @@ def run(settings: Settings) -> None:
     try:
         while not stop and not restart:
             msgs = good_messages(consumer.consume(1000, 0.5))
+            if msgs:
+                BATCH_SIZE.labels(component="drift").observe(len(msgs))
             for msg in msgs:
+                EVENTS_IN.labels(component="drift", topic=kinds.get(msg.topic(), msg.topic())).inc()
                 handle(mon, msg, kinds, windows.record)
                 consumed[(msg.topic(), msg.partition())] = msg.offset()
             if msgs:

@@ -32,7 +32,7 @@ from driftloop.core.contracts import ModelPromoted, ModelRejected, RetrainReques
 from driftloop.core.declarations import Declarations, ModelSpec
 from driftloop.core.frames import to_matrix
 from driftloop.core.kafka import Deliveries, good_messages, make_consumer, make_producer
-from driftloop.core.metrics import RETRAIN_SECONDS, TRAINING_BUDGET, TRAINING_RUNS, beat
+from driftloop.core.metrics import EVENTS_IN, RETRAIN_SECONDS, TRAINING_BUDGET, TRAINING_RUNS, beat
 from driftloop.core.settings import Settings
 from driftloop.core.usage import meter_training, training_used
 from driftloop.core.worker import RESTART_EXIT, DeclarationsWatch, StopFlag, mark_ready
@@ -371,12 +371,17 @@ def run(settings: Settings, launcher: Launcher | None = None) -> None:
     consumer = make_consumer(settings, f"{settings.topic_prefix}retrain", ["retrain.requests"])
     ctl = Controller(settings, launcher or make_launcher(settings))
     log.info("retraining models %s", sorted(ctl.decls.models) or "none (nothing declared)")
+    for name, spec in ctl.decls.models.items():  # every series exists from the start: increase() sees the first
+        for outcome in ("promoted", "rejected", "failed", "refused"):
+            TRAINING_RUNS.labels(model=name, outcome=outcome)
+        TRAINING_BUDGET.labels(model=name).set(spec.train_budget_s or settings.train_budget_s or 0)
     mark_ready(settings, "retrain")
     runner = Dispatcher(ctl, stop, settings.retrain_concurrency)
     restart = False
     try:
         while not stop and not restart:
             for msg in good_messages(consumer.consume(10, 0.5)):
+                EVENTS_IN.labels(component="retrain", topic="retrain.requests").inc()
                 try:
                     ctl.store.add(RetrainRequest.from_bytes(msg.value()))
                 except (ValidationError, ValueError) as e:
