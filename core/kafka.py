@@ -71,12 +71,14 @@ class CheckedProducer(Producer):
     can make them look delivered. Records produced through a tracker report to that tracker only."""
 
     def __init__(self, config: dict[str, Any]):
-        self.failed: list[Any] = []
-        super().__init__({**config, "on_delivery": self._delivered})
+        failed: list[Any] = []
 
-    def _delivered(self, err: Any, _msg: Any) -> None:
-        if err is not None:
-            self.failed.append(err)
+        def delivered(err: Any, _msg: Any) -> None:  # a closure, not a bound method: no reference cycle, so the
+            if err is not None:                     # producer (and its librdkafka threads) ends with its last use
+                failed.append(err)
+
+        super().__init__({**config, "on_delivery": delivered})
+        self.failed = failed
 
 
 class DeliveryError(RuntimeError):
