@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 from driftloop.core.settings import Settings
@@ -61,13 +62,18 @@ def stack_locked(settings: Settings) -> bool:
         return False
 
 
-def alive(pid: int) -> bool:
-    if pid <= 0:
+def alive(pid: int | None) -> bool:
+    """The process exists and is not a zombie (exited, not reaped yet by its parent)."""
+    if not pid or pid <= 0:
         return False
     try:
         os.kill(pid, 0)
-        return True
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True  # no procfs: existing is all we know
+    return state not in ("Z", "X")

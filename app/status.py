@@ -33,6 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from driftloop.app.stackinfo import alive
 from driftloop.core.settings import Settings
 
 TIMEOUT_S = 2.0  # each network check
@@ -86,21 +87,6 @@ def _why(e: BaseException) -> str:
     return (text.splitlines() or [type(e).__name__])[0][:200]
 
 
-def pid_alive(pid: int | None) -> bool:
-    """The process exists and is not a zombie (a killed worker its supervisor has not reaped yet)."""
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True
-    return state not in ("Z", "X")
 
 
 def scrape(port: int, host: str = "127.0.0.1", timeout: float = TIMEOUT_S) -> Samples:
@@ -165,7 +151,7 @@ def _broker(s: Settings) -> dict[str, Any]:
 
 def _worker(pid: int | None, port: int | None) -> dict[str, Any]:
     """One worker: its process, its /metrics (and the samples, under ``_samples``)."""
-    out: dict[str, Any] = {"pid": pid, "metrics_port": port, "process": pid_alive(pid), "metrics": False,
+    out: dict[str, Any] = {"pid": pid, "metrics_port": port, "process": alive(pid), "metrics": False,
                            "error": None, "_samples": {}}
     if not out["process"]:
         out["error"] = "process not running"
@@ -199,7 +185,7 @@ def _retrains(s: Settings, models: list[str]) -> dict[str, dict[str, Any]]:
     from sqlalchemy import select
 
     from driftloop.core.database import requests
-    from driftloop.retrain.store import TERMINAL, RequestStore
+    from driftloop.core.requests import TERMINAL, RequestStore
 
     store = RequestStore(s)
     with store.engine.connect() as c:
@@ -317,7 +303,7 @@ def collect(settings: Settings) -> dict[str, Any]:
         try:
             w = t.get(2 * TIMEOUT_S + 1)  # httpx's timeout is per phase: connect, then read
         except TimeoutError as e:
-            w = {"pid": pids.get(n), "metrics_port": ports.get(n), "process": pid_alive(pids.get(n)),
+            w = {"pid": pids.get(n), "metrics_port": ports.get(n), "process": alive(pids.get(n)),
                  "metrics": False, "error": f"/metrics: {e}", "_samples": {}}
         samples[n] = w.pop("_samples")
         lags = [v for _, v in _of(samples[n], "driftloop_consumer_lag")]
@@ -331,7 +317,7 @@ def collect(settings: Settings) -> dict[str, Any]:
 
     supervisor = None
     if stack is not None:
-        supervisor = {"pid": stack.get("supervisor_pid"), "up": pid_alive(stack.get("supervisor_pid"))}
+        supervisor = {"pid": stack.get("supervisor_pid"), "up": alive(stack.get("supervisor_pid"))}
         if not supervisor["up"]:
             down.append("supervisor")
 

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -120,15 +121,20 @@ class Stack:
             metrics_ports[name] = free_port()
             s = self.s.model_copy(update={"metrics_port": metrics_ports[name], "webhook_port": webhook_port})
             self.children.append(Child(name, settings_env(s), logs / f"{name}.log"))
-        for c in self.children:
-            c.start()
-        deadline = time.monotonic() + timeout
-        while not all((self.s.run_dir / f"{c.name}.ready").exists() for c in self.children):
-            self.supervise_once()
-            if time.monotonic() > deadline:
-                self.stop()
-                raise TimeoutError(f"workers not ready after {timeout}s; see {logs}")
-            time.sleep(0.2)
+        if threading.current_thread() is threading.main_thread():  # SIGTERM while starting stops the children too
+            signal.signal(signal.SIGTERM, _exit_on_term)
+        try:
+            for c in self.children:
+                c.start()
+            deadline = time.monotonic() + timeout
+            while not all((self.s.run_dir / f"{c.name}.ready").exists() for c in self.children):
+                self.supervise_once()
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"workers not ready after {timeout}s; see {logs}")
+                time.sleep(0.2)
+        except BaseException:
+            self.stop()
+            raise
         self.info = {
             "bootstrap_servers": self.s.bootstrap_servers,
             "embedded_broker": self.broker is not None,
@@ -227,6 +233,10 @@ class Stack:
         log.info("stack stopped")
 
 
+def _exit_on_term(*_: object) -> None:
+    raise SystemExit(143)
+
+
 def start_detached(settings: Settings, timeout: float = 180.0,
                    progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Start ``driftloop up`` in the background and return stack.json once it is ready; ``progress`` hears
@@ -256,6 +266,12 @@ def start_detached(settings: Settings, timeout: float = 180.0,
             raise RuntimeError(f"driftloop up exited with {proc.returncode}; see {logs / 'supervisor.log'}:\n"
                                + "\n".join(tail))
         time.sleep(0.3)
+    proc.terminate()  # a stack that never became ready must not run on unseen (its supervisor stops its children)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    out.close()
     raise TimeoutError(f"stack not ready after {timeout}s; see {logs}")
 
 

@@ -119,11 +119,12 @@ class ModelRejected(Event):
 
 
 class RetrainStatus(Event):
-    """A retrain request moved: requested → data → training → evaluating → promoted / rejected / failed."""
+    """A retrain request moved: requested → data → training → evaluating → promoted / rejected / failed, or
+    requested → refused (over the model's training compute budget)."""
 
     request_id: str
     model_name: str
-    state: Literal["requested", "data", "training", "evaluating", "promoted", "rejected", "failed"]
+    state: Literal["requested", "data", "training", "evaluating", "promoted", "rejected", "failed", "refused"]
     attempt: int = 0
     detail: dict[str, Any] = Field(default_factory=dict)
 

@@ -29,7 +29,7 @@ from driftloop.core.settings import Settings
 
 metadata = MetaData()
 
-# one row per retrain request: where it stands (retrain/store.py)
+# one row per retrain request: where it stands (core/requests.py)
 requests = Table(
     "retrain_requests", metadata,
     Column("request_id", String(64), primary_key=True),

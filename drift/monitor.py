@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -83,6 +83,7 @@ Calibration = Callable[[np.ndarray], np.ndarray]
 JOIN_KEEP = 50_000  # recent predictions per model kept to join their labels
 SWITCH_AFTER = 20  # predictions of another version in a row before a model's windows follow it
 BASELINE_WINDOWS = 2  # a version's first realised metrics live: the reference later ones are compared with
+RECENT = 20  # drift reports kept in memory per model for the loop pages
 
 
 class UnknownModel(LookupError):
@@ -166,6 +167,7 @@ class Monitor:
         for spec in self.decls.models.values():  # the alert rules compare with these from the start
             DRIFT_SHARE_THRESHOLD.labels(model=spec.name).set(spec.drift_share_threshold)
             PERFORMANCE_TOLERANCE.labels(model=spec.name).set(spec.performance_tolerance)
+        self.recent: dict[str, deque[DriftReport]] = {n: deque(maxlen=RECENT) for n in self.states}  # loop pages
         self.skipped: set[str] = set()  # undeclared models already logged
         self.requesting = threading.Lock()  # decide + publish + record, one at a time
         self.html = ThreadPoolExecutor(1, thread_name_prefix="drift-html")
@@ -331,6 +333,7 @@ class Monitor:
                           episode_id=st.episode.get("id") if in_episode else None,
                           report_url=report_path.as_uri() if report_path else "")
         self._gauges(spec, result, perf, bool(reasons))
+        self.recent[spec.name].append(rep)
         out = Deliveries(self.producer)
         out.event(self.s, "drift.reports", rep, spec.name)
         out.wait()
@@ -472,6 +475,11 @@ class Monitor:
 
     def models(self) -> list[str]:
         return sorted(self.states)
+
+    def recent_reports(self, name: str) -> list[DriftReport]:
+        """The model's last drift reports since this worker started, oldest first ([] for an unknown model);
+        safe from the web app's threads."""
+        return list(self.recent.get(name, ()))
 
     def alert(self, model: str, reason: str, evidence: dict[str, Any], key: str | None) -> tuple[str, str]:
         """An authenticated alert: a ``webhook`` request (no cooldown; in-flight, dedupe and budget apply)."""

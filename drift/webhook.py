@@ -2,16 +2,17 @@
 
 Routes (OpenAPI at ``/docs``): ``POST /v1/alerts/alertmanager`` (Alertmanager webhook version 4),
 ``POST /v1/alerts/grafana`` (Grafana unified alerting), ``POST /v1/alerts`` (``{model, reason, evidence}``, with an
-optional ``Idempotency-Key``), ``POST /alerts`` (deprecated: ``{"model_name": ...}``) and ``GET /healthz``.
+optional ``Idempotency-Key``), ``POST /alerts`` (deprecated: ``{"model_name": ...}``) and ``GET /healthz``; the
+drift worker adds its read-only loop pages (``/models``, ``/api/models/{name}``: :mod:`driftloop.drift.page`).
 
-Every other request passes :class:`Guard` first, in this order: 413 above ``max_body`` (by Content-Length, and by
-counting a streamed body), 429 with Retry-After above the sender's rate (a token bucket per client address and
-credential, failed ones included), 401 without valid credentials (:mod:`driftloop.drift.auth`), 400 for a body
-that is not JSON. Then the route: 422 for JSON of the wrong shape, 404 for an undeclared model (naming the
-declared ones), 202 with the request id(s) when accepted, 200 when the sink reports a ``duplicate`` (the same
-dedupe key again), ``in_flight`` (a request for that model is running) or another refusal (``over_budget``), 503
-when the broker did not acknowledge the request (nothing of that alert was accepted: send it again). Errors are
-one-line ``{"error": ...}`` bodies.
+Every other request (the loop pages and the docs excepted) passes :class:`Guard` first, in this order: 413 above
+``max_body`` (by Content-Length, and by counting a streamed body), 429 with Retry-After above the sender's rate (a
+token bucket per client address and credential, failed ones included), 401 without valid credentials
+(:mod:`driftloop.drift.auth`), 400 for a body that is not JSON. Then the route: 422 for JSON of the wrong shape,
+404 for an undeclared model (naming the declared ones), 202 with the request id(s) when accepted, 200 when the sink
+reports a ``duplicate`` (the same dedupe key again), ``in_flight`` (a request for that model is running) or another
+refusal (``over_budget``), 503 when the broker did not acknowledge the request (nothing of that alert was accepted:
+send it again). Errors are one-line ``{"error": ...}`` bodies.
 
 Alerts whose ``status`` is ``resolved`` never retrain. Each firing alert names its model in ``labels.model``;
 its dedupe key is the source with groupKey, fingerprint and startsAt, so a re-sent delivery is a duplicate.
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 
 OPEN_PATHS = frozenset({"/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 ALERT_ROUTES = ("/v1/alerts/alertmanager", "/v1/alerts/grafana", "/v1/alerts", "/alerts")
+PAGES = ("/models", "/models/", "/api/models/")  # the read-only loop pages (drift/page.py): open when served
 DRAIN_BYTES = 16 << 20  # an oversized body up to this size is read and dropped so the client can read the 413
 DRAIN_S = 2.0
 MAX_BUCKETS = 10_000
@@ -217,15 +219,24 @@ class RateLimiter:
             return 0.0
 
 
+def page_path(path: str) -> bool:
+    """A path of the loop pages (``/models``, ``/models/...``, ``/api/models/...``)."""
+    return path == PAGES[0] or path.startswith(PAGES[1:])
+
+
 def route_label(path: str) -> str:
-    return path if path in ALERT_ROUTES or path in OPEN_PATHS else "other"
+    return path if path in ALERT_ROUTES or path in OPEN_PATHS else "page" if page_path(path) else "other"
 
 
 class Guard:
-    """ASGI middleware in front of every route but the open ones; counts and logs every response."""
+    """ASGI middleware in front of every route but the open ones (and the loop pages when ``pages``); counts
+    and logs every response."""
 
-    def __init__(self, app: ASGIApp, auth: WebhookAuth, limiter: RateLimiter, max_body: int):
-        self.app, self.auth, self.limiter, self.max_body = app, auth, limiter, max_body
+    def __init__(self, app: ASGIApp, auth: WebhookAuth, limiter: RateLimiter, max_body: int, pages: bool = False):
+        self.app, self.auth, self.limiter, self.max_body, self.pages = app, auth, limiter, max_body, pages
+
+    def is_open(self, path: str) -> bool:
+        return path in OPEN_PATHS or (self.pages and page_path(path))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -240,7 +251,7 @@ class Guard:
 
         client = (scope.get("client") or ("?", 0))[0]
         try:
-            if scope["path"] in OPEN_PATHS:
+            if self.is_open(scope["path"]):
                 return await self.app(scope, receive, tracked)
             try:
                 body = await self.admit(scope, receive, client)
@@ -257,7 +268,7 @@ class Guard:
         finally:
             code = sent.get("code", 500)
             WEBHOOK_REQUESTS.labels(route=route_label(scope["path"]), code=str(code)).inc()
-            log.log(logging.DEBUG if scope["path"] in OPEN_PATHS else logging.INFO, "webhook %s %s from %s: %d %s",
+            log.log(logging.DEBUG if self.is_open(scope["path"]) else logging.INFO, "webhook %s %s from %s: %d %s",
                     scope["method"], scope["path"], client, code, "; ".join(scope["state"]["outcome"]))
 
     async def admit(self, scope: Scope, receive: Receive, client: str) -> bytes:
@@ -348,10 +359,12 @@ IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", min_lengt
 
 
 def create_app(sink: AlertSink, auth: WebhookAuth, *, max_body: int = 1 << 20, rate_per_s: float,
-               burst: int) -> FastAPI:
-    """The webhook app driving ``sink``; serve it with :func:`start_server`."""
+               burst: int, pages: APIRouter | None = None) -> FastAPI:
+    """The webhook app driving ``sink``, with the read-only loop ``pages`` (``drift/page.py``, no credentials
+    needed) when given; serve it with :func:`start_server`."""
     app = FastAPI(title="driftloop alert webhooks", version="1", description=(__doc__ or "").split("\n\n", 1)[1])
-    app.add_middleware(Guard, auth=auth, limiter=RateLimiter(rate_per_s, burst), max_body=max_body)
+    app.add_middleware(Guard, auth=auth, limiter=RateLimiter(rate_per_s, burst), max_body=max_body,
+                       pages=pages is not None)
     alerts = APIRouter(dependencies=CREDENTIALS, responses=ERRORS)
 
     @app.exception_handler(Problem)
@@ -444,6 +457,8 @@ def create_app(sink: AlertSink, auth: WebhookAuth, *, max_body: int = 1 << 20, r
         return one(request, model, "webhook", {"alert": payload}, f"key:{key}" if isinstance(key, str) else None)
 
     app.include_router(alerts)
+    if pages is not None:
+        app.include_router(pages)
     return app
 
 

@@ -9,19 +9,18 @@ The worker restarts (``RESTART_EXIT``) when new declarations are applied.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 from confluent_kafka import Message, TopicPartition
 from pydantic import ValidationError
 
-from driftloop.core.contracts import DriftReport, Label, ModelPromoted, ModelRejected, Prediction
+from driftloop.core.contracts import Label, ModelPromoted, ModelRejected, Prediction
 from driftloop.core.kafka import LagReporter, good_messages, make_consumer
 from driftloop.core.metrics import BATCH_SIZE, EVENTS_IN, beat
 from driftloop.core.settings import Settings
 from driftloop.core.worker import RESTART_EXIT, DeclarationsWatch, StopFlag, mark_ready
 from driftloop.drift.auth import WebhookAuth, load_or_create_token
 from driftloop.drift.monitor import TOPICS, Monitor
-from driftloop.drift.page import WindowLog, loop_router
+from driftloop.drift.page import loop_router
 from driftloop.drift.webhook import create_app, start_server
 
 log = logging.getLogger(__name__)
@@ -36,10 +35,8 @@ PARSERS = {"predictions": Prediction, "labels": Label, "models.promoted": ModelP
            "models.rejected": ModelRejected}
 
 
-def handle(mon: Monitor, msg: Message, kinds: dict[str, str],
-           on_report: Callable[[DriftReport], None] | None = None) -> bool:
-    """One record; whether it closed a window (its report goes to ``on_report``). Malformed records are logged
-    and skipped."""
+def handle(mon: Monitor, msg: Message, kinds: dict[str, str]) -> bool:
+    """One record; whether it closed a window. Malformed records are logged and skipped."""
     kind = kinds.get(msg.topic(), "")
     try:
         rec = PARSERS[kind].from_bytes(msg.value())
@@ -47,10 +44,7 @@ def handle(mon: Monitor, msg: Message, kinds: dict[str, str],
         log.warning("skipping a malformed %s record at offset %s: %s", kind, msg.offset(), str(e)[:300])
         return False
     if isinstance(rec, Prediction):
-        report = mon.add(rec, msg)
-        if report is not None and on_report is not None:
-            on_report(report)
-        return report is not None
+        return mon.add(rec, msg) is not None
     if isinstance(rec, Label):
         mon.add_label(rec, msg)
     else:
@@ -64,9 +58,8 @@ def run(settings: Settings) -> None:
     mon = Monitor(settings)
     log.info("monitoring models %s", sorted(mon.states) or "none (nothing declared)")
     auth = WebhookAuth(load_or_create_token(settings), settings.webhook_max_skew_s)
-    windows = WindowLog()  # the loop pages' recent drift windows
     app = create_app(mon, auth, rate_per_s=settings.webhook_rate_per_s, burst=settings.webhook_burst,
-                     pages=loop_router(settings, mon, windows))
+                     pages=loop_router(settings, mon))
     server = start_server(app, settings.webhook_host, settings.webhook_port)
     consumer = make_consumer(settings, f"{settings.topic_prefix}drift", TOPICS)
     kinds = {settings.topic(t): t for t in TOPICS}
@@ -81,7 +74,7 @@ def run(settings: Settings) -> None:
                 BATCH_SIZE.labels(component="drift").observe(len(msgs))
             for msg in msgs:
                 EVENTS_IN.labels(component="drift", topic=kinds.get(msg.topic(), msg.topic())).inc()
-                handle(mon, msg, kinds, windows.record)
+                handle(mon, msg, kinds)
                 consumed[(msg.topic(), msg.partition())] = msg.offset()
             if msgs:
                 owned = {(tp.topic, tp.partition) for tp in consumer.assignment()}

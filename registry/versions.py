@@ -30,11 +30,9 @@ LINEAGE_PATH = "lineage.json"
 
 
 def client(settings: Settings) -> MlflowClient:
-    """The MLflow client of ``settings.tracking_uri`` (tracking and registry), also made MLflow's default.
-    The registry URI is given, so MLflow never probes for an active Spark session to find one (which
-    ends the process where pyspark finds no SPARK_HOME)."""
+    """The MLflow client of ``settings.tracking_uri`` (tracking and registry), also made MLflow's default
+    tracking URI (the registry follows it)."""
     mlflow.set_tracking_uri(settings.tracking_uri)
-    mlflow.set_registry_uri(settings.tracking_uri)
     return MlflowClient(settings.tracking_uri, registry_uri=settings.tracking_uri)
 
 

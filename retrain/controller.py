@@ -1,6 +1,6 @@
 """The retraining controller: ``retrain.requests`` → training set → Ray Train → gate → MLflow → alias, per model.
 
-Each request moves through persisted states (``retrain/store.py``): **requested** → **data** (its
+Each request moves through persisted states (``core/requests.py``): **requested** → **data** (its
 labelled events, at least the model's ``min_labels``, split in time order: the newest 20 % hold out, a
 seeded 10 % of the rest validates; the frames are kept under ``<data_dir>/retrain/<request>``) →
 **training** (a Ray Train run named after the request, checkpointed every epoch) → **evaluating**
@@ -33,6 +33,7 @@ from driftloop.core.declarations import Declarations, ModelSpec
 from driftloop.core.frames import to_matrix
 from driftloop.core.kafka import Deliveries, good_messages, make_consumer, make_producer
 from driftloop.core.metrics import EVENTS_IN, RETRAIN_SECONDS, TRAINING_BUDGET, TRAINING_RUNS, beat
+from driftloop.core.requests import RequestStore, Stored
 from driftloop.core.settings import Settings
 from driftloop.core.usage import meter_training, training_used
 from driftloop.core.worker import RESTART_EXIT, DeclarationsWatch, StopFlag, mark_ready
@@ -45,7 +46,6 @@ from driftloop.retrain.evaluation import champion_outputs
 from driftloop.retrain.gate import GateResult, run_gate
 from driftloop.retrain.launcher import JobResult, Launcher, TrainJob, make_launcher
 from driftloop.retrain.lineage import code_version
-from driftloop.retrain.store import RequestStore, Stored
 from driftloop.retrain.trainers import checked_onnx, outputs
 
 log = logging.getLogger(__name__)

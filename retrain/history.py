@@ -7,10 +7,10 @@ from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
 
+from driftloop.core.requests import TERMINAL, RequestStore
 from driftloop.core.settings import Settings
 from driftloop.registry.ledger import moves
 from driftloop.registry.versions import lineage
-from driftloop.retrain.store import TERMINAL, RequestStore
 
 
 def _when(us: int | None) -> str:

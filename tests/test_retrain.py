@@ -26,6 +26,7 @@ from driftloop.core.contracts import ModelPromoted, ModelRejected, Prediction, R
 from driftloop.core.declarations import ModelSpec
 from driftloop.core.frames import to_matrix
 from driftloop.core.kafka import make_producer
+from driftloop.core.requests import RequestStore
 from driftloop.core.settings import Settings
 from driftloop.core.topics import ensure_topics
 from driftloop.features.repo import apply, declarations
@@ -34,7 +35,6 @@ from driftloop.registry.aliases import promote
 from driftloop.registry.versions import alias_version, client, load_reference, register_version
 from driftloop.retrain.controller import Controller
 from driftloop.retrain.launcher import LocalLauncher, RayTrainLauncher, TrainJob
-from driftloop.retrain.store import RequestStore
 from driftloop.retrain.trainers import checked_onnx, fit, onnx_outputs, outputs, to_onnx
 from tests.helpers import alert_webhook, read_all, read_topic, wait_for, worker
 
@@ -573,3 +573,29 @@ def test_drift_of_one_model_requests_a_retrain_of_that_model_only(rs: Settings):
     drift_req = next(r for r in reqs if r.reason == "drift")
     assert drift_req.since_ts == reports[0].window_start_ts and len(drift_req.evidence["windows"]) == 2
 
+
+
+def test_training_quota_refuses_a_request_over_the_models_daily_budget(rs: Settings, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch):
+    from driftloop.core.usage import totals
+
+    s = rs.model_copy(update={"state_db": f"sqlite:///{tmp_path / 'state.db'}", "train_budget_s": 0.001})
+    monkeypatch.setenv("FLAKY_COUNTER", str(tmp_path / "calls"))
+    monkeypatch.setenv("FLAKY_FAILURES", "0")
+    ctl = Controller(s, LocalLauncher())
+    first = ctl.handle(RetrainRequest(model_name="m_flaky", reason="manual"))  # nothing used yet: it trains
+    assert first is not None and (tmp_path / "calls").read_text() == "1"
+    trained_s = next(h["detail"]["seconds"] for h in ctl.store.get(first.request_id).history
+                     if h["state"] == "evaluating" and "seconds" in (h["detail"] or {}))
+    used = totals(s, model="m_flaky")["m_flaky"]["training_seconds"]
+    assert used == pytest.approx(trained_s * s.train_workers, rel=1e-3, abs=1e-3)
+
+    refused = ctl.handle(RetrainRequest(model_name="m_flaky", reason="manual"))
+    assert isinstance(refused, ModelRejected) and refused.outcome == "refused", refused
+    assert refused.checks["quota"].startswith("training compute budget spent: ")
+    assert (tmp_path / "calls").read_text() == "1"  # no second training run
+    status = [RetrainStatus.from_bytes(m.value()) for m in read_all(s, "retrain.status")]
+    last = [x for x in status if x.request_id == refused.request_id]
+    assert [x.state for x in last] == ["refused"] and "budget" in last[0].detail["checks"]["quota"]
+    rejected = [ModelRejected.from_bytes(m.value()) for m in read_all(s, "models.rejected")]
+    assert [r.outcome for r in rejected if r.request_id == refused.request_id] == ["refused"]
