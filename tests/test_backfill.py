@@ -125,6 +125,7 @@ def test_backfill_rejects_bad_input(streamed):
     assert cli.returncode == 2 and "not an ISO 8601 time" in cli.stderr
 
 
+@pytest.mark.slow  # ~60 s of Feast CLI subprocesses; the materialization guarantee itself is in test_online_stores
 def test_plain_feast_cli_on_the_repo(streamed):
     """`feast apply`, `feast (stream-)feature-views list`, `feast materialize-incremental` on the example repo."""
     s, events = streamed
