@@ -9,6 +9,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from confluent_kafka import Consumer, TopicPartition
 from feast import FeatureStore
@@ -24,25 +25,35 @@ from driftloop.streams.app import repartition_topic
 
 
 @contextlib.contextmanager
-def worker(settings: Settings, name: str, ready_timeout: float = 90, log_name: str | None = None
-           ) -> Iterator[subprocess.Popen]:
-    """A ``driftloop worker <name>`` child, once it marked itself ready; logs to ``<log_name or name>.log``."""
-    (settings.run_dir / f"{name}.ready").unlink(missing_ok=True)  # another worker of that name marked it
-    log = open(settings.root / f"{log_name or name}.log", "ab")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-m", "driftloop.app.cli", "worker", name],
-                            env=settings_env(settings), stdout=log, stderr=subprocess.STDOUT)
+def child(argv: list[str], log_file: Path, ready: Callable[[], object], timeout: float = 90,
+          env: dict[str, str] | None = None, grace: float = 20) -> Iterator[subprocess.Popen]:
+    """A child process logging to ``log_file``, yielded once ``ready()`` holds (it must not die first);
+    stopped on exit with SIGTERM, then SIGKILL after ``grace`` seconds."""
+    log = open(log_file, "ab")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
-        wait_for(lambda: (settings.run_dir / f"{name}.ready").exists() or proc.poll() is not None, ready_timeout)
-        assert proc.poll() is None, f"{name} worker died: see {log.name}"
+        wait_for(lambda: proc.poll() is not None or ready(), timeout)
+        assert proc.poll() is None, f"{argv[0]} {argv[-1]} exited with {proc.returncode}: see {log_file}"
         yield proc
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(20)
+            proc.wait(grace)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
         log.close()
+
+
+@contextlib.contextmanager
+def worker(settings: Settings, name: str, ready_timeout: float = 90, log_name: str | None = None
+           ) -> Iterator[subprocess.Popen]:
+    """A ``driftloop worker <name>`` child, once it marked itself ready; logs to ``<log_name or name>.log``."""
+    ready = settings.run_dir / f"{name}.ready"
+    ready.unlink(missing_ok=True)  # another worker of that name marked it
+    with child([sys.executable, "-m", "driftloop.app.cli", "worker", name], settings.root / f"{log_name or name}.log",
+               ready.exists, ready_timeout, env=settings_env(settings)) as proc:
+        yield proc
 
 
 def apply_repo(settings: Settings) -> tuple[FeatureStore, Declarations]:

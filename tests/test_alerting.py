@@ -8,14 +8,11 @@ labels that agree with the scores (the version's live baseline), then labels tha
 
 from __future__ import annotations
 
-import contextlib
 import re
 import shutil
-import signal
-import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -31,7 +28,7 @@ from driftloop.core.contracts import DriftReport, Label, RetrainRequest
 from driftloop.core.settings import Settings
 from driftloop.drift.auth import load_or_create_token, token_path
 from driftloop.registry.versions import register_version
-from tests.helpers import apply_repo, read_all, wait_for, worker
+from tests.helpers import apply_repo, child, read_all, wait_for, worker
 from tests.test_drift_worker import everything, publish, reference, windows
 from tests.test_retrain import FEATURES, items_repo
 from tests.test_slo_config import ALERTMANAGER, RULES
@@ -64,24 +61,9 @@ def answers(url: str) -> bool:
         return False
 
 
-@contextlib.contextmanager
-def service(argv: list[str], log_file: Path, ready_url: str, timeout: float = 60) -> Iterator[subprocess.Popen]:
+def service(argv: list[str], log_file: Path, ready_url: str, timeout: float = 60):
     """A server process, once ``ready_url`` answers 200; stopped (SIGTERM, then SIGKILL) on exit."""
-    log = open(log_file, "ab")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True)
-    try:
-        wait_for(lambda: proc.poll() is not None or answers(ready_url), timeout)
-        assert proc.poll() is None, f"{argv[0]} exited with {proc.returncode}: {log_file.read_text()[-2000:]}"
-        yield proc
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+    return child(argv, log_file, lambda: answers(ready_url), timeout, grace=15)
 
 
 def prometheus_config(tmp: Path, metrics_port: int, alertmanager_port: int) -> Path:
