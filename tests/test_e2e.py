@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -78,3 +79,6 @@ def test_demo_closes_the_loop(tmp_path):
     assert "data:image/png;base64" in html and "serving swapped" in html
     assert "Model ctr" in html and "Model eta" in html  # both examples ran on one stack
     assert "eta_after_onset: kept its champion" in r.stdout
+    noisy = re.compile(r"Warning|warnings\.warn|\|FAIL\||Traceback")
+    noise = [ln for ln in (r.stdout + r.stderr).splitlines() if noisy.search(ln)]
+    assert noise == [], noise[:10]  # nothing the user did not cause: no library warnings, no librdkafka FAIL lines

@@ -108,7 +108,6 @@ def tickets(n: int, seed: int, tiers: np.ndarray) -> list[tuple[str, dict]]:
     return out
 
 
-@pytest.mark.slow  # 80 s: a whole stack on a repo outside the project; `make test-all` runs it
 def test_a_model_declared_outside_the_project_runs_end_to_end(tmp_path, bootstrap_servers):
     repo = tmp_path / "support_repo"
     repo.mkdir()
