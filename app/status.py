@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from driftloop.app.stackinfo import alive
+from driftloop.core.metrics import bucket_quantile
 from driftloop.core.settings import Settings
 
 TIMEOUT_S = 2.0  # each network check
@@ -102,18 +103,6 @@ def scrape(port: int, host: str = "127.0.0.1", timeout: float = TIMEOUT_S) -> Sa
 
 def _of(samples: Samples, name: str) -> list[tuple[dict[str, str], float]]:
     return [(dict(lb), v) for (n, lb), v in samples.items() if n == name]
-
-
-def bucket_quantile(q: float, buckets: dict[float, float]) -> float | None:
-    """The ``q``-quantile of a cumulative histogram (upper bound ``le`` → count), interpolated within its
-    bucket like Prometheus' ``histogram_quantile``; None when it holds no observation."""
-    from driftloop.bench.common import histogram_quantile
-
-    if not buckets or max(buckets.values()) <= 0:
-        return None
-    name = "h"
-    samples = {(f"{name}_bucket", (("le", repr(le)),)): c for le, c in buckets.items()}
-    return histogram_quantile(q, {}, samples, name)
 
 
 def freshness_p99(samples: Samples) -> dict[str, Any]:

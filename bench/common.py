@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from driftloop.app.supervisor import Child, settings_env
 from driftloop.core.broker import EmbeddedBroker, free_port
+from driftloop.core.metrics import bucket_quantile
 from driftloop.core.settings import Settings
 from driftloop.core.topics import ensure_topics
 from driftloop.features.repo import apply, init_repo
@@ -95,19 +96,8 @@ def histogram_quantile(q: float, before: dict, after: dict, name: str) -> float:
     def buckets(s: dict) -> dict[float, float]:
         return {float(dict(lb)["le"]): v for (n, lb), v in s.items() if n == f"{name}_bucket"}
     b0, b1 = buckets(before), buckets(after)
-    edges = sorted(b1)
-    counts = [b1[e] - b0.get(e, 0.0) for e in edges]
-    n = counts[-1]
-    if n <= 0:
-        return float("nan")
-    rank, lo, prev = q * n, 0.0, 0.0
-    for e, c in zip(edges, counts, strict=True):
-        if c >= rank:
-            if e == float("inf"):
-                return lo
-            return lo + (e - lo) * (rank - prev) / max(c - prev, 1e-12)
-        lo, prev = e, c
-    return edges[-1]
+    got = bucket_quantile(q, {e: c - b0.get(e, 0.0) for e, c in b1.items()})
+    return float("nan") if got is None else got
 
 
 def rss_mb(pid: int) -> tuple[float, float]:

@@ -95,6 +95,22 @@ CONSISTENCY = Gauge("driftloop_consistency_mismatch_share", "Share of rows whose
                     ["view", "feature", "check"], registry=JOBS)
 
 
+def bucket_quantile(q: float, buckets: dict[float, float]) -> float | None:
+    """The ``q``-quantile of a cumulative histogram (upper bound ``le`` → count), interpolated within its
+    bucket as Prometheus' ``histogram_quantile`` does (the highest finite bound when it falls in +Inf);
+    None when it holds no observation."""
+    edges = sorted(buckets)
+    if not edges or buckets[edges[-1]] <= 0:
+        return None
+    rank, lo, prev = q * buckets[edges[-1]], 0.0, 0.0
+    for e in edges:
+        c = buckets[e]
+        if c >= rank:
+            return lo if e == float("inf") else lo + (e - lo) * (rank - prev) / max(c - prev, 1e-12)
+        lo, prev = e, c
+    return edges[-1]
+
+
 def serve_metrics(port: int, component: str | None = None, host: str = "127.0.0.1") -> None:
     """Expose /metrics on ``host:port`` (port 0 = disabled), and mark ``component`` as running."""
     if component:
