@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from driftloop.app.stackinfo import alive
-from driftloop.core.metrics import bucket_quantile
+from driftloop.core.metrics import Samples, bucket_quantile, scrape
 from driftloop.core.settings import Settings
 
 TIMEOUT_S = 2.0  # each network check
@@ -46,7 +46,6 @@ _ORDER = ["streams", "serving", "drift", "retrain"]  # how workers are listed
 NO_STACK = ("no stack running on {root} and no broker configured: start one with `driftloop up -d` "
             "(or pass its --data-dir) or set DRIFTLOOP_BOOTSTRAP_SERVERS")
 
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 _quiet = logging.getLogger("driftloop.status.librdkafka")  # librdkafka's FAIL lines while a broker is down
 _quiet.propagate = False
@@ -88,17 +87,6 @@ def _why(e: BaseException) -> str:
     return (text.splitlines() or [type(e).__name__])[0][:200]
 
 
-
-
-def scrape(port: int, host: str = "127.0.0.1", timeout: float = TIMEOUT_S) -> Samples:
-    """Every sample of a worker's ``/metrics`` as ``{(name, sorted labels): value}``."""
-    import httpx
-    from prometheus_client.parser import text_string_to_metric_families
-
-    r = httpx.get(f"http://{host}:{port}/metrics", timeout=timeout)
-    r.raise_for_status()
-    return {(smp.name, tuple(sorted(smp.labels.items()))): smp.value
-            for fam in text_string_to_metric_families(r.text) for smp in fam.samples}
 
 
 def _of(samples: Samples, name: str) -> list[tuple[dict[str, str], float]]:
@@ -146,7 +134,7 @@ def _worker(pid: int | None, port: int | None) -> dict[str, Any]:
         out["error"] = "process not running"
     if port:
         try:
-            out["_samples"] = scrape(port)
+            out["_samples"] = scrape(port, timeout=TIMEOUT_S)
             out["metrics"] = True
         except Exception as e:  # noqa: BLE001 - any failure to answer is "down"
             out["error"] = out["error"] or f"/metrics: {_why(e)}"

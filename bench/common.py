@@ -6,11 +6,8 @@ import contextlib
 import json
 import logging
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
-
-from prometheus_client.parser import text_string_to_metric_families
 
 from driftloop.app.supervisor import Child, settings_env
 from driftloop.core.broker import EmbeddedBroker, free_port
@@ -72,17 +69,6 @@ def running(settings: Settings, name: str, argv: list[str] | None = None, timeou
         yield child
     finally:
         child.stop()
-
-
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of a worker's /metrics as ``{(name, labels): value}``."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    out = {}
-    for fam in text_string_to_metric_families(text):
-        for smp in fam.samples:
-            out[(smp.name, tuple(sorted(smp.labels.items())))] = smp.value
-    return out
 
 
 def total(samples: dict, name: str, **labels: str) -> float:

@@ -30,12 +30,12 @@ from driftloop.bench.common import (
     report,
     rss_mb,
     running,
-    scrape,
     spread,
     total,
 )
 from driftloop.bench.pipe import pipe_rate
 from driftloop.core.contracts import now_us
+from driftloop.core.metrics import scrape
 from driftloop.core.settings import Settings
 from driftloop.core.topics import ensure_topics
 from driftloop.examples.ads.ads_generator import synthetic_events

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import logging
 import time
+import urllib.request
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.parser import text_string_to_metric_families
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +95,17 @@ JOBS = CollectorRegistry()
 CONSISTENCY = Gauge("driftloop_consistency_mismatch_share", "Share of rows whose value differs: offline = stream "
                     "rows vs the Spark recompute, online = online store vs the recompute at the latest event",
                     ["view", "feature", "check"], registry=JOBS)
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(port: int, host: str = "127.0.0.1", timeout: float = 5.0) -> Samples:
+    """Every sample of a worker's ``/metrics`` as ``{(name, sorted labels): value}``."""
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=timeout) as r:
+        text = r.read().decode()
+    return {(smp.name, tuple(sorted(smp.labels.items()))): smp.value
+            for fam in text_string_to_metric_families(text) for smp in fam.samples}
 
 
 def bucket_quantile(q: float, buckets: dict[float, float]) -> float | None:

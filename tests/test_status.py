@@ -24,11 +24,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from driftloop.app.status import cmd_status, freshness_p99
 from driftloop.app.supervisor import start_detached, stop_stack
-from driftloop.bench.common import scrape, total
+from driftloop.bench.common import total
 from driftloop.core.broker import free_port
 from driftloop.core.contracts import DriftReport, RetrainRequest
 from driftloop.core.kafka import flush_or_raise, make_producer
-from driftloop.core.metrics import LATENCY_BUCKETS
+from driftloop.core.metrics import LATENCY_BUCKETS, scrape
 from driftloop.core.requests import RequestStore
 from driftloop.core.settings import Settings
 from tests.helpers import wait_for

@@ -18,8 +18,9 @@ from deltalake import write_deltalake
 
 from driftloop.app.producer import publish
 from driftloop.app.supervisor import Stack
-from driftloop.bench.common import scrape, total
+from driftloop.bench.common import total
 from driftloop.core import delta
+from driftloop.core.metrics import scrape
 from driftloop.core.settings import Settings
 from driftloop.features.repo import declarations, open_store
 from driftloop.registry.versions import alias_version
