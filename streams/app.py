@@ -44,6 +44,7 @@ import faust
 import orjson
 from aiokafka.partitioner import murmur2
 from confluent_kafka.admin import AdminClient
+from faust.types import TP
 
 from driftloop.core.declarations import Declarations
 from driftloop.core.kafka import (
@@ -62,8 +63,8 @@ from driftloop.features import windows
 from driftloop.features.online_write import OnlineSink
 from driftloop.features.repo import declarations, open_store
 from driftloop.streams import faust_patches, seed
-from driftloop.streams.engine import BatchOutput, FeatureEngine, Record
-from driftloop.streams.sinks import OfflineSink
+from driftloop.streams.engine import LABELS_TABLE, BatchOutput, FeatureEngine, Record
+from driftloop.streams.sinks import LabelSink, OfflineSink
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +210,7 @@ def create_app(settings: Settings) -> faust.App:
     # again) must not have its records taken for ones already written; a real cluster keeps its id
     cluster = producer.list_topics(timeout=30).cluster_id or "kafka"
     offline = OfflineSink(settings.offline_dir, app=f"streams@{cluster}")
+    labels_sink = LabelSink(settings.offline_dir, app=f"streams@{cluster}", table=LABELS_TABLE)
     online = OnlineSink(store)
     seed_sink = OfflineSink(settings.offline_dir, app="seed")  # its own offsets: never hides a stream row
     pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sink")
@@ -247,6 +249,7 @@ def create_app(settings: Settings) -> faust.App:
                              len(state.data), n)
                     engine.reset(state.data.items())
                     offline.reset()
+                    await asyncio.get_running_loop().run_in_executor(None, labels_sink.reset, _label_ends(parts))
                     await asyncio.get_running_loop().run_in_executor(None, _seed_new_views, sorted(parts))
                     fresh_assignment = False
                 await _process_batch(messages)
@@ -261,8 +264,10 @@ def create_app(settings: Settings) -> faust.App:
         assigned = app.consumer.assignment()
         records = router.records([m for m in messages if m.tp in assigned], _route)  # a record of a partition
         # revoked meanwhile is the new owner's
+        for m in messages:
+            consumed[m.tp] = m.offset
         t0 = time.perf_counter()
-        out = engine.process(records, state.data.get)
+        out = engine.process(records, state.data.get, caught_up=_caught_up)
         t1 = time.perf_counter()
         for topic in {r.topic for r in records}:
             EVENTS_IN.labels(component="streams", topic=topic).inc(sum(r.topic == topic for r in records))
@@ -272,8 +277,8 @@ def create_app(settings: Settings) -> faust.App:
                 CONSUMER_LAG.labels("streams", tp.topic, str(tp.partition)).set(
                     max(0, app.consumer.highwater(tp) - off - 1))
         loop = asyncio.get_running_loop()
-        writes = [loop.run_in_executor(pool, offline.write, name, cols, out.offsets)
-                  for name, cols in out.offline.items()]
+        writes = [loop.run_in_executor(pool, (labels_sink if name == LABELS_TABLE else offline).write, name, cols,
+                                       out.offsets) for name, cols in out.offline.items()]
         writes.append(loop.run_in_executor(pool, _write_online, out))
         await asyncio.gather(*writes)
         t2 = time.perf_counter()
@@ -292,6 +297,31 @@ def create_app(settings: Settings) -> faust.App:
         beat("streams", progressed=True)
         log.debug("batch %d records: engine %.3fs, sinks %.3fs, state %.3fs, flush %.3fs (%d keys)", len(records),
                   t1 - t0, t2 - t1, t3 - t2, t4 - t3, len(out.states))
+
+    consumed: dict[Any, int] = {}  # the last offset processed per source topic-partition (full name)
+    full = {t: settings.topic(t) for t in decls.topics}
+
+    def _caught_up(topic: str, partition: int) -> bool:
+        """Whether every record the broker holds of ``topic``'s partition owning ``partition`` (and of its
+        routed copies) has been processed: a join may close by the scored topic's watermark only then, or a
+        backlog's scored events would close before their outcomes are read."""
+        q = partition % router.n
+        for name, saved in ((full[topic], engine.ends.get((topic, q), -1)),
+                            (router.copy_topic[topic], -1)):
+            tp = TP(name, q)
+            try:
+                end = app.consumer.highwater(tp)
+            except Exception:  # noqa: BLE001 (not assigned or not fetched yet: unknown)
+                return False
+            if end is None or (end > 0 and max(consumed.get(tp, -1), saved) + 1 < end):
+                return False
+        return True
+
+    def _label_ends(partitions: list[int]) -> dict[tuple[str, int], int]:
+        """The last offset the saved state vouches for, per label topic and (virtual) partition it owns."""
+        n = router.n
+        return {(t, vp): (state.data.get(f"_wm|{t}|{vp}") or {}).get("e", -1)
+                for t in engine.label_topics for q in partitions for vp in (q, *(n * (1 + p) + q for p in range(n)))}
 
     def _route(topic: str, key: bytes | None, value: bytes | None, partition: int,
                headers: list[tuple[str, bytes]]) -> None:

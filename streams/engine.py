@@ -52,8 +52,10 @@ Label rules (``ModelSpec.label``):
 * ``field``: each labels-topic record is a label of the event its ``id_field`` names.
 
 A label row in Delta carries the origin of the record that made it final (the outcome that moved the
-watermark, or the scored event itself, or the field record): that record is the same in a replay, so the
-sink's offset check keeps labels idempotent too.
+watermark, the scored event itself, the batch's last record for a close by the scored topic's watermark, or
+the field record). A replay can close the same join on another record (other batch cuts, another interleaving
+of the two topics), so the labels sink is idempotent by (model, event id), not by that origin
+(``sinks.LabelSink``).
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ from driftloop.features.windows import ViewSpec
 log = logging.getLogger(__name__)
 
 StateGet = Callable[[str], dict[str, Any] | None]
+CaughtUp = Callable[[str, int], bool]
 UNMATCHED_HORIZON = 60  # windows of event time an outcome waits for its scored event
 LABELS_TABLE = "labels"
 
@@ -187,7 +190,11 @@ class FeatureEngine:
         for heap in self.due.values():
             heapq.heapify(heap)
 
-    def process(self, records: list[Record], get: StateGet, now_us: int | None = None) -> BatchOutput:
+    def process(self, records: list[Record], get: StateGet, now_us: int | None = None,
+                caught_up: CaughtUp | None = None) -> BatchOutput:
+        """One micro-batch. ``caught_up(topic, partition)``: whether every record of that topic-partition the
+        broker holds has been consumed (None: always); a join closes by its scored topic's watermark only on
+        partitions whose outcome topic has no watermark yet and is caught up."""
         out = BatchOutput()
         now_us = now_us or time.time_ns() // 1000
         self.limit = None if self.max_future_us is None else now_us + self.max_future_us
@@ -230,7 +237,7 @@ class FeatureEngine:
         out.accepted = len(accepted)
         self._aggregate(accepted, cache, out, now_us)
         self._bronze(accepted, out, now_us)
-        self._fallback_finalise(last_ok, cache, get, out)
+        self._fallback_finalise(last_ok, cache, get, out, caught_up)
         self._finish(cache, out, get, now_us)
         for lb, r in out.labels:
             out.add_row(LABELS_TABLE, {"model_name": lb.model_name, "event_id": lb.event_id, "key": lb.key,
@@ -440,13 +447,15 @@ class FeatureEngine:
                                      ts=s_ts), trigger))
 
     def _fallback_finalise(self, last_ok: dict[tuple[str, int], Record], cache: dict[str, dict[str, Any]],
-                           get: StateGet, out: BatchOutput) -> None:
-        """Close joins by the scored topic's watermark on partitions where the outcome topic has none yet
-        (at the batch's end, so outcomes of the same batch still count)."""
+                           get: StateGet, out: BatchOutput, caught_up: CaughtUp | None) -> None:
+        """Close joins by the scored topic's watermark on partitions where the outcome topic has none yet (at
+        the batch's end, so outcomes of the same batch still count) and none is waiting in the broker (a new
+        consumer on a backlog may fetch the scored topic first)."""
         for (topic, p), r in last_ok.items():
             for m in self.scored_by.get(topic, ()):
                 wm = self._watermark((topic, p), get)
-                if wm is not None and self._watermark((m.label.topic, p), get) is None:
+                if (wm is not None and self._watermark((m.label.topic, p), get) is None
+                        and (caught_up is None or caught_up(m.label.topic, p))):
                     self._finalise(m, p, wm, r, cache, get, out)
 
     def _join_watermark(self, m: ModelSpec, p: int, get: StateGet) -> int | None:

@@ -1,12 +1,16 @@
-"""Sinks of the streams worker: Delta offline tables (idempotent); the online sink is features.online_write."""
+"""Sinks of the streams worker: Delta offline tables and the labels table (both idempotent); the online sink
+is features.online_write."""
 
 from __future__ import annotations
 
 import logging
+import operator
+from functools import reduce
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.dataset as ds
 from deltalake import DeltaTable
 
 from driftloop.core import delta
@@ -51,13 +55,7 @@ class OfflineSink:
         ``offsets`` the batch's last offsets."""
         ids = {self.txn_id(t, p): o for (t, p), o in offsets.items()}
         done = self._applied(name, list(ids))
-        if any(done[a] >= 0 for a in ids):
-            keep = [i for i, (t, p, o) in enumerate(zip(cols["_topic"], cols["_partition"], cols["_offset"],
-                                                          strict=True))
-                    if o > done.get(self.txn_id(t, p), -1)]
-            if len(keep) < len(cols["_offset"]):
-                cols = {k: [v[i] for i in keep] for k, v in cols.items()}
-            ids = {a: o for a, o in ids.items() if o > done[a]}
+        cols, ids = self._fresh(cols, ids, done)
         if not ids:
             return 0
         table = pa.table(cols)
@@ -72,3 +70,64 @@ class OfflineSink:
         done.update(ids)
         ROWS_WRITTEN.labels(sink=f"delta:{name}").inc(n)
         return n
+
+    def _fresh(self, cols: dict[str, list[Any]], ids: dict[str, int], done: dict[str, int]
+               ) -> tuple[dict[str, list[Any]], dict[str, int]]:
+        """The rows not written yet (origin above the recorded offset) and the offsets to record."""
+        if any(done[a] >= 0 for a in ids):
+            keep = [i for i, (t, p, o) in enumerate(zip(cols["_topic"], cols["_partition"], cols["_offset"],
+                                                          strict=True))
+                    if o > done.get(self.txn_id(t, p), -1)]
+            cols = _take(cols, keep)
+            ids = {a: o for a, o in ids.items() if o > done[a]}
+        return cols, ids
+
+
+def _take(cols: dict[str, list[Any]], keep: list[int]) -> dict[str, list[Any]]:
+    if len(keep) == len(next(iter(cols.values()), ())):
+        return cols
+    return {k: [v[i] for i in keep] for k, v in cols.items()}
+
+
+class LabelSink(OfflineSink):
+    """The ``labels`` table, idempotent by (model, scored event id) rather than by origin offsets.
+
+    A label row's origin is the record that made it final, and a replay can close the same join on another
+    record (another batch cut, or the scored and outcome topics fetched in another interleaving), possibly one
+    at or below offsets already recorded: an offset check would drop a label that was never written. Instead,
+    ``reset(ends)`` reads back the labels of batches whose state never became durable: rows whose origin is
+    above the last offset the saved state vouches for (``ends``, the engine's ``_wm`` records) and at most
+    the offset this sink recorded for that topic-partition. A replay that makes one of them final again skips
+    its row; any other label is new (its join was open in the durable state)."""
+
+    def __init__(self, root: Path, app: str, table: str = "labels"):
+        super().__init__(root, app)
+        self.table = table
+        self.written: set[tuple[str, str]] = set()  # (model, event id) written by a batch lost in a crash
+
+    def reset(self, ends: dict[tuple[str, int], int] | None = None) -> None:
+        super().reset()
+        self.written = set()
+        dt = delta.open_table(self.root / self.table)
+        if dt is None or not ends:
+            return
+        ranges = [(t, p, e, v) for (t, p), e in ends.items()
+                  if (v := dt.transaction_version(self.txn_id(t, p))) is not None and v > e]
+        if not ranges:
+            return
+        f = ds.field
+        where = reduce(operator.or_, [(f("_topic") == t) & (f("_partition") == p) & (f("_offset") > e)
+                                      & (f("_offset") <= v) for t, p, e, v in ranges])
+        got = dt.to_pyarrow_dataset().to_table(columns=["model_name", "event_id"], filter=where)
+        self.written = set(zip(got["model_name"].to_pylist(), got["event_id"].to_pylist(), strict=True))
+        log.info("labels: %d rows written by batches lost in a crash (%s); their joins close again without a "
+                 "second row", len(self.written), ", ".join(f"{t}[{p}] {e + 1}..{v}" for t, p, e, v in ranges))
+
+    def _fresh(self, cols: dict[str, list[Any]], ids: dict[str, int], done: dict[str, int]
+               ) -> tuple[dict[str, list[Any]], dict[str, int]]:
+        if self.written:
+            cols = _take(cols, [i for i, k in enumerate(zip(cols["model_name"], cols["event_id"], strict=True))
+                                if k not in self.written])
+        if not cols or not cols["event_id"]:
+            return cols, {}
+        return cols, {a: max(o, done[a]) for a, o in ids.items()}  # the highest origin ever written

@@ -5,8 +5,10 @@ re-sent records (same ``event_id``, a new offset), random micro-batches, and a k
 partly lost) followed by a replay of records already applied.
 
 The app's sinks are emulated as the app writes them: Delta tables keep a row only above the offsets recorded
-for its table (``OfflineSink``), the online store keeps the last row written per entity, the state table is
-a dict written after each batch (after a crash: a prefix of each changelog partition's records)."""
+for its table (``OfflineSink``), the labels table a row unless a batch lost in the crash wrote its label
+(``LabelSink``: origin above the saved state's batch end, at most the recorded offset), the online store
+keeps the last row written per entity, the state table is a dict written after each batch (after a crash: a
+prefix of each changelog partition's records)."""
 
 from __future__ import annotations
 
@@ -138,6 +140,10 @@ class Worker:
     def restart(self) -> None:
         self.engine = FeatureEngine(self.views, self.decls, max_future_s=BOUND_S)
         self.engine.reset(self.state.items())
+        done = self.done["labels"]
+        self.lost_labels = {(r["model_name"], r["event_id"]) for r in self.rows["labels"]
+                            if (self.state.get(f"_wm|{r['_topic']}|{r['_partition']}") or {}).get("e", -1)
+                            < r["_offset"] <= done.get((r["_topic"], r["_partition"]), -1)}
 
     def get(self, key: str) -> dict[str, Any] | None:
         return copy.deepcopy(self.state.get(key))
@@ -163,7 +169,10 @@ class Worker:
     def _delta(self, name: str, cols: dict[str, list[Any]], offsets: dict[tuple[str, int], int]) -> None:
         done = self.done[name]
         rows = [dict(zip(cols, v, strict=True)) for v in zip(*cols.values(), strict=True)]
-        self.rows[name] += [r for r in rows if r["_offset"] > done.get((r["_topic"], r["_partition"]), -1)]
+        if name == "labels":
+            self.rows[name] += [r for r in rows if (r["model_name"], r["event_id"]) not in self.lost_labels]
+        else:
+            self.rows[name] += [r for r in rows if r["_offset"] > done.get((r["_topic"], r["_partition"]), -1)]
         done.update({tp: o for tp, o in offsets.items() if o > done.get(tp, -1)})
 
     def run(self, recs: list[Record], starts: list[int], crash: Crash | None = None, at: int = 0) -> None:

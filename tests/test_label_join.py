@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import copy
 from collections import Counter, defaultdict
+from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 
+from driftloop.core import delta
 from driftloop.core.declarations import Declarations, LabelSpec, ModelSpec, TopicSpec
 from driftloop.streams.engine import UNMATCHED_HORIZON, BatchOutput, FeatureEngine, Record
+from driftloop.streams.sinks import LabelSink
 
 T0 = 1_700_000_000_000_000
 S = 1_000_000  # one second in µs
@@ -252,30 +255,33 @@ def _traffic(n: int) -> list[tuple[str, dict]]:
     return [*out, outcome("w1", "zz", T0 + (n + 20) * S)]
 
 
-def _delta_rows(outs: list[BatchOutput]) -> list[tuple[str, float]]:
-    """The label rows a Delta table keeps under the offline sink's rule: a row is appended only if its origin
-    offset is above what the table recorded for that topic-partition, which then records the batch's ends."""
-    done: dict[tuple[str, int], int] = {}
-    rows = []
-    for out in outs:
-        cols = out.offline.get("labels")
-        if not cols:
-            continue
-        for eid, label, t, p, o in zip(cols["event_id"], cols["label"], cols["_topic"], cols["_partition"],
-                                       cols["_offset"], strict=True):
-            if o > done.get((t, p), -1):
-                rows.append((eid, label))
-        for tp, o in out.offsets.items():
-            done[tp] = max(done.get(tp, -1), o)
-    return rows
+class Labels:
+    """The app's labels sink (``LabelSink``) on a real Delta table: each batch's label rows written as the app
+    writes them; after a restart, reset with the ends the saved state vouches for."""
+
+    def __init__(self, root: Path, h: Harness):
+        self.sink, self.h = LabelSink(root, app="test"), h
+
+    def write(self, out: BatchOutput) -> None:
+        if "labels" in out.offline:
+            self.sink.write("labels", out.offline["labels"], out.offsets)
+
+    def restart(self) -> None:
+        self.h.restart()
+        self.sink.reset({(t, 0): (self.h.state.get(f"_wm|{t}|0") or {}).get("e", -1)
+                         for t in self.h.engine.label_topics})
+
+    def rows(self) -> list[tuple[str, float]]:
+        got = delta.read(self.sink.root / "labels")
+        return list(zip(got["event_id"], got["label"], strict=True))
 
 
 @pytest.mark.parametrize("split", [1, 4, 9])
-def test_crash_and_replay_writes_each_label_once(split):
+def test_crash_and_replay_writes_each_label_once(split, tmp_path: Path):
     """A batch whose rows were written but whose state was partly lost (one entity's made it) is replayed from
-    earlier offsets in other batches: label rows carry the record that made them final, the same in the replay
-    (a record skipped as applied still moves the watermark), so the Delta sink's offset check keeps exactly one
-    row per label. Every crash point and surviving entity of a small stream."""
+    earlier offsets in other batches: the labels sink reads back the rows of the lost batch and skips them when
+    their joins close again, so the Delta table keeps exactly one row per label. Every crash point and
+    surviving entity of a small stream."""
     m = model("ctr")
     events = _traffic(30)
     clean = Harness(m)
@@ -286,13 +292,53 @@ def test_crash_and_replay_writes_each_label_once(split):
     for start in range(12, 44, 4):
         for survivor in ("user_id=u0", "user_id=u1", "user_id=u2"):
             h = Harness(m)
+            sink = Labels(tmp_path / f"{start}-{survivor}", h)
             for i in range(0, start, split):
-                h.process(records[i:min(i + split, start)])
+                sink.write(h.process(records[i:min(i + split, start)]))
             crashed = h.process(records[start:start + 8], durable=False)
+            sink.write(crashed)
             h.write(crashed, lambda key, keep=survivor: key == keep)
-            h.restart()
+            sink.restart()
             for i in range(start - 10, len(records), split + 1):
-                h.process(records[i:i + split + 1])
-            rows = _delta_rows(h.outs)
+                sink.write(h.process(records[i:i + split + 1]))
+            rows = sink.rows()
             assert len(rows) == len({e for e, _ in rows}), f"a label row written twice (crash at {start})"
             assert dict(rows) == want, f"crash at {start}, {survivor}'s state kept"
+
+
+def test_a_replay_that_closes_a_join_on_another_record_still_writes_it(tmp_path: Path):
+    """The replay of a lost batch fetches the topics in another interleaving: an outcome beyond the lost batch
+    comes first, so a scored event of the lost batch closes on itself, at an offset the lost batch's write
+    recorded. An offset check (the feature tables' rule) would drop that label although it was never written
+    (it did on the old sink); the labels sink keeps it, and still writes the lost batch's label once."""
+    m = model("ctr")
+    h = Harness(m)
+    sink = Labels(tmp_path, h)
+    w0, s0, o1 = (h.record(*outcome("w0", "zz", T0)), h.record(*scored("s0", T0 + S)),
+                  h.record(*outcome("w1", "zz", T0 + 7 * S)))
+    s1, o2 = h.record(*scored("s1", T0 + 3 * S)), h.record(*outcome("w2", "zz", T0 + 60 * S))
+    sink.write(h.process([w0, s0]))
+    lost = h.process([o1, s1], durable=False)  # closes s0 (its window ends at T0 + 6 s); s1's is still open
+    assert [lb.event_id for lb, _ in lost.labels] == ["s0"]
+    sink.write(lost)  # the kill -9 comes before its state records
+    sink.restart()
+    sink.write(h.process([o1, o2, s1]))  # the replay, outcomes fetched first: s1 closes on itself
+    assert sorted(sink.rows()) == [("s0", 0.0), ("s1", 0.0)]
+
+
+def test_a_backlog_waits_for_its_outcomes_before_closing_by_the_scored_watermark():
+    """A fresh consumer on a backlog may fetch only scored events first: while the outcome topic has records
+    not consumed yet, its joins do not close by the scored topic's watermark (they would close as 0)."""
+    m = model("ctr")
+    h = Harness(m)
+    scored_first = [h.record(*scored(f"s{i}", T0 + i * S)) for i in range(10)]
+    outcomes = [h.record(*outcome(f"o{i}", f"s{i}", T0 + i * S + 2 * S)) for i in range(10)]
+    waiting = h.engine.process(scored_first, h.get, now_us=T0, caught_up=lambda topic, p: False)
+    h.write(waiting, lambda key: True)
+    assert not waiting.labels, "closed by the scored watermark before the outcomes were read"
+    out = h.engine.process(outcomes, h.get, now_us=T0, caught_up=lambda topic, p: True)
+    assert {lb.event_id: lb.label for lb, _ in out.labels} == {f"s{i}": 1.0 for i in range(7)}
+    unsure = Harness(m)  # the same fetch when the outcome partition is known to be empty: closes by the scored one
+    out = unsure.engine.process([unsure.record(*scored(f"s{i}", T0 + i * S)) for i in range(10)], unsure.get,
+                                now_us=T0, caught_up=lambda topic, p: True)
+    assert {lb.event_id: lb.label for lb, _ in out.labels} == {f"s{i}": 0.0 for i in range(5)}
