@@ -7,7 +7,7 @@ PIP    := $(BIN)/pip --disable-pip-version-check
 STAMP_RUN := $(VENV)/.installed-run
 STAMP_DEV := $(VENV)/.installed-dev
 
-.PHONY: demo test test-all lint bench clean
+.PHONY: demo test test-all test-reliability lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ demo: $(STAMP_RUN)
 test: $(STAMP_DEV)
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
+
+test-reliability: $(STAMP_DEV)
+	$(BIN)/pytest -q -m reliability tests/reliability
 
 test-all: $(STAMP_DEV)
 	$(BIN)/pytest -q -m ""

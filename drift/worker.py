@@ -1,7 +1,8 @@
 """The drift worker (``driftloop worker drift``): the monitor's consumer loop and its alert webhook server.
 
 One consumer reads ``predictions``, ``labels``, ``models.promoted`` and ``models.rejected`` and hands each
-record to the :class:`~driftloop.drift.monitor.Monitor`. Offsets are committed after every batch, up to the
+record to the :class:`~driftloop.drift.monitor.Monitor`; a record that does not parse, or names a model that is
+not declared, goes to ``dlq`` (``core/deadletter.py``). Offsets are committed after every batch, up to the
 first record an open window or label buffer still holds, so a restarted worker rebuilds its open windows.
 The worker restarts (``RESTART_EXIT``) when new declarations are applied.
 """
@@ -14,6 +15,7 @@ from confluent_kafka import Message, TopicPartition
 from pydantic import ValidationError
 
 from driftloop.core.contracts import Label, ModelPromoted, ModelRejected, Prediction
+from driftloop.core.deadletter import DeadLetters
 from driftloop.core.kafka import LagReporter, good_messages, make_consumer
 from driftloop.core.metrics import BATCH_SIZE, EVENTS_IN, beat
 from driftloop.core.settings import Settings
@@ -35,13 +37,16 @@ PARSERS = {"predictions": Prediction, "labels": Label, "models.promoted": ModelP
            "models.rejected": ModelRejected}
 
 
-def handle(mon: Monitor, msg: Message, kinds: dict[str, str]) -> bool:
-    """One record; whether it closed a window. Malformed records are logged and skipped."""
+def handle(mon: Monitor, msg: Message, kinds: dict[str, str], dead: DeadLetters) -> bool:
+    """One record; whether it closed a window. Malformed records and undeclared models are dead-lettered."""
     kind = kinds.get(msg.topic(), "")
     try:
         rec = PARSERS[kind].from_bytes(msg.value())
-    except (ValidationError, ValueError, KeyError) as e:
-        log.warning("skipping a malformed %s record at offset %s: %s", kind, msg.offset(), str(e)[:300])
+    except (ValidationError, ValueError, KeyError, TypeError) as e:
+        dead.refused(msg, e)
+        return False
+    if rec.model_name not in mon.states:
+        dead.add(msg, "unknown_model", f"model {rec.model_name!r} is not declared (declared: {sorted(mon.states)})")
         return False
     if isinstance(rec, Prediction):
         return mon.add(rec, msg) is not None
@@ -66,6 +71,7 @@ def run(settings: Settings) -> None:
     lag = LagReporter(consumer, "drift")
     mark_ready(settings, "drift")
     consumed: dict[tuple[str, int], int] = {}
+    dead = DeadLetters(settings, "drift", f"{settings.topic_prefix}drift")
     restart = False
     try:
         while not stop and not restart:
@@ -74,11 +80,12 @@ def run(settings: Settings) -> None:
                 BATCH_SIZE.labels(component="drift").observe(len(msgs))
             for msg in msgs:
                 EVENTS_IN.labels(component="drift", topic=kinds.get(msg.topic(), msg.topic())).inc()
-                handle(mon, msg, kinds)
+                handle(mon, msg, kinds, dead)
                 consumed[(msg.topic(), msg.partition())] = msg.offset()
             if msgs:
                 owned = {(tp.topic, tp.partition) for tp in consumer.assignment()}
                 consumed = {tp: off for tp, off in consumed.items() if tp in owned}  # a rebalance moved the rest
+                dead.wait()
                 if consumed:
                     consumer.commit(offsets=commit_point(consumed, mon.held()), asynchronous=False)
             beat("drift", progressed=bool(msgs))

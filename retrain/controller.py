@@ -29,6 +29,7 @@ import pandas as pd
 from pydantic import ValidationError
 
 from driftloop.core.contracts import ModelPromoted, ModelRejected, RetrainRequest, RetrainStatus, now_us
+from driftloop.core.deadletter import DeadLetters
 from driftloop.core.declarations import Declarations, ModelSpec
 from driftloop.core.frames import to_matrix
 from driftloop.core.kafka import Deliveries, good_messages, make_consumer, make_producer
@@ -377,15 +378,23 @@ def run(settings: Settings, launcher: Launcher | None = None) -> None:
         TRAINING_BUDGET.labels(model=name).set(spec.train_budget_s or settings.train_budget_s or 0)
     mark_ready(settings, "retrain")
     runner = Dispatcher(ctl, stop, settings.retrain_concurrency)
+    dead = DeadLetters(settings, "retrain", f"{settings.topic_prefix}retrain")
     restart = False
     try:
         while not stop and not restart:
             for msg in good_messages(consumer.consume(10, 0.5)):
                 EVENTS_IN.labels(component="retrain", topic="retrain.requests").inc()
                 try:
-                    ctl.store.add(RetrainRequest.from_bytes(msg.value()))
-                except (ValidationError, ValueError) as e:
-                    log.warning("skipping malformed retrain request at offset %s: %s", msg.offset(), e)
+                    req = RetrainRequest.from_bytes(msg.value())
+                except (ValidationError, ValueError, TypeError) as e:
+                    dead.refused(msg, e)
+                else:
+                    if req.model_name in ctl.decls.models:
+                        ctl.store.add(req)
+                    else:
+                        dead.add(msg, "unknown_model", f"model {req.model_name!r} is not declared "
+                                                       f"(declared: {sorted(ctl.decls.models)})")
+                dead.wait()
                 consumer.commit(message=msg, asynchronous=False)  # stored durably: the store resumes it
             runner.dispatch()
             beat("retrain", progressed=True)

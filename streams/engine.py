@@ -213,6 +213,10 @@ class FeatureEngine:
                 continue
             ts = row["ts"]
             key = self.entity_key(r.topic, row)
+            if r.key is not None and r.key.decode(errors="replace") != key[key.index("=") + 1:]:
+                out.dlq.append((r, "key", f"record key {r.key[:100]!r} is not its {key[:key.index('=')]} "
+                                          f"{key[key.index('=') + 1:][:100]!r} (key records by the declared key)"))
+                continue
             st = self._state(key, cache, get)
             okey = f"{r.topic}:{r.partition}"
             wm = self._watermark(tp, get)

@@ -26,18 +26,19 @@ def _find(name: str) -> str | None:
 
 
 @contextlib.contextmanager
-def redis_server() -> Iterator[str]:
-    """``host:port`` of a fresh in-memory redis-server."""
+def redis_server(password: str | None = None) -> Iterator[str]:
+    """``host:port`` of a fresh in-memory redis-server (``,password=…`` appended when it requires one)."""
     exe = _find("redis-server")
     if exe is None:
         pytest.skip("redis-server not installed (apt-get install redis-server; .ci/run does this)")
     port = free_port()
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    auth = ["--requirepass", password] if password else []
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             *auth], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
         import redis
 
-        r = redis.Redis(host="127.0.0.1", port=port)
+        r = redis.Redis(host="127.0.0.1", port=port, password=password)
         deadline = time.monotonic() + 20
         while True:
             try:
@@ -47,7 +48,7 @@ def redis_server() -> Iterator[str]:
                 if time.monotonic() > deadline or proc.poll() is not None:
                     raise
                 time.sleep(0.1)
-        yield f"127.0.0.1:{port}"
+        yield f"127.0.0.1:{port}" + (f",password={password}" if password else "")
     finally:
         proc.terminate()
         proc.wait(10)

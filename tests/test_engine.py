@@ -423,3 +423,13 @@ def test_a_view_added_later_starts_where_the_data_starts(ads, data: st.DataObjec
     if split < len(recs):
         w.run(recs[split:], data.draw(cuts(len(recs) - split)))
     check(w, events)
+
+
+def test_a_record_keyed_by_another_entity_is_dead_lettered(ads) -> None:
+    """The partition that owns an entity is chosen by the record key: a key that is not the entity's field
+    would count the event in another partition's state, so it is refused (``key``); a null key is fine."""
+    [wrong, null, right] = records([imp("a", T, "u0"), imp("b", T + S, "u0"), imp("c", T + 2 * S, "u0")])
+    wrong.key, null.key = b"u2", None
+    out = Worker(*ads).batch([wrong, null, right])
+    assert [(r.offset, why) for r, why, _ in out.dlq] == [(0, "key")]
+    assert "user_id 'u0'" in out.dlq[0][2] and out.accepted == 2
