@@ -129,6 +129,7 @@ def run_demo(settings: Settings, rate: float = 300.0, timeout: float = 600.0, dr
     try:
         while time.monotonic() < deadline:
             time.sleep(0.5)
+            stack.supervise_once()  # a worker that died is restarted, as under `driftloop up`
             for n in specs:
                 if n not in first and obs.of("predictions", n):
                     first[n] = obs.of("predictions", n)[0][1]["model_version"]

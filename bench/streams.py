@@ -113,6 +113,14 @@ def drain(port: int, count: Callable[[dict], float], target: float, stalled_s: f
     return (d1 - d0) / max(t1 - t0, 1e-9), rss
 
 
+def stamped(events: list[tuple[str, dict]], start_us: int) -> list[tuple[str, dict]]:
+    """Events generated from time 0, moved to start at ``start_us`` (the moment they start to be sent: stamped
+    before generating them, every event would carry the generation's seconds as latency)."""
+    for _topic, rec in events:
+        rec["ts"] += start_us
+    return events
+
+
 def backlog_events(n: int, seed: int) -> list[tuple[str, dict]]:
     """``n`` impressions (+ about 20% clicks) stamped in the past, ending a minute ago."""
     span_us = int((n / GEN_RATE + 60) * 1e6)
@@ -138,9 +146,9 @@ def run(base: Settings, events: int = 200_000, rate: float = 5000.0, fresh_s: fl
                 if i < repeats - 1:
                     continue
                 before = settled(s.metrics_port, total_freshness)  # the backlog's last online rows are in
-                live = synthetic_events(int(fresh_s * rate / 1.2), rate=rate / 1.2, start_us=now_us(), seed=99)
+                live = synthetic_events(int(fresh_s * rate / 1.2), rate=rate / 1.2, start_us=0, seed=99)
                 print(f"freshness: {len(live):,} live events at {rate:,.0f}/s", flush=True)
-                publish(s, live, rate=rate)
+                publish(s, stamped(live, now_us()), rate=rate)
                 drain(s.metrics_port, processed, len(backlog) + len(live))
                 after = scrape(s.metrics_port)
                 peak = rss_mb(child.proc.pid)[1]

@@ -1,7 +1,8 @@
 """Dead letters of the workers' own consumers: a record a worker cannot use goes to ``dlq`` with its reason
 (headers as the streams worker's: ``error``, ``reason``, ``source_topic``, ``partition``, ``offset``, plus
 ``consumer``), is counted in ``driftloop_dlq_total``, and is committed past only once the broker acknowledged
-its dead letter."""
+its dead letter. A value over ``MAX_VALUE`` bytes is cut to that length (header ``truncated``: its size), so a
+record the broker took can always be dead-lettered, whatever its message size limit."""
 
 from __future__ import annotations
 
@@ -16,6 +17,19 @@ from driftloop.core.metrics import DLQ
 from driftloop.core.settings import Settings
 
 log = logging.getLogger(__name__)
+
+MAX_VALUE = 256 * 1024
+MAX_DETAIL = 1000  # characters of the ``error`` header (a detail may quote the record)
+
+
+def letter(value: bytes | None, headers: dict[str, str]) -> tuple[bytes | None, dict[str, str]]:
+    """The dead letter's value and headers: the raw value cut to ``MAX_VALUE`` bytes, the error detail to
+    ``MAX_DETAIL`` characters."""
+    if len(headers.get("error", "")) > MAX_DETAIL:
+        headers = {**headers, "error": headers["error"][:MAX_DETAIL]}
+    if value is not None and len(value) > MAX_VALUE:
+        return value[:MAX_VALUE], {**headers, "truncated": str(len(value))}
+    return value, headers
 
 
 def reason_of(e: Exception, raw: bytes | None) -> str:
@@ -33,8 +47,8 @@ def detail_of(e: Exception) -> str:
     if isinstance(e, ValidationError) and e.errors():
         err = e.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "record"
-        return f"{where}: {err['msg']}"[:500]
-    return str(e).splitlines()[0][:500] if str(e) else type(e).__name__
+        return f"{where}: {err['msg']}"[:MAX_DETAIL]
+    return str(e).splitlines()[0][:MAX_DETAIL] if str(e) else type(e).__name__
 
 
 class DeadLetters:
@@ -49,7 +63,7 @@ class DeadLetters:
         self.logged: set[tuple[str, str]] = set()
 
     def add(self, msg: Message, reason: str, detail: str) -> None:
-        topic = msg.topic() or ""
+        topic, detail = msg.topic() or "", detail[:MAX_DETAIL]
         DLQ.labels(component=self.component, topic=topic.removeprefix(self.prefix), reason=reason).inc()
         first = (topic, reason) not in self.logged
         self.logged.add((topic, reason))
@@ -58,7 +72,8 @@ class DeadLetters:
                 "driftloop_dlq_total)" if first else "")
         headers = {"error": detail, "reason": reason, "source_topic": topic, "partition": str(msg.partition()),
                    "offset": str(msg.offset()), "consumer": self.consumer}
-        self.batch.produce(self.topic, msg.key(), msg.value(), headers=headers)
+        value, headers = letter(msg.value(), headers)
+        self.batch.produce(self.topic, msg.key(), value, headers=headers)
 
     def refused(self, msg: Message, e: Exception) -> None:
         """Dead-letter a record its contract could not parse."""

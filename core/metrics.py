@@ -32,6 +32,10 @@ BATCH_SIZE = Histogram("driftloop_batch_size", "Records per processed batch", ["
                        buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000))
 DLQ = Counter("driftloop_dlq_total", "Records sent to the dead-letter topic, by source topic and reason",
               ["component", "topic", "reason"])
+STORE_ERRORS = Counter("driftloop_store_errors_total", "Failed store operations (retried; no offset is committed "
+                       "past them)", ["component", "store"])
+STORE_UP = Gauge("driftloop_store_up", "1 while the worker's last operation on the store succeeded, 0 while it "
+                 "fails", ["component", "store"])
 
 # streams
 ROWS_WRITTEN = Counter("driftloop_rows_written_total", "Rows written per sink", ["sink"])

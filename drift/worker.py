@@ -46,7 +46,8 @@ def handle(mon: Monitor, msg: Message, kinds: dict[str, str], dead: DeadLetters)
         dead.refused(msg, e)
         return False
     if rec.model_name not in mon.states:
-        dead.add(msg, "unknown_model", f"model {rec.model_name!r} is not declared (declared: {sorted(mon.states)})")
+        dead.add(msg, "unknown_model",
+                 f"model {rec.model_name[:100]!r} is not declared (declared: {sorted(mon.states)})")
         return False
     if isinstance(rec, Prediction):
         return mon.add(rec, msg) is not None

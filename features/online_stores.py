@@ -48,7 +48,8 @@ from feast.infra.online_stores.online_store import OnlineStore
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey
 from feast.protos.feast.types.Value_pb2 import RepeatedValue, Value
 from feast.repo_config import FeastConfigBaseModel
-from feast.type_map import python_values_to_proto_values
+from feast.type_map import PYTHON_SCALAR_VALUE_TYPE_TO_PROTO_VALUE, python_values_to_proto_values
+from feast.value_type import ValueType
 from pydantic import StrictStr
 
 Row = tuple[EntityKey, dict[str, Value], datetime, datetime | None]  # a row as Feast hands it to a store
@@ -57,6 +58,10 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 NO_CREATED = -1  # the created time of a row written without one: below every real created time
 NUMERIC = frozenset({"int64_val", "int32_val", "double_val", "float_val", "bool_val"})
 SEP = "\x1f"  # between feature names
+# value types whose plain python values convert without Feast's per-value checks: the types allowed
+PLAIN = {ValueType.INT32: (int, float), ValueType.INT64: (int, float), ValueType.FLOAT: (int, float),
+         ValueType.DOUBLE: (int, float), ValueType.STRING: (str,), ValueType.BOOL: (bool,)}
+KEY_CACHE = 500_000  # serialised entity keys remembered by ``write_columns``
 
 
 def key_bytes(config: RepoConfig, entity_key: EntityKey) -> bytes:
@@ -75,6 +80,18 @@ def from_us(us: int) -> datetime:
     return EPOCH + timedelta(microseconds=int(us))
 
 
+def proto_values(values: Sequence[Any], vt: ValueType) -> list[Value]:
+    """Feast's ``python_values_to_proto_values(values, vt)``, faster for a column of plain python scalars of
+    the type (``PLAIN``; None or NaN = null), which it converts with Feast's own conversion function; any
+    other column goes through Feast."""
+    kinds = PLAIN.get(vt)
+    if kinds is None or any(v is not None and type(v) not in kinds for v in values):
+        return python_values_to_proto_values(list(values), vt)
+    field, func, _types = PYTHON_SCALAR_VALUE_TYPE_TO_PROTO_VALUE[vt]
+    null = Value()
+    return [null if v is None or v != v else Value(**{field: func(v)}) for v in values]
+
+
 def feast_rows(view: FeatureView, columns: Mapping[str, Sequence[Any]], event_us: Sequence[int],
                created_us: Sequence[int] | None) -> list[Row]:
     """Rows in Feast's online form from columns of python values (entity columns and every feature of
@@ -82,9 +99,8 @@ def feast_rows(view: FeatureView, columns: Mapping[str, Sequence[Any]], event_us
     joins = [(c.name, c.dtype.to_value_type()) for c in view.entity_columns]
     names = [k for k, _ in joins]
     keys = [EntityKey(join_keys=names, entity_values=vs) for vs in
-            zip(*(python_values_to_proto_values(list(columns[k]), vt) for k, vt in joins), strict=True)]
-    feats = {f.name: python_values_to_proto_values(list(columns[f.name]), f.dtype.to_value_type())
-             for f in view.features}
+            zip(*(proto_values(columns[k], vt) for k, vt in joins), strict=True)]
+    feats = {f.name: proto_values(columns[f.name], f.dtype.to_value_type()) for f in view.features}
     values = [dict(zip(feats, vs, strict=True)) for vs in zip(*feats.values(), strict=True)] if feats \
         else [{} for _ in keys]
     created = [None] * len(keys) if created_us is None else [from_us(c) for c in created_us]
@@ -97,9 +113,13 @@ def _view_name(config: RepoConfig, view: FeatureView) -> str:
 
 def _encode(values: dict[str, Value]) -> tuple[str, bytes, bytes]:
     """Feature names, the values as a ``RepeatedValue``, the numeric values as little-endian float64."""
-    vals = list(values.values())
+    return (SEP.join(values), *_encode_values(list(values.values())))
+
+
+def _encode_values(vals: Sequence[Value]) -> tuple[bytes, bytes]:
+    """The values as a ``RepeatedValue`` and their numbers as little-endian float64 (NaN: not a number)."""
     nums = [float(getattr(v, k)) if (k := v.WhichOneof("val")) in NUMERIC else math.nan for v in vals]
-    return SEP.join(values), RepeatedValue(val=vals).SerializeToString(), struct.pack(f"<{len(nums)}d", *nums)
+    return RepeatedValue(val=vals).SerializeToString(), struct.pack(f"<{len(nums)}d", *nums)
 
 
 class MonotonicOnlineStore(OnlineStore):
@@ -110,6 +130,7 @@ class MonotonicOnlineStore(OnlineStore):
 
     def __init__(self) -> None:
         self._plans: dict[tuple[str, tuple[str, ...], int], tuple[list[int], np.ndarray]] = {}
+        self._keys: dict[tuple[Any, ...], bytes] = {}
 
     # -- what a store implements ------------------------------------------------------------------
     def _upsert(self, config: RepoConfig, view: str, rows: list[tuple[bytes, int, int, str, bytes, bytes]]
@@ -173,6 +194,45 @@ class MonotonicOnlineStore(OnlineStore):
         rows = [(k, ts, created, *_encode(data[i][1])) for k, (i, (ts, created)) in best.items()]
         stored = self._upsert(config, _view_name(config, table), rows)
         return sorted(best[k][0] for k in stored)
+
+    def write_columns(self, config: RepoConfig, table: FeatureView, columns: Mapping[str, Sequence[Any]],
+                      event_us: Sequence[int], created_us: Sequence[int] | None) -> list[int]:
+        """``write(config, table, feast_rows(table, columns, event_us, created_us))`` without building Feast
+        rows: entity keys are serialised once per entity (cached) and only the rows offered are encoded."""
+        joins = [(c.name, c.dtype.to_value_type()) for c in table.entity_columns]
+        keys = self._key_bytes(config, joins, columns)
+        best: dict[bytes, tuple[int, tuple[int, int]]] = {}
+        for i, k in enumerate(keys):
+            order = (event_us[i], NO_CREATED if created_us is None else created_us[i])
+            if k not in best or order >= best[k][1]:
+                best[k] = (i, order)
+        if not best:
+            return []
+        pick = [i for i, _order in best.values()]
+        names = SEP.join(f.name for f in table.features)
+        cols = [proto_values([columns[f.name][i] for i in pick], f.dtype.to_value_type()) for f in table.features]
+        rows = [(k, ts, created, names, *_encode_values(vals))
+                for (k, (_i, (ts, created))), vals in zip(best.items(), zip(*cols, strict=True) if cols
+                                                          else [()] * len(pick), strict=True)]
+        stored = self._upsert(config, _view_name(config, table), rows)
+        return sorted(best[k][0] for k in stored)
+
+    def _key_bytes(self, config: RepoConfig, joins: list[tuple[str, ValueType]],
+                   columns: Mapping[str, Sequence[Any]]) -> list[bytes]:
+        """Each row's serialised entity key (``key_bytes``), cached per join keys and values."""
+        names = tuple(k for k, _ in joins)
+        # typed: 1, 1.0 and True are equal dict keys but need not serialise alike
+        tuples = [(names, vs, tuple(map(type, vs))) for vs in zip(*(columns[k] for k in names), strict=True)]
+        cache = self._keys
+        missing = list(dict.fromkeys(t for t in tuples if t not in cache))
+        if missing:
+            if len(cache) + len(missing) > KEY_CACHE:
+                cache.clear()
+            values = zip(*(proto_values([t[1][j] for t in missing], vt) for j, (_k, vt) in enumerate(joins)),
+                         strict=True)
+            for t, vs in zip(missing, values, strict=True):
+                cache[t] = key_bytes(config, EntityKey(join_keys=list(names), entity_values=vs))
+        return [cache[t] for t in tuples]
 
     def read_matrix(self, config: RepoConfig, views: Sequence[tuple[FeatureView, Sequence[str]]],
                     keys: Sequence[bytes]) -> np.ndarray:

@@ -50,21 +50,25 @@ class OnlineSink:
         if fv is None:
             fv = self.views[view] = self.store.get_stream_feature_view(view, allow_registry_cache=True)
         columns = {c: [r.get(c) for r in rows] for c in rows[0]}
-        data = feast_rows(fv, columns, columns["event_timestamp"],
-                          columns["created"] if replace_same_instant else None)
+        event_us = columns["event_timestamp"]
+        created_us = columns["created"] if replace_same_instant else None
         if isinstance(self.online, MonotonicOnlineStore):
-            fresh = [data[i] for i in self.online.write(self.config, fv, data)]
+            stored = self.online.write_columns(self.config, fv, columns, event_us, created_us)
+            times = [event_us[i] for i in stored]
         else:
+            data = feast_rows(fv, columns, event_us, created_us)
             fresh = self._newer(fv, data, replace_same_instant)
             if fresh:
                 self.online.online_write_batch(self.config, fv, fresh, progress=None)
-        now_us, freshness = time.time() * 1e6, FRESHNESS.labels(view=view)
-        for _k, _v, ts, _c in fresh:
-            freshness.observe(max(0.0, (now_us - to_us(ts)) / 1e6))
-        ROWS_WRITTEN.labels(sink=f"online:{view}").inc(len(fresh))
-        if len(fresh) < len(data):
-            log.info("online %s: kept %d stored rows that are newer", view, len(data) - len(fresh))
-        return len(fresh)
+            times = [to_us(ts) for _k, _v, ts, _c in fresh]
+        now_us, observe = time.time() * 1e6, FRESHNESS.labels(view=view).observe
+        for t in times:
+            observe(max(0.0, (now_us - t) / 1e6))
+        n, offered = len(times), len(set(zip(*(columns[c.name] for c in fv.entity_columns), strict=True)))
+        ROWS_WRITTEN.labels(sink=f"online:{view}").inc(n)
+        if n < offered:
+            log.info("online %s: kept %d stored rows that are newer", view, offered - n)
+        return n
 
     def _newer(self, fv: FeatureView, data: list[Row], replace_same_instant: bool) -> list[Row]:
         """The rows newer than the stored ones, read first (any Feast online store; not atomic)."""

@@ -149,16 +149,28 @@ def update(state: dict[str, Any], view: ViewSpec, row: dict[str, Any], ts_s: flo
                 cell[3] = x
 
 
+_IN_WINDOW: dict[tuple[float, int, int], frozenset[str]] = {}  # (slide, n_buckets, hi) → bucket keys in the window
+
+
+def _in_window(slide: float, n_buckets: int, hi: int) -> frozenset[str]:
+    """The bucket keys of the window ending in bucket ``hi`` (cached: consecutive events share buckets)."""
+    keys = _IN_WINDOW.get((slide, n_buckets, hi))
+    if keys is None:
+        if len(_IN_WINDOW) >= 4096:
+            _IN_WINDOW.clear()
+        keys = _IN_WINDOW[(slide, n_buckets, hi)] = frozenset(str(b) for b in range(hi - n_buckets + 1, hi + 1))
+    return keys
+
+
 def values(state: dict[str, Any], view: ViewSpec, ts_s: float) -> dict[str, float | int | None]:
-    """Feature values at event time ``ts_s`` from a view's state."""
+    """Feature values at event time ``ts_s`` from a view's state (buckets summed in the state's order)."""
     out: dict[str, float | int | None] = {}
     series = state.get("b", {})
     for key, slide, n_buckets, aggs in view.plan:
-        hi = math.floor(ts_s / slide)
-        lo = hi - n_buckets
+        window = _in_window(slide, n_buckets, math.floor(ts_s / slide))
         n, total, mn, mx = 0, 0.0, math.inf, -math.inf
         for k, c in series.get(key, {}).items():
-            if lo < int(k) <= hi:
+            if k in window:
                 n += c[0]
                 total += c[1]
                 if c[2] < mn:

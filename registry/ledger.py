@@ -66,7 +66,10 @@ def move_alias(settings: Settings, model: str, alias: str, version: str, *, acto
     if current == str(version) and last is not None and last.to_version == str(version):
         return last
     c.set_registered_model_alias(model, alias, str(version))
-    move = Move(model, alias, current, str(version), now_us(), actor, reason, request_id, mv.run_id)
+    # already there but not recorded: a kill -9 came between the alias and the ledger; the move is from the
+    # ledger's last version, so the chain has no gap
+    frm = last.to_version if current == str(version) and last is not None else current
+    move = Move(model, alias, frm, str(version), now_us(), actor, reason, request_id, mv.run_id)
     with engine(settings).begin() as conn:
         conn.execute(alias_moves.insert().values(**move.__dict__))
     log.info("%s: %s %s → v%s by %s: %s", model, alias, f"v{current}" if current else "(unset)", version, actor,

@@ -392,7 +392,7 @@ def run(settings: Settings, launcher: Launcher | None = None) -> None:
                     if req.model_name in ctl.decls.models:
                         ctl.store.add(req)
                     else:
-                        dead.add(msg, "unknown_model", f"model {req.model_name!r} is not declared "
+                        dead.add(msg, "unknown_model", f"model {req.model_name[:100]!r} is not declared "
                                                        f"(declared: {sorted(ctl.decls.models)})")
                 dead.wait()
                 consumer.commit(message=msg, asynchronous=False)  # stored durably: the store resumes it

@@ -46,6 +46,7 @@ from aiokafka.partitioner import murmur2
 from confluent_kafka.admin import AdminClient
 from faust.types import TP
 
+from driftloop.core.deadletter import letter
 from driftloop.core.declarations import Declarations
 from driftloop.core.kafka import (
     bootstrap,
@@ -55,7 +56,18 @@ from driftloop.core.kafka import (
     produce_raw,
     read_past_reported_end,
 )
-from driftloop.core.metrics import BATCH_SIZE, CONSUMER_LAG, DLQ, EVENTS_IN, LABELS, LATE_OUTCOMES, beat, serve_metrics
+from driftloop.core.metrics import (
+    BATCH_SIZE,
+    CONSUMER_LAG,
+    DLQ,
+    EVENTS_IN,
+    LABELS,
+    LATE_OUTCOMES,
+    STORE_ERRORS,
+    STORE_UP,
+    beat,
+    serve_metrics,
+)
 from driftloop.core.settings import Settings
 from driftloop.core.topics import ensure_topics
 from driftloop.core.worker import RESTART_EXIT, DeclarationsWatch, StopFlag, mark_ready
@@ -277,17 +289,15 @@ def create_app(settings: Settings) -> faust.App:
                 CONSUMER_LAG.labels("streams", tp.topic, str(tp.partition)).set(
                     max(0, app.consumer.highwater(tp) - off - 1))
         loop = asyncio.get_running_loop()
-        writes = [loop.run_in_executor(pool, (labels_sink if name == LABELS_TABLE else offline).write, name, cols,
-                                       out.offsets) for name, cols in out.offline.items()]
-        writes.append(loop.run_in_executor(pool, _write_online, out))
-        await asyncio.gather(*writes)
+        await _write_stores(out)
         t2 = time.perf_counter()
         for key, (value, r) in out.states.items():
             _save(key, value, r.partition)
         for r, reason, detail in out.dlq:
             headers = {"error": detail, "reason": reason, "source_topic": settings.topic(r.topic),
                        "partition": str(router.source_partition(r.partition)), "offset": str(r.offset)}
-            produce_raw(producer, dlq, r.key, r.value, headers=headers)
+            value, headers = letter(r.value, headers)
+            produce_raw(producer, dlq, r.key, value, headers=headers)
         for lb, _r in out.labels:
             produce_raw(producer, labels_topic, lb.key.encode(), lb.to_bytes())
         t3 = time.perf_counter()
@@ -322,6 +332,39 @@ def create_app(settings: Settings) -> faust.App:
         n = router.n
         return {(t, vp): (state.data.get(f"_wm|{t}|{vp}") or {}).get("e", -1)
                 for t in engine.label_topics for q in partitions for vp in (q, *(n * (1 + p) + q for p in range(n)))}
+
+    store_down: dict[str, float] = {}  # store → when its failures began
+
+    async def _write_stores(out: BatchOutput) -> None:
+        """The batch's Delta and online rows, retried with backoff while a store fails: every write is
+        idempotent, and nothing after it (state, offsets) happens until all succeeded."""
+        loop, delay = asyncio.get_running_loop(), 0.5
+        while True:
+            jobs = [("online", loop.run_in_executor(pool, _write_online, out))]  # first: freshness waits for no Delta
+            jobs += [("offline", loop.run_in_executor(pool, (labels_sink if name == LABELS_TABLE else offline).write,
+                                                      name, cols, out.offsets)) for name, cols in out.offline.items()]
+            results = await asyncio.gather(*(job for _, job in jobs), return_exceptions=True)
+            failed = {store: r for (store, _), r in zip(jobs, results, strict=True) if isinstance(r, BaseException)}
+            for store in ("offline", "online"):
+                if store in failed:
+                    STORE_ERRORS.labels("streams", store).inc()
+                    STORE_UP.labels("streams", store).set(0)
+                    if store not in store_down:
+                        store_down[store] = time.monotonic()
+                        log.error("%s store write failed (retrying; no offset is committed until it succeeds): %s",
+                                  store, str(failed[store]).splitlines()[0] if str(failed[store]) else
+                                  type(failed[store]).__name__)
+                else:
+                    STORE_UP.labels("streams", store).set(1)
+                    if store in store_down:
+                        log.info("%s store writes succeed again after %.1fs", store,
+                                 time.monotonic() - store_down.pop(store))
+            if not failed:
+                return
+            offline.reset()  # table handles and recorded offsets are read again
+            labels_sink.reset()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
 
     def _route(topic: str, key: bytes | None, value: bytes | None, partition: int,
                headers: list[tuple[str, bytes]]) -> None:

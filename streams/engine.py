@@ -118,8 +118,23 @@ class BatchOutput:
         for k, v in row.items():
             cols[k].append(v)
 
+    def add_columns(self, table: str, columns: dict[str, list[Any]]) -> None:
+        """Append rows given as equally long columns (the same names, in the same order, as earlier rows)."""
+        cols = self.offline.get(table)
+        if cols is None:
+            self.offline[table] = columns
+            return
+        for k, v in columns.items():
+            cols[k].extend(v)
+
 
 Accepted = tuple[Record, dict[str, Any], str]  # record, validated row, entity key
+
+
+def _origins(accepted: list[Accepted]) -> dict[str, list[Any]]:
+    """The ``_topic``, ``_partition`` and ``_offset`` columns of rows made from ``accepted`` records."""
+    return {"_topic": [r.topic for r, _row, _k in accepted], "_partition": [r.partition for r, _row, _k in accepted],
+            "_offset": [r.offset for r, _row, _k in accepted]}
 
 
 class FeatureEngine:
@@ -243,10 +258,14 @@ class FeatureEngine:
         self._bronze(accepted, out, now_us)
         self._fallback_finalise(last_ok, cache, get, out, caught_up)
         self._finish(cache, out, get, now_us)
-        for lb, r in out.labels:
-            out.add_row(LABELS_TABLE, {"model_name": lb.model_name, "event_id": lb.event_id, "key": lb.key,
-                                       "label": lb.label, "ts": lb.ts, "event_timestamp": lb.ts, "created": now_us,
-                                       "_topic": r.topic, "_partition": r.partition, "_offset": r.offset})
+        if out.labels:
+            labels, origins = [lb for lb, _r in out.labels], [r for _lb, r in out.labels]
+            out.add_columns(LABELS_TABLE, {
+                "model_name": [lb.model_name for lb in labels], "event_id": [lb.event_id for lb in labels],
+                "key": [lb.key for lb in labels], "label": [lb.label for lb in labels],
+                "ts": [lb.ts for lb in labels], "event_timestamp": [lb.ts for lb in labels],
+                "created": [now_us] * len(labels), "_topic": [r.topic for r in origins],
+                "_partition": [r.partition for r in origins], "_offset": [r.offset for r in origins]})
         for tp, r in last.items():  # after the entity records: once written, it vouches for them
             wm = self._watermark(tp, get)  # (read first: a partition of invalid records only was never read)
             self.ends[tp] = out.offsets[tp]
@@ -319,9 +338,12 @@ class FeatureEngine:
                 if only is not None and view.name not in only:
                     continue
                 inputs = self._view_inputs(view, [a[1] for a in mine])
-                for (r, row, key), vrow in zip(mine, inputs, strict=True):
+                done: list[Accepted] = []
+                vals: list[dict[str, Any]] = []
+                for a, vrow in zip(mine, inputs, strict=True):
                     if vrow is None:
                         continue
+                    _r, row, key = a
                     ts = row["ts"]
                     vst = cache[key]["v"].get(view.name)
                     if vst is None:
@@ -331,17 +353,26 @@ class FeatureEngine:
                     if ts > vst["t"]:
                         vst["t"] = ts
                     out.touched[key].add(view.name)
-                    out.add_row(view.name, {view.entity_key: row[view.entity_key],
-                                            **windows.values(vst, view, ts_s), "event_timestamp": ts,
-                                            "created": now_us + len(out.offline.get(view.name, {}).get("_offset", ())),
-                                            "_topic": r.topic, "_partition": r.partition,
-                                            "_offset": r.offset})
+                    done.append(a)
+                    vals.append(windows.values(vst, view, ts_s))
+                if done:  # one append per column (created: distinct, in row order)
+                    first = now_us + len(out.offline.get(view.name, {}).get("_offset", ()))
+                    out.add_columns(view.name, {
+                        view.entity_key: [row[view.entity_key] for _r, row, _k in done],
+                        **{name: [v[name] for v in vals] for name in vals[0]},
+                        "event_timestamp": [row["ts"] for _r, row, _k in done],
+                        "created": list(range(first, first + len(done))), **_origins(done)})
 
     @staticmethod
     def _bronze(accepted: list[Accepted], out: BatchOutput, now_us: int) -> None:
-        for r, row, _key in accepted:
-            out.add_row(bronze_table(r.topic), {**row, "event_timestamp": row["ts"], "ingested_at": now_us,
-                                                "_topic": r.topic, "_partition": r.partition, "_offset": r.offset})
+        by_topic: dict[str, list[Accepted]] = defaultdict(list)
+        for a in accepted:
+            by_topic[a[0].topic].append(a)
+        for topic, mine in by_topic.items():
+            out.add_columns(bronze_table(topic), {
+                **{k: [row[k] for _r, row, _k in mine] for k in mine[0][1]},
+                "event_timestamp": [row["ts"] for _r, row, _k in mine], "ingested_at": [now_us] * len(mine),
+                **_origins(mine)})
 
     # --- label joins ----------------------------------------------------------------------------
 
@@ -447,8 +478,8 @@ class FeatureEngine:
             else:
                 out.unlabelled[m.name] += 1
                 continue
-            out.labels.append((Label(model_name=m.name, key=key.split("=", 1)[1], label=label, event_id=eid,
-                                     ts=s_ts), trigger))
+            out.labels.append((Label.model_construct(model_name=m.name, key=key.split("=", 1)[1], label=label,
+                                                     event_id=eid, ts=s_ts), trigger))  # made here: valid
 
     def _fallback_finalise(self, last_ok: dict[tuple[str, int], Record], cache: dict[str, dict[str, Any]],
                            get: StateGet, out: BatchOutput, caught_up: CaughtUp | None) -> None:

@@ -8,12 +8,14 @@
   is suspended (a rebalance), which is when Faust needs to abandon a blocked delivery.
 * Batch dispatch (``route_batches``): records of the registered topics skip Faust's per-record
   Event/Stream layer (about 100 µs per record here). Each fetch round goes to one async handler as a
-  list of Faust ``Message`` objects (rounds are merged for up to ``BATCH_LINGER_S``, because aiokafka
-  fetches again only once its buffer is drained and Tansu holds each fetch for its full wait, so one
-  round alone carries just a fetch wait's worth of records); they are tracked before and acked after
-  the handler returns, so
+  list of Faust ``Message`` objects; they are tracked before and acked after the handler returns, so
   Faust's own commit loop commits only offsets whose writes are done. While flow is suspended (a
   rebalance) such records are dropped unacked; Faust seeks to the committed offsets afterwards.
+  Rounds are merged while a batch waits less than ``LINGER_SHARE`` of the last batch's handling time (at
+  most ``BATCH_LINGER_S``): aiokafka fetches again only once its buffer is drained and Tansu holds each
+  fetch for its full wait, so under a backlog one round alone carries just a fetch wait's worth of
+  records and merging makes the per-batch costs (Delta commits, flush) rarer; with live traffic handled
+  quickly a batch waits a few milliseconds at most.
 
 Both are private to Faust (``Consumer._drain_messages`` is a modified copy of Faust's; the consumer class
 is rebound in the ``aiokafka`` module Faust's driver creates it from), so they are pinned to the versions
@@ -55,7 +57,8 @@ FAUST_SOURCES = {
 }
 # Faust's methods as imported, before ``apply()`` replaces one of them
 _ORIGINAL = {name: getattr(faust_consumer.Consumer, name) for name in FAUST_SOURCES}
-BATCH_LINGER_S = 0.1
+BATCH_LINGER_S = 0.1  # the longest a batch waits for more rounds
+LINGER_SHARE = 0.25  # ... as a share of the last batch's handling time
 BATCH_MAX_RECORDS = 50_000
 BatchHandler = Callable[[list[Any]], Awaitable[None]]
 _batch_handlers: dict[str, BatchHandler] = {}
@@ -86,10 +89,11 @@ async def _drain_messages(self: Any, fetcher: Any) -> None:  # pragma: no cover 
     loop = asyncio.get_running_loop()
     batches: dict[BatchHandler, list[Any]] = {}
     started = 0.0
+    linger = 0.0  # how long the batch being gathered may wait for more rounds
     try:
         while not (consumer_stopped() or fetcher_stopped()):
             self.diag.set_flag(faust_consumer.CONSUMER_FETCHING)
-            ait = getmany(timeout=BATCH_LINGER_S / 2 if batches else 1.0)
+            ait = getmany(timeout=max(0.001, started + linger - loop.time()) if batches else 1.0)
             await asyncio.sleep(0)
             if self.should_stop:
                 continue
@@ -125,12 +129,14 @@ async def _drain_messages(self: Any, fetcher: Any) -> None:  # pragma: no cover 
             if batches and suspended():  # a rebalance: leave them unacked; Faust seeks to the committed offsets
                 batches = {}
             pending = sum(len(m) for m in batches.values())
-            if pending and (pending >= BATCH_MAX_RECORDS or loop.time() - started >= BATCH_LINGER_S):
+            if pending and (pending >= BATCH_MAX_RECORDS or loop.time() - started >= linger):
+                began = loop.time()
                 for handler, messages in batches.items():
                     await handler(messages)
                     for m in messages:
                         self.ack(m)
                 batches = {}
+                linger = min(BATCH_LINGER_S, LINGER_SHARE * (loop.time() - began))
             self.diag.unset_flag(faust_consumer.CONSUMER_FETCHING)
     except self.consumer_stopped_errors:
         if self.transport.app.should_stop:

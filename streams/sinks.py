@@ -106,7 +106,11 @@ class LabelSink(OfflineSink):
         self.written: set[tuple[str, str]] = set()  # (model, event id) written by a batch lost in a crash
 
     def reset(self, ends: dict[tuple[str, int], int] | None = None) -> None:
+        """After an assignment (``ends``: what the recovered state vouches for); without ``ends`` only the
+        cached table handles are dropped (a retry after a failed write)."""
         super().reset()
+        if ends is None:
+            return
         self.written = set()
         dt = delta.open_table(self.root / self.table)
         if dt is None or not ends:

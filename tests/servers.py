@@ -25,33 +25,55 @@ def _find(name: str) -> str | None:
     return found
 
 
-@contextlib.contextmanager
-def redis_server(password: str | None = None) -> Iterator[str]:
-    """``host:port`` of a fresh in-memory redis-server (``,password=…`` appended when it requires one)."""
-    exe = _find("redis-server")
-    if exe is None:
-        pytest.skip("redis-server not installed (apt-get install redis-server; .ci/run does this)")
-    port = free_port()
-    auth = ["--requirepass", password] if password else []
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             *auth], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    try:
+class RedisServer:
+    """A redis-server on loopback (appending to a file under ``dir`` when given, so a restart keeps the data)."""
+
+    def __init__(self, password: str | None = None, dir: str | None = None):
+        exe = _find("redis-server")
+        if exe is None:
+            pytest.skip("redis-server not installed (apt-get install redis-server; .ci/run does this)")
+        self.exe, self.password, self.dir, self.port = exe, password, dir, free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        """The ``redis_url`` setting: ``host:port`` (``,password=…`` when it requires one)."""
+        return f"127.0.0.1:{self.port}" + (f",password={self.password}" if self.password else "")
+
+    def start(self) -> RedisServer:
         import redis
 
-        r = redis.Redis(host="127.0.0.1", port=port, password=password)
+        persist = ["--dir", self.dir, "--appendonly", "yes", "--appendfsync", "always"] if self.dir else \
+            ["--appendonly", "no"]
+        auth = ["--requirepass", self.password] if self.password else []
+        self.proc = subprocess.Popen([self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      *persist, *auth], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        r = redis.Redis(host="127.0.0.1", port=self.port, password=self.password)
         deadline = time.monotonic() + 20
         while True:
             try:
                 r.ping()
-                break
+                return self
             except redis.ConnectionError:
-                if time.monotonic() > deadline or proc.poll() is not None:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
                     raise
                 time.sleep(0.1)
-        yield f"127.0.0.1:{port}" + (f",password={password}" if password else "")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+
+@contextlib.contextmanager
+def redis_server(password: str | None = None) -> Iterator[str]:
+    """``redis_url`` of a fresh in-memory redis-server."""
+    server = RedisServer(password).start()
+    try:
+        yield server.url
     finally:
-        proc.terminate()
-        proc.wait(10)
+        server.stop()
 
 
 @contextlib.contextmanager
