@@ -41,10 +41,14 @@ class Settings(BaseSettings):
         "(time zones, units). A producer ahead by less still takes that much of the lateness of the other "
         "producers of its partitions: set it below the topics' lateness where producers are not trusted.")
 
-    serving_batch_size: int = Field(500, ge=1)
-    serving_linger_s: float = Field(0.05, ge=0)
+    serving_batch_size: int = Field(5000, ge=1, description="Most records per serving batch (a backlog is scored "
+                                                           "in batches this size).")
+    serving_linger_s: float = Field(0.05, ge=0, description="Longest wait for a serving batch's first record; the "
+                                                           "batch is what has arrived by then.")
     serving_alias_poll_s: float = Field(5.0, gt=0, description="Fallback poll of the champion alias.")
     serving_shadow: bool = Field(True, description="Score the challenger beside the champion (predictions.shadow).")
+    serving_max_score_s: float = Field(2.0, gt=0, description="A version taking longer to score its reference sample "
+                                                             "(the warm-up) is refused (check latency).")
     train_workers: int = Field(1, ge=1, description="Ray Train workers per training job (data-parallel).")
     train_gpu: bool | None = Field(None, description="Train on GPUs: unset = when the Ray cluster reports one.")
     train_max_failures: int = Field(2, ge=0, description="Ray Train restarts of a failed training run (it resumes "

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from feast import FeatureStore, OnDemandFeatureView, ValueType
 from feast.infra.online_stores.helpers import get_online_store_from_config
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey
@@ -86,7 +87,7 @@ class OnlineReader:
             members = [v for v, t in zip(self.views, self.view_types, strict=True) if t == vt]
             cols = [self.index[(fv.name, n)] for fv, names in members for n in names]
             self.groups[vt] = (members, np.asarray(cols, np.intp))
-        self._key_cache: dict[tuple[ValueType, Any], bytes] = {}
+        self._key_cache: dict[ValueType, dict[Any, bytes]] = {}  # per key type: entity -> serialised key
 
     def _key_value_type(self, view: Any) -> ValueType:
         cols = [c for c in view.entity_columns if c.name == self.join_key]
@@ -103,7 +104,8 @@ class OnlineReader:
     def matrix(self, entities: Sequence[Any], missing: float = 0.0) -> np.ndarray:
         """One float64 row per entity (repeats allowed), one column per ``columns`` entry; values that are
         not stored (or not numbers) are ``missing``."""
-        uniq = list(dict.fromkeys(entities))
+        codes, found = pd.factorize(np.asarray(entities, dtype=object), use_na_sentinel=False)  # in first-seen order
+        uniq = found.tolist()
         table = np.full((len(uniq), len(self.columns)), np.nan)
         if uniq and self.columns:
             if self.fast:
@@ -112,8 +114,7 @@ class OnlineReader:
                 self._read_views(uniq, table)
         if not np.isnan(missing):
             table[np.isnan(table)] = missing
-        pos = {u: i for i, u in enumerate(uniq)}
-        return table[[pos[u] for u in entities]]
+        return table[codes]
 
     def _read_fast(self, uniq: list[Any], table: np.ndarray) -> None:
         for vt, (members, cols) in self.groups.items():
@@ -130,14 +131,14 @@ class OnlineReader:
 
     def _key_bytes(self, uniq: list[Any], vt: ValueType) -> list[bytes]:
         """The stores' serialised entity keys (cached: the same entities come back batch after batch)."""
-        cache = self._key_cache
-        missing = [u for u in uniq if (vt, u) not in cache]
+        cache = self._key_cache.setdefault(vt, {})
+        missing = [u for u in uniq if u not in cache]
         if missing:
             if len(cache) > KEY_CACHE:
                 cache.clear()
             for u, k in zip(missing, self._keys(missing, vt), strict=True):
-                cache[(vt, u)] = key_bytes(self.config, k)
-        return [cache[(vt, u)] for u in uniq]
+                cache[u] = key_bytes(self.config, k)
+        return list(map(cache.__getitem__, uniq))
 
 
 def _put(table: np.ndarray, i: int, j: int, v: Value) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 from feast import FeatureStore, OnDemandFeatureView
@@ -53,6 +54,10 @@ class _OnDemand:
                 got = self.view.transform_dict(table.to_pydict())
             for f, c in self.outputs:
                 out[:, c] = np.asarray(got[f], dtype=np.float64)
+        elif self.view.mode == "pandas":  # the user's function on the frame Feast's transform_arrow would build,
+            frame = self.view.feature_transformation.transform(table.to_pandas(use_threads=False))  # sans arrow trip
+            for f, c in self.outputs:
+                out[:, c] = pd.to_numeric(frame[f]).to_numpy(np.float64, na_value=np.nan)
         else:
             got = self.view.transform_arrow(table)
             for f, c in self.outputs:

@@ -5,9 +5,11 @@ the int8 model serves when its outputs on the reference sample stay within that 
 the fp32 model's; otherwise fp32 serves, and the log says why.
 
 Checks, each a ``ModelCheckError`` naming it: ``signature`` (trained on other features, or an ONNX input
-of another width), ``checksum`` (the ONNX bytes are not the ones registered), ``artifact`` (cannot be
-loaded), ``outputs`` (scores on the version's reference sample that do not fit its task: binary
-probabilities in [0, 1], finite regression values, multiclass rows of probabilities).
+of another width), ``checksum`` (the ONNX bytes, or without an ONNX copy the torch model's files, are not
+the ones registered), ``artifact`` (cannot be loaded, or a pickled torch model: unpickling can run code),
+``latency`` (scoring the reference sample takes longer than allowed), ``outputs`` (scores on the version's
+reference sample that do not fit its task: binary probabilities in [0, 1], finite regression values,
+multiclass rows of probabilities).
 """
 
 from __future__ import annotations
@@ -15,10 +17,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import numpy as np
@@ -26,7 +31,7 @@ import onnxruntime as ort
 from mlflow.exceptions import MlflowException
 
 from driftloop.core.settings import Settings
-from driftloop.registry.versions import ONNX_PATH, client, load_reference
+from driftloop.registry.versions import ONNX_PATH, TORCH_SHA256, client, load_reference, tree_sha256
 
 log = logging.getLogger(__name__)
 
@@ -105,19 +110,44 @@ def _shape(out: np.ndarray, outputs: int) -> np.ndarray:
     return out.reshape(-1) if outputs == 1 else out.reshape(len(out), -1)
 
 
-def _torch_fn(uri: str, where: str, outputs: int) -> Callable[[np.ndarray], np.ndarray]:
+def _verified_torch_model(uri: str, where: str, sha256: str, local: Path) -> Any:
     import mlflow.pytorch  # noqa: PLC0415
     import torch  # noqa: PLC0415
 
+    try:
+        root = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(local)))
+    except (MlflowException, OSError) as e:
+        raise ModelCheckError("artifact", f"{where}: cannot download the torch model: {e}") from e
+    if tree_sha256(root) != sha256:
+        raise ModelCheckError("checksum", f"{where}: the torch model's files do not match their registered sha256")
+    if any(root.rglob("*.pth")) or not any(root.rglob("*.pt2")):
+        raise ModelCheckError("artifact", f"{where}: a pickled torch model (loading it can run code); driftloop "
+                                          "loads ONNX or torch.export (pt2) models only")
     torch.set_num_threads(1)
     try:
-        model = mlflow.pytorch.load_model(uri, map_location="cpu")
+        model = mlflow.pytorch.load_model(str(root), map_location="cpu")
         if isinstance(model, torch.export.ExportedProgram):
             model = model.module()
         with contextlib.suppress(NotImplementedError):  # an exported graph module has no eval mode
             model.eval()
     except Exception as e:
         raise ModelCheckError("artifact", f"{where}: cannot load the torch model: {e}") from e
+    return model
+
+
+def _torch_fn(uri: str, where: str, outputs: int, sha256: str | None) -> Callable[[np.ndarray], np.ndarray]:
+    """The torch model's scoring function, loaded only from the bytes driftloop registered (``sha256``, the
+    ``torch_sha256`` tag) and only as a ``torch.export`` program: unpickling a model can run any code."""
+    import torch  # noqa: PLC0415
+
+    if sha256 is None:
+        raise ModelCheckError("checksum", f"{where}: no ONNX copy and no torch_sha256 tag (not registered by "
+                                          "driftloop): its torch model is not loaded")
+    local = Path(tempfile.mkdtemp(prefix="driftloop-torch-"))
+    try:
+        model = _verified_torch_model(uri, where, sha256, local)
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
 
     def fn(x: np.ndarray) -> np.ndarray:
         with torch.no_grad():
@@ -143,8 +173,10 @@ def check_outputs(out: np.ndarray, n: int, task: str, outputs: int, where: str) 
 
 
 def load_scorer(settings: Settings, name: str, version: str, features: list[str], task: str = "binary",
-                outputs: int = 1, verify_reference: bool = True, int8_tolerance: float | None = None) -> Scorer:
-    """Download, verify and warm up one pinned version of model ``name`` (its int8 copy, see above)."""
+                outputs: int = 1, verify_reference: bool = True, int8_tolerance: float | None = None,
+                max_score_s: float | None = None) -> Scorer:
+    """Download, verify and warm up one pinned version of model ``name`` (its int8 copy, see above);
+    ``max_score_s``: the longest a warm-up run over the reference sample may take."""
     where = f"{name} v{version}"
     mv = client(settings).get_model_version(name, version)
     tags = mv.tags or {}
@@ -163,7 +195,7 @@ def load_scorer(settings: Settings, name: str, version: str, features: list[str]
             raise ModelCheckError("checksum", f"{where}: the ONNX copy does not match its registered sha256")
         runtime, fn = "onnx", _onnx_fn(blob, len(features), where, outputs)
     else:
-        runtime, fn = "torch", _torch_fn(f"models:/{name}/{version}", where, outputs)
+        runtime, fn = "torch", _torch_fn(f"models:/{name}/{version}", where, outputs, tags.get(TORCH_SHA256))
     scorer = Scorer(name, str(version), mv.run_id, features, runtime, fn, task)
     x = np.zeros((4, len(features)), np.float32)
     if verify_reference:
@@ -173,10 +205,15 @@ def load_scorer(settings: Settings, name: str, version: str, features: list[str]
         except (MlflowException, OSError, KeyError) as e:
             log.warning("%s: no usable reference sample (%s); verifying on zeros", where, e)
     for _ in range(3):  # the first runs also warm the runtime up
+        t0 = time.perf_counter()
         try:
             out = scorer.score(x)
         except Exception as e:
             raise ModelCheckError("signature", f"{where}: scoring the reference sample failed: {e}") from e
+        took = time.perf_counter() - t0
+        if max_score_s is not None and took > max_score_s:
+            raise ModelCheckError("latency", f"{where}: scoring its {len(x)}-row reference sample took {took:.1f}s "
+                                             f"> {max_score_s:g}s (DRIFTLOOP_SERVING_MAX_SCORE_S)")
     check_outputs(out, len(x), task, outputs, where)
     if int8_tolerance is not None and blob is not None:
         scorer = _int8_or_fp32(scorer, blob, x, int8_tolerance, outputs)

@@ -1,7 +1,8 @@
 """Registered model versions on MLflow: the store, aliases, registering a trained version, its reference sample.
 
-A registered version holds the torch model, an ONNX copy (``onnx/model.onnx``) whose sha256 is the
-version tag ``onnx_sha256``, the feature list it was trained on (tag ``features``), its task (tag
+A registered version holds the torch model (the sha256 of its files is the version tag ``torch_sha256``: a
+pickle is loaded only if its bytes are the ones registered), an ONNX copy (``onnx/model.onnx``) whose sha256
+is the version tag ``onnx_sha256``, the feature list it was trained on (tag ``features``), its task (tag
 ``task``) and a reference sample (``reference/reference.parquet``: the features and the model's own
 scores on held-out rows), which the drift monitor compares live windows to and serving verifies a
 version on before swapping. Every newly registered version gets the ``challenger`` alias.
@@ -40,6 +41,18 @@ def init_store(settings: Settings) -> None:
     """Create the tracking/registry database once, before several workers open it at the same time
     (concurrent first opens of one sqlite file race in MLflow's schema migration)."""
     client(settings).search_registered_models(max_results=1)
+
+
+TORCH_SHA256 = "torch_sha256"  # version tag: the sha256 of the logged torch model's files (tree_sha256)
+
+
+def tree_sha256(root: Path) -> str:
+    """One sha256 over the files of a logged model under ``root`` (relative paths and contents, in path order;
+    not ``registered_model_meta``, which the registry adds when the version is registered)."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file() and p.name != "registered_model_meta"):
+        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
 
 
 def experiment(settings: Settings, name: str) -> Any:
@@ -90,8 +103,10 @@ def register_version(settings: Settings, name: str, model: Any, features: Sequen
             mlflow.log_metrics(dict(metrics))
         for i, v in enumerate(history):
             mlflow.log_metric("epoch_train_loss", v, step=i)
-        mlflow.pytorch.log_model(model, name="model", pip_requirements=["torch==2.13.0"],
-                                 input_example=reference[list(features)].to_numpy("float32")[:5])
+        info = mlflow.pytorch.log_model(model, name="model", pip_requirements=["torch==2.13.0"],
+                                        input_example=reference[list(features)].to_numpy("float32")[:5])
+        version_tags[TORCH_SHA256] = tree_sha256(Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=info.model_uri, dst_path=str(Path(tmp) / "torch"))))
         if onnx_bytes is not None:
             onnx_file = Path(tmp) / "model.onnx"
             onnx_file.write_bytes(onnx_bytes)

@@ -59,7 +59,8 @@ class ModelSlot:
                 return
             try:
                 scorer = load_scorer(self.s, name, version, list(self.spec.features), self.spec.task,
-                                     self.spec.n_outputs, int8_tolerance=self.spec.int8_tolerance)
+                                     self.spec.n_outputs, int8_tolerance=self.spec.int8_tolerance,
+                                     max_score_s=self.s.serving_max_score_s)
             except ModelCheckError as e:
                 MODEL_REJECTS.labels(model=name, check=e.check).inc()
                 log.error("not serving %s %s v%s (%s): %s", name, self.alias, version, e.check, e)

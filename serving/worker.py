@@ -3,8 +3,8 @@
 * One :class:`ModelServer` per declared model, each on a thread of its own (confluent-kafka, ONNX
   Runtime and sqlite release the GIL while they wait) with its own consumer group
   ``<prefix>serving.<model>`` on the model's scored topic, its own producer and its own slots. A batch
-  (``serving_batch_size`` records or ``serving_linger_s``) is scored with one online-feature read and
-  one model call.
+  (what the consumer holds once a record arrives, at most ``serving_batch_size``; ``serving_linger_s`` is
+  the longest wait for that record) is scored with one online-feature read and one model call.
 * Offsets are committed only after the batch's predictions (and dead letters) are acknowledged by the
   broker: each batch tracks its own records' acks (``Deliveries``) on the model's producer, which the
   slots' loading threads share for ``models.rejected`` with trackers of their own; a crash re-scores at
@@ -17,12 +17,17 @@
   the verified version replaces one reference between batches.
 * Shadow: with ``serving_shadow``, the model's ``challenger`` (when it is not the champion) scores the
   same vectors and its predictions go to ``predictions.shadow``.
+* Speed: a batch is parsed, read online and scored as arrays and its predictions serialised in one pass
+  (``prediction_batch``); its latencies go to the histogram in one update per bucket (``observe_many``).
+  Objects alive once started are frozen out of the garbage collector (``gc.freeze``): a full collection
+  over everything Feast, MLflow and ONNX Runtime loaded stalled a batch for ~0.6 s.
 * ``driftloop apply`` writing new declarations makes the worker finish its batches and exit with
   ``RESTART_EXIT``; the supervisor starts it on the new models.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -35,6 +40,7 @@ import orjson
 from confluent_kafka import Message
 
 from driftloop.core.contracts import ModelRejected, Prediction
+from driftloop.core.deadletter import letter
 from driftloop.core.declarations import Declarations, ModelSpec
 from driftloop.core.events import Invalid, parse
 from driftloop.core.kafka import Deliveries, LagReporter, good_messages, make_consumer, make_producer
@@ -61,22 +67,43 @@ def scores_of(task: str, out: np.ndarray) -> tuple[list[float], list[list[float]
     return out.tolist(), None
 
 
+def observe_many(histogram: Any, values: np.ndarray) -> None:
+    """``histogram.observe(v)`` for every value, as one update per bucket (prometheus_client's per-value
+    ``observe`` costs microseconds each); falls back to ``observe`` on a client without these internals."""
+    bounds, buckets, total = (getattr(histogram, a, None) for a in ("_upper_bounds", "_buckets", "_sum"))
+    if bounds is None or buckets is None or total is None:
+        for v in values.tolist():
+            histogram.observe(v)
+        return
+    counts = np.bincount(np.searchsorted(np.asarray(bounds), values, side="left"), minlength=len(bounds) + 1)
+    for bucket, n in zip(buckets, counts.tolist(), strict=False):  # the last count: NaN, in no bucket
+        if n:
+            bucket.inc(n)
+    total.inc(float(values.sum()))
+
+
+def prediction_batch(spec: ModelSpec, scorer: Scorer, events: Sequence[dict[str, Any]], x: np.ndarray,
+                     out: np.ndarray, now_s: float) -> tuple[list[bytes], list[bytes], np.ndarray]:
+    """Keys, ``Prediction`` JSON values and latencies (s) of a batch, serialised straight from its arrays."""
+    scores, probs = scores_of(spec.task, out)
+    ts = np.fromiter((ev["ts"] for ev in events), np.float64, len(events))  # float(ts), as Python's ts / 1e6
+    latency = np.maximum(now_s - ts / 1e6, 0.0)
+    keys = [str(ev[spec.key]) for ev in events]
+    names, dumps, schema, model, version = (spec.features, orjson.dumps, Prediction.SCHEMA_VERSION, spec.name,
+                                            scorer.version)
+    values = [dumps({"schema_version": schema, "event_id": ev["event_id"], "ts": ev["ts"], "key": key,
+                     "model_name": model, "model_version": version, "score": score, "probabilities": p,
+                     "features": dict(zip(names, row, strict=True)), "latency_s": lat})
+              for ev, key, score, p, row, lat in zip(events, keys, scores, probs or [None] * len(keys), x.tolist(),
+                                                     latency.tolist(), strict=True)]
+    return [k.encode() for k in keys], values, latency
+
+
 def prediction_records(spec: ModelSpec, scorer: Scorer, events: Sequence[dict[str, Any]], x: np.ndarray,
                        out: np.ndarray, now_s: float) -> list[tuple[bytes, bytes, float]]:
-    """(key, ``Prediction`` JSON, latency) per event, serialised straight from the batch arrays."""
-    scores, probs = scores_of(spec.task, out)
-    rows = x.tolist()
-    names = spec.features
-    recs = []
-    for i, ev in enumerate(events):
-        key = str(ev[spec.key])
-        latency = max(0.0, now_s - ev["ts"] / 1e6)
-        value = orjson.dumps({"schema_version": Prediction.SCHEMA_VERSION, "event_id": ev["event_id"], "ts": ev["ts"],
-                              "key": key, "model_name": spec.name, "model_version": scorer.version,
-                              "score": scores[i], "probabilities": probs[i] if probs is not None else None,
-                              "features": dict(zip(names, rows[i], strict=True)), "latency_s": latency})
-        recs.append((key.encode(), value, latency))
-    return recs
+    """(key, ``Prediction`` JSON, latency) per event (:func:`prediction_batch` as records)."""
+    keys, values, latency = prediction_batch(spec, scorer, events, x, out, now_s)
+    return list(zip(keys, values, latency.tolist(), strict=True))
 
 
 class ModelServer:
@@ -127,7 +154,7 @@ class ModelServer:
         next_poll = time.monotonic() + s.serving_alias_poll_s
         try:
             while not self.halt.is_set():
-                msgs = good_messages(consumer.consume(s.serving_batch_size, s.serving_linger_s))
+                msgs = self._next_batch()
                 if self.refresh_requested.is_set() or time.monotonic() >= next_poll:
                     self.refresh_requested.clear()
                     next_poll = time.monotonic() + s.serving_alias_poll_s
@@ -146,6 +173,15 @@ class ModelServer:
         finally:
             consumer.close()
 
+    def _next_batch(self) -> list[Message]:
+        """The records the consumer holds once one arrives (waiting up to ``serving_linger_s`` for it), at most
+        ``serving_batch_size``: no record waits for a batch to fill, and a backlog is taken in full batches."""
+        first = self.consumer.poll(self.s.serving_linger_s)
+        if first is None:
+            return []
+        more = self.consumer.consume(self.s.serving_batch_size - 1, 0) if self.s.serving_batch_size > 1 else []
+        return good_messages([first, *more])
+
     def score_batch(self, msgs: list[Message]) -> int:
         """Score one batch with the champion (and challenger), dead-letter invalid events, publish, and wait
         for the broker's acks; returns the number of predictions."""
@@ -160,36 +196,41 @@ class ModelServer:
             except Invalid as e:
                 self.dead_letter(batch, m, e)
         model, shadow = self.champion.current, self.challenger.current if self.challenger else None
-        recs: list[tuple[bytes, bytes, float]] = []
+        scored = 0
         if model is not None and events:
             t0 = time.perf_counter()
             x = self.vectorizer.matrix(events)
             t1 = time.perf_counter()
-            recs = prediction_records(spec, model, events, x, model.score(x), time.time())
-            for key, value, _lat in recs:
-                batch.produce(self.topics["predictions"], key, value)
+            keys, values, latency = prediction_batch(spec, model, events, x, model.score(x), time.time())
+            self._publish(batch, self.topics["predictions"], keys, values)
             if shadow is not None and shadow.version != model.version:
-                for key, value, _lat in prediction_records(spec, shadow, events, x, shadow.score(x), time.time()):
-                    batch.produce(self.topics["predictions.shadow"], key, value)
+                self._publish(batch, self.topics["predictions.shadow"],
+                              *prediction_batch(spec, shadow, events, x, shadow.score(x), time.time())[:2])
+            scored = len(values)
             log.debug("%s: batch of %d: features %.3fs, score+publish %.3fs", self.name, len(events), t1 - t0,
                       time.perf_counter() - t1)
         elif events and time.monotonic() - self._unscored_logged > 30:
             self._unscored_logged = time.monotonic()
             log.warning("%s: no champion yet; events pass unscored", self.name)
         batch.wait()
-        meter_scoring(self.meter, spec.name, model.version if model is not None else "", len(msgs), len(recs),
+        meter_scoring(self.meter, spec.name, model.version if model is not None else "", len(msgs), scored,
                       time.thread_time() - cpu0)
-        if recs and model is not None:
-            latency = PREDICTION_LATENCY.labels(model=spec.name)
-            for _k, _v, lat in recs:
-                latency.observe(lat)
-        return len(recs)
+        if scored:
+            observe_many(PREDICTION_LATENCY.labels(model=spec.name), latency)
+        return scored
+
+    @staticmethod
+    def _publish(batch: Deliveries, topic: str, keys: list[bytes], values: list[bytes]) -> None:
+        produce = batch.produce
+        for key, value in zip(keys, values, strict=True):
+            produce(topic, key, value)
 
     def dead_letter(self, batch: Deliveries, m: Message, e: Invalid) -> None:
         DLQ.labels(component="serving", topic=self.spec.topic, reason=e.reason).inc()
         headers = {"error": e.detail, "reason": e.reason, "source_topic": m.topic(), "partition": str(m.partition()),
                    "offset": str(m.offset()), "consumer": self.name}
-        batch.produce(self.topics["dlq"], m.key(), m.value(), headers=headers)
+        value, headers = letter(m.value(), headers)
+        batch.produce(self.topics["dlq"], m.key(), value, headers=headers)
 
 
 def _promoted_model(m: Message) -> str | None:
@@ -217,6 +258,7 @@ def run(settings: Settings) -> int:
         t.join()
     for srv in servers.values():
         srv.start()
+    gc.freeze()  # full collections skip what start-up loaded (a cyclic first version is kept after a swap)
     mark_ready(settings, "serving")
     log.info("serving %s", ", ".join(f"{n} ({s.spec.topic})" for n, s in servers.items()) or "no models")
     code = 0
@@ -240,4 +282,5 @@ def run(settings: Settings) -> int:
                 srv.thread.join()
         control.close()
         meter.close()
+        gc.unfreeze()  # collectable again at exit (native extensions otherwise report leaks)
     return code

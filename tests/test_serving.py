@@ -68,8 +68,8 @@ def test_swaps_under_load_shadow_and_rollback(settings: Settings):
     producer = make_producer(s)
     with worker(s, "serving"):
         stop, box = threading.Event(), {}
-        t = threading.Thread(target=lambda: box.update(n=_traffic(s, 3, rate=800, duration=60,
-                                                                  should_stop=stop.is_set)))
+        t = threading.Thread(target=lambda: box.update(n=_traffic(s, 3, rate=500, duration=600,
+                                                                  should_stop=stop.is_set)))  # to the end
         t.start()
         try:
             v2 = register_good(s, seed=2)  # becomes the challenger: shadow-scored beside v1

@@ -87,21 +87,22 @@ def _plain_mlflow_version(s: Settings, marker: Path) -> str:
     """A version registered with MLflow's own API (no driftloop checksum), its pickle running code on load."""
     spec = declarations(s).model(MODEL)
     with mlflow.start_run(experiment_id=experiment(s, MODEL).experiment_id):
-        info = mlflow.pytorch.log_model(Evil(len(spec.features), marker), name="model",
+        info = mlflow.pytorch.log_model(Evil(len(spec.features), marker), name="model", serialization_format="pickle",
                                         pip_requirements=["torch==2.13.0"])
     return str(mlflow.register_model(info.model_uri, MODEL, tags={"features": ",".join(spec.features),
                                                                   "task": spec.task}).version)
 
 
 def _replaced_pickle_version(s: Settings, marker: Path) -> str:
-    """A version registered by driftloop without an ONNX copy whose pickle was replaced afterwards."""
+    """A version registered by driftloop without an ONNX copy whose model file was replaced afterwards by a pickle
+    that runs code."""
     spec = declarations(s).model(MODEL)
     x, y = synthetic_xy(spec, 500, 3)
     net, _ = fit(spec, x, y, 3)
     version, _ = register_version(s, MODEL, net, spec.features, reference(spec, net, x[:200], spec.features),
                                   onnx_bytes=None, task=spec.task, challenger=False)
     evil = Evil(len(spec.features), marker)
-    newest = max((s.root / "mlartifacts").rglob("model.pth"), key=lambda p: p.stat().st_mtime)
+    newest = max((s.root / "mlartifacts").rglob("model.pt2"), key=lambda p: p.stat().st_mtime)
     torch.save(evil, newest)
     return version
 
