@@ -29,6 +29,7 @@ def quiet_warnings() -> None:
 def setup_logging(level: str = "INFO", component: str = "driftloop") -> None:
     # MLflow configures its own handler on import, at INFO (schema migrations, run links): quiet unless debugging
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "DEBUG" if level.upper() == "DEBUG" else "WARNING")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars in logs and outputs
     fmt = f"%(asctime)s %(levelname)s {component} %(name)s: %(message)s"
     logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr, force=True)
     for noisy in ("aiokafka", "faust", "mode", "urllib3", "alembic", "mlflow", "feast", "httpx"):

@@ -105,7 +105,7 @@ def test_the_loop_closes_while_workers_are_killed(tmp_path: Path, bootstrap_serv
                                                   "serving") as serving:  # what the demo's end left unprocessed
         wait_streamed(s, events, views, alive=streams)
         for m in decls.models.values():
-            wait_committed(s, f"{s.topic_prefix}serving.{m.name}", [s.topic(m.topic)], alive=serving)
+            wait_committed(s, f"{s.topic_prefix}serving.{m.name}", [m.topic], alive=serving)
     check_exact(s, store, events, views)
     for m in decls.models.values():
         if m.label.kind == "outcome":

@@ -8,8 +8,6 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -22,7 +20,7 @@ from driftloop.core.contracts import TOPICS
 from driftloop.core.settings import Settings
 from tests.helpers import wait_for
 from tests.servers import redis_server
-from tests.test_drift_worker import alertmanager, sign
+from tests.test_drift_worker import Receiver, alertmanager, sign
 
 pytestmark = pytest.mark.reliability
 
@@ -30,27 +28,6 @@ TOKEN = "tok-" + "Q7" * 16
 NOTIFY_SECRET = "sig-" + "K9" * 16
 URL_PASSWORD = "urlpw-" + "Z3" * 10
 REDIS_PASSWORD = "redispw-" + "M5" * 10
-
-
-class Hook(ThreadingHTTPServer):
-    """An outbound-webhook receiver that answers 200 and keeps what it got."""
-
-    def __init__(self) -> None:
-        self.got: list[bytes] = []
-        hook = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                hook.got.append(self.rfile.read(int(self.headers["Content-Length"])))
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        super().__init__(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.serve_forever, daemon=True).start()
 
 
 def _everything(s: Settings, info: dict[str, Any]) -> dict[str, str]:
@@ -73,8 +50,8 @@ def _everything(s: Settings, info: dict[str, Any]) -> dict[str, str]:
 
 
 def test_no_secret_in_logs_files_pages_metrics_or_topics(settings: Settings, figure) -> None:
-    hook = Hook()
-    notify = f"http://user:{URL_PASSWORD}@127.0.0.1:{hook.server_address[1]}/hook"
+    hook = Receiver(fail=0)
+    notify = hook.url.replace("http://", f"http://user:{URL_PASSWORD}@")
     secrets = {"webhook token": TOKEN, "notify secret": NOTIFY_SECRET, "URL password": URL_PASSWORD}
     with contextlib.ExitStack() as stack:
         update: dict[str, Any] = {"webhook_token": TOKEN, "notify_secret": NOTIFY_SECRET, "notify_urls": [notify]}
