@@ -187,7 +187,8 @@ def test_rollback_refuses_without_history_and_an_unloadable_version(on_broker: S
     rc, _, err = cli(capsys, "rollback", "eta")
     assert rc == 1 and err.startswith("driftloop rollback: ") and "replaced no earlier champion" in err
     rc, _, err = cli(capsys, "rollback", "eta", "--to", "1", "--reason", "bad deploy")
-    assert rc == 1 and "refused" in err and "\ndriftloop rollback: artifact: " in err
+    # no ONNX copy and no torch_sha256 (not registered by driftloop): refused before anything is loaded
+    assert rc == 1 and "refused" in err and "\ndriftloop rollback: checksum: " in err
     assert str(client.get_model_version_by_alias("eta", "champion").version) == "2"  # untouched
     rc, _, err = cli(capsys, "rollback", "nope")
     assert rc == 1 and "nope" in err
