@@ -23,3 +23,28 @@ def test_the_guard_notices_another_version(monkeypatch):
     message = faust_patches.guard_message(problems)
     assert message.startswith("streams/faust_patches.py was written for faust-streaming 0.0.1 / aiokafka ")
     assert "re-check the patch" in message
+
+
+def test_observe_many_matches_prometheus_clients_own_observe():
+    """serving/worker.py ``observe_many`` updates a histogram through prometheus_client's private ``_upper_bounds``,
+    ``_buckets`` and ``_sum`` (written for 0.24.1): on the installed version they must exist and give exactly what
+    the public ``observe`` gives, value by value."""
+    from importlib.metadata import version
+
+    import numpy as np
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from driftloop.serving.worker import observe_many
+
+    values = np.random.default_rng(0).lognormal(-3, 1.5, 2000)
+    got, want = CollectorRegistry(), CollectorRegistry()
+    h_got, h_want = (Histogram("h", "x", registry=r) for r in (got, want))
+    assert all(hasattr(h_got, a) for a in ("_upper_bounds", "_buckets", "_sum")), (
+        f"prometheus_client {version('prometheus_client')} lacks the internals observe_many was written for "
+        "(0.24.1): re-check serving/worker.py observe_many")
+    observe_many(h_got, values)
+    for v in values.tolist():
+        h_want.observe(v)
+    lines = [[ln for ln in generate_latest(r).decode().splitlines() if "bucket" in ln or "count" in ln]
+             for r in (got, want)]
+    assert lines[0] == lines[1]
