@@ -83,6 +83,11 @@ log = logging.getLogger(__name__)
 REPARTITION = ".repartition"
 ORIGIN = "driftloop-origin"  # header of a routed copy: b"<source partition>:<source offset>"
 Produce = Callable[[str, bytes | None, bytes | None, int, list[tuple[str, bytes]]], None]
+# An entity's state record holds its label joins in progress; when one topic is read far ahead of another
+# (a backlog: outcomes fetched long before their scored events) a busy entity's record passes Kafka's usual
+# 1 MB. The changelog takes records up to this size (its topic config, for real clusters, and the producer's).
+STATE_RECORD_MAX_BYTES = 64 * 2**20
+STATE_RECORD_WARN_BYTES = 2**20
 
 
 def repartition_topic(topic: str) -> str:
@@ -214,9 +219,11 @@ def create_app(settings: Settings) -> faust.App:
     raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
     source = app.topic(*router.topics, **raw)
     dlq, labels_topic = settings.topic("dlq"), settings.topic("labels")
-    state = app.Table("feature-state", default=None, partitions=settings.partitions)
+    state = app.Table("feature-state", default=None, partitions=settings.partitions,
+                      extra_topic_configs={"max.message.bytes": str(STATE_RECORD_MAX_BYTES)})
     changelog = state.changelog_topic.get_topic_name()
-    producer = make_producer(settings, **{"linger.ms": 2})
+    producer = make_producer(settings, **{"linger.ms": 2, "message.max.bytes": STATE_RECORD_MAX_BYTES + 2**16})
+    large: set[str] = set()  # entities whose state record passed STATE_RECORD_WARN_BYTES (logged once)
 
     # the idempotency marks name the broker's cluster: an embedded broker restarted empty (new id, offsets from 0
     # again) must not have its records taken for ones already written; a real cluster keeps its id
@@ -376,7 +383,16 @@ def create_app(settings: Settings) -> faust.App:
     def _save(key: str, value: Any, partition: int) -> None:
         """A state record, in memory and on the changelog partition that owns it (flushed by the caller)."""
         state.data[key] = value
-        produce_raw(producer, changelog, orjson.dumps(key), orjson.dumps(value), partition=partition % router.n)
+        raw = orjson.dumps(value)
+        if len(raw) > STATE_RECORD_WARN_BYTES and key not in large:
+            large.add(key)
+            parts = ", ".join(f"{p} {len(orjson.dumps(v)) / 2**20:.1f} MiB" for p, v in value.items())
+            log.warning("state of %s is %.1f MiB (%s): label joins wait for events of a topic read behind the "
+                        "others", key, len(raw) / 2**20, parts)
+        if len(raw) > STATE_RECORD_MAX_BYTES:
+            raise RuntimeError(f"state of {key} is {len(raw) / 2**20:.0f} MiB, over the changelog's "
+                               f"{STATE_RECORD_MAX_BYTES / 2**20:.0f} MiB record limit")
+        produce_raw(producer, changelog, orjson.dumps(key), raw, partition=partition % router.n)
 
     def _seed_new_views(partitions: list[int]) -> None:
         """Views the state of these partitions does not cover yet start from their topics' bronze rows

@@ -147,6 +147,48 @@ def test_exact_after_three_kill9_restarts(settings: Settings):
     check_exact(settings, store, events, views, decls=decls)
 
 
+def test_a_state_record_over_one_megabyte_is_saved_and_recovered(settings: Settings):
+    """Outcomes read long before their scored events (a backlog of one topic) wait in their entity's state
+    record: 7,000 clicks of one user make it a few MB, over Kafka's usual 1 MB. The worker saves it, a kill -9
+    and restart recover it from the changelog, and the impressions published afterwards get their labels."""
+    store, decls = apply_repo(settings)
+    views = _views(store)
+    good = {"schema_version": 1, "user_id": "u1", "ad_id": "a1", "campaign_id": "c1", "device": "mobile",
+            "country": "US", "position": 1, "bid": 1.0}
+    impressions = [("events.impressions", {**good, "event_id": f"imp-{i:05d}", "ts": START + i * 1000})
+                   for i in range(7000)]
+    clicks = [("events.clicks", {"schema_version": 1, "event_id": f"clk-{i:05d}", "ts": r["ts"] + 1_000_000,
+                                 "user_id": "u1", "impression_id": r["event_id"], "ad_id": "a1"})
+              for i, (_t, r) in enumerate(impressions)]
+    end = START + 120_000_000  # moves the clicks' watermark past every window (as ads_traffic's last clicks)
+    clicks += [("events.clicks", {"schema_version": 1, "event_id": f"end-{u}", "ts": end + u, "user_id": f"u{u}",
+                                  "impression_id": "none", "ad_id": "a0"}) for u in range(50)]
+    child = Child("streams", settings_env(settings), settings.root / "streams.log")
+
+    def start() -> None:
+        (settings.run_dir / "streams.ready").unlink(missing_ok=True)
+        child.start()
+        wait_for(lambda: (settings.run_dir / "streams.ready").exists(), 90)
+
+    publish(settings, clicks)
+    start()
+    try:
+        wait_streamed(settings, clicks, views, alive=child.proc)
+        child.signal_group(signal.SIGKILL)
+        child.proc.wait()
+        start()
+        publish(settings, impressions)
+        wait_streamed(settings, clicks + impressions, views, alive=child.proc)
+        assert child.proc.poll() is None, f"the worker died: see {settings.root / 'streams.log'}"
+    finally:
+        child.stop()
+    log = (settings.root / "streams.log").read_text()
+    assert "state of user_id=u1 is" in log, "the record did not pass 1 MB: the test proves nothing"
+    check_exact(settings, store, clicks + impressions, views, decls=decls)
+    labels = delta.read(settings.offline_dir / "labels")
+    assert len(labels) == 7000 and labels["label"].eq(1.0).all()
+
+
 NEW_VIEW = '''
 from datetime import timedelta
 
