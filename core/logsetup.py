@@ -34,3 +34,6 @@ def setup_logging(level: str = "INFO", component: str = "driftloop") -> None:
     logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr, force=True)
     for noisy in ("aiokafka", "faust", "mode", "urllib3", "alembic", "mlflow", "feast", "httpx"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    # MLflow logs each failed store query with its traceback before raising it; workers report a store outage once
+    # (core.metrics.StoreHealth), so those lines only show when debugging
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.DEBUG if level.upper() == "DEBUG" else logging.CRITICAL)

@@ -104,6 +104,29 @@ CONSISTENCY = Gauge("driftloop_consistency_mismatch_share", "Share of rows whose
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
+class StoreHealth:
+    """One store as one worker sees it: ``driftloop_store_up`` and ``driftloop_store_errors_total``, and one log
+    line when it starts failing (``down``) and one when it answers again (``up``), not one per failure."""
+
+    def __init__(self, component: str, store: str, down: str, up: str, logger: logging.Logger = log):
+        self.component, self.store, self.down, self.up, self.log = component, store, down, up, logger
+        self.since: float | None = None  # monotonic time of the first failure of the outage
+
+    def failed(self, error: BaseException) -> None:
+        STORE_ERRORS.labels(self.component, self.store).inc()
+        STORE_UP.labels(self.component, self.store).set(0)
+        if self.since is None:
+            self.since = time.monotonic()
+            text = str(error).strip()
+            self.log.error("%s: %s", self.down, text.splitlines()[0][:300] if text else type(error).__name__)
+
+    def ok(self) -> None:
+        STORE_UP.labels(self.component, self.store).set(1)
+        if self.since is not None:
+            self.log.info("%s after %.1fs", self.up, time.monotonic() - self.since)
+            self.since = None
+
+
 def scrape(port: int, host: str = "127.0.0.1", timeout: float = 5.0) -> Samples:
     """Every sample of a worker's ``/metrics`` as ``{(name, sorted labels): value}``."""
     with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=timeout) as r:

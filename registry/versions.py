@@ -20,6 +20,12 @@ import mlflow
 import pandas as pd
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import (
+    INVALID_PARAMETER_VALUE,
+    RESOURCE_DOES_NOT_EXIST,
+    TEMPORARILY_UNAVAILABLE,
+    ErrorCode,
+)
 
 from driftloop.core.settings import Settings
 
@@ -28,6 +34,7 @@ CHALLENGER = "challenger"
 ONNX_PATH = "onnx/model.onnx"
 REFERENCE_PATH = "reference/reference.parquet"
 LINEAGE_PATH = "lineage.json"
+NOT_FOUND = {ErrorCode.Name(INVALID_PARAMETER_VALUE), ErrorCode.Name(RESOURCE_DOES_NOT_EXIST)}  # alias or model unset
 
 
 def client(settings: Settings) -> MlflowClient:
@@ -70,11 +77,33 @@ def experiment(settings: Settings, name: str) -> Any:
 
 
 def alias_version(settings: Settings, name: str, alias: str = CHAMPION) -> str | None:
-    """The version an alias of model ``name`` points to, or None when unset (or no such model)."""
+    """The version an alias of model ``name`` points to, or None when unset (or no such model). Any other
+    failure (the store locked or unreachable) raises: "no champion" is never guessed from an outage."""
     try:
         return str(client(settings).get_model_version_by_alias(name, alias).version)
-    except MlflowException:
-        return None
+    except MlflowException as e:
+        if e.error_code in NOT_FOUND:
+            return None
+        raise
+
+
+def registry_outage(error: BaseException) -> bool:
+    """Whether ``error`` (or one it was raised from) says the MLflow store is unavailable rather than wrong."""
+    e: BaseException | None = error
+    while e is not None:
+        if isinstance(e, MlflowException) and e.error_code == ErrorCode.Name(TEMPORARILY_UNAVAILABLE):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def registry_answers(settings: Settings) -> bool:
+    """Whether the MLflow store answers a read now (a locked sqlite file waits MLflow's busy timeout, 20 s)."""
+    try:
+        client(settings).search_experiments(max_results=1)
+    except Exception:  # noqa: BLE001 - any failure means "not now"
+        return False
+    return True
 
 
 def register_version(settings: Settings, name: str, model: Any, features: Sequence[str], reference: pd.DataFrame, *,

@@ -33,7 +33,7 @@ from driftloop.core.deadletter import DeadLetters
 from driftloop.core.declarations import Declarations, ModelSpec
 from driftloop.core.frames import to_matrix
 from driftloop.core.kafka import Deliveries, good_messages, make_consumer, make_producer
-from driftloop.core.metrics import EVENTS_IN, RETRAIN_SECONDS, TRAINING_BUDGET, TRAINING_RUNS, beat
+from driftloop.core.metrics import EVENTS_IN, RETRAIN_SECONDS, TRAINING_BUDGET, TRAINING_RUNS, StoreHealth, beat
 from driftloop.core.requests import RequestStore, Stored
 from driftloop.core.settings import Settings
 from driftloop.core.usage import meter_training, training_used
@@ -41,7 +41,15 @@ from driftloop.core.worker import RESTART_EXIT, DeclarationsWatch, StopFlag, mar
 from driftloop.features.repo import declarations, on_path
 from driftloop.features.training import count_labels, training_set
 from driftloop.registry.aliases import promote
-from driftloop.registry.versions import CHAMPION, alias_version, client, register_version, registered_for
+from driftloop.registry.versions import (
+    CHAMPION,
+    alias_version,
+    client,
+    register_version,
+    registered_for,
+    registry_answers,
+    registry_outage,
+)
 from driftloop.retrain.data import MIN_ROWS, SEED, split, usable_labels
 from driftloop.retrain.evaluation import champion_outputs
 from driftloop.retrain.gate import GateResult, run_gate
@@ -54,6 +62,12 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "valid", "holdout")
 BOOTSTRAP_RETRY_S = 15.0  # after a bootstrap request that did not produce a champion
 BOOTSTRAP_POLL_S = 3.0
+REGISTRY = StoreHealth("retrain", "mlflow", "MLflow store unavailable (requests wait, spending no attempt)",
+                       "MLflow store answers again", log)
+
+
+class RegistryDown(Exception):
+    """The MLflow store did not answer."""
 
 
 def reference_frame(x: np.ndarray, out: np.ndarray, spec: ModelSpec, labels: np.ndarray | None = None) -> pd.DataFrame:
@@ -129,6 +143,9 @@ class Controller:
             try:
                 return self.attempt(row, spec, stop)
             except Exception as e:  # a failed step is retried; the stored state says where it resumes
+                if registry_outage(e) or not registry_answers(self.s):  # MLflow, not the request: no attempt spent
+                    self.wait_for_registry(e, stop)
+                    continue
                 error = f"{type(e).__name__}: {e}"[:500]
                 log.exception("%s request %s attempt %d failed", spec.name, req.request_id, row.attempt + 1)
                 attempt = row.attempt + 1
@@ -174,6 +191,15 @@ class Controller:
         row = self._move(row, "evaluating", {"device": result.device, "seconds": round(result.seconds, 3),
                                              "resumed_from_epoch": result.resumed_from_epoch})
         return self._evaluate(row, spec, result, hold, timeline)
+
+    def wait_for_registry(self, error: BaseException, stop: StopFlag | None) -> None:
+        """Until the MLflow store answers again (or the worker stops), reporting it down."""
+        REGISTRY.failed(error)
+        while not stop and not registry_answers(self.s):
+            REGISTRY.failed(error)
+            time.sleep(max(self.s.retrain_backoff_s, 0.5))
+        if not stop:
+            REGISTRY.ok()
 
     def over_quota(self, spec: ModelSpec) -> str | None:
         """Why a new training run of the model is refused (its compute budget for the last 24 h is spent),
@@ -308,7 +334,13 @@ class Controller:
         if time.monotonic() < self.next_bootstrap.get(name, 0.0):
             return None
         self.next_bootstrap[name] = time.monotonic() + BOOTSTRAP_POLL_S
-        if alias_version(self.s, name, CHAMPION) is not None or self.store.unfinished(name):
+        try:
+            champion = alias_version(self.s, name, CHAMPION)
+        except Exception as e:  # noqa: BLE001 - the registry does not answer: asked again on the next poll
+            REGISTRY.failed(e)
+            raise RegistryDown from e
+        REGISTRY.ok()
+        if champion is not None or self.store.unfinished(name):
             return None  # it has a champion, or a request that may make one is under way
         n = count_labels(self.s.offline_dir, name)
         if n < spec.min_labels:
@@ -322,8 +354,16 @@ class Controller:
         return req
 
     def bootstrap_requests(self) -> list[RetrainRequest]:
-        """Bootstrap requests for every declared model that is due one."""
-        return [r for name in self.decls.models if (r := self.bootstrap_request(name)) is not None]
+        """Bootstrap requests for every declared model that is due one (none while the registry is down: a
+        locked store makes each read wait its busy timeout, so one failed read ends the round)."""
+        out = []
+        for name in self.decls.models:
+            try:
+                if (r := self.bootstrap_request(name)) is not None:
+                    out.append(r)
+            except RegistryDown:
+                break
+        return out
 
     def handled(self, req: RetrainRequest) -> None:
         """After a bootstrap request: if it did not produce a champion, try again later."""

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 
 from driftloop.core.declarations import ModelSpec
-from driftloop.core.metrics import MODEL_REJECTS, SERVING_VERSION, SWAP_SECONDS, SWAPS
+from driftloop.core.metrics import MODEL_REJECTS, SERVING_VERSION, SWAP_SECONDS, SWAPS, StoreHealth
 from driftloop.core.settings import Settings
 from driftloop.registry.verify import ModelCheckError, Scorer, load_scorer
 from driftloop.registry.versions import CHAMPION, alias_version
@@ -25,6 +25,9 @@ from driftloop.registry.versions import CHAMPION, alias_version
 log = logging.getLogger(__name__)
 
 RejectHook = Callable[[str, str, str], None]  # (version, check, message)
+# every slot of the process reads the same registry
+REGISTRY = StoreHealth("serving", "mlflow", "MLflow store unavailable (serving what is loaded; the alias is read "
+                       "again on the next refresh)", "MLflow store answers again", log)
 
 
 class ModelSlot:
@@ -53,7 +56,12 @@ class ModelSlot:
         name = self.spec.name
         try:
             seen = time.perf_counter()
-            version = alias_version(self.s, name, self.alias)
+            try:
+                version = alias_version(self.s, name, self.alias)
+            except Exception as e:  # noqa: BLE001 - the registry, not a version: retried on the next refresh
+                REGISTRY.failed(e)
+                return
+            REGISTRY.ok()
             have = self._pending[0] if self._pending else self.current
             if version is None or (have and have.version == version) or version in self._bad:
                 return

@@ -63,8 +63,7 @@ from driftloop.core.metrics import (
     EVENTS_IN,
     LABELS,
     LATE_OUTCOMES,
-    STORE_ERRORS,
-    STORE_UP,
+    StoreHealth,
     beat,
     serve_metrics,
 )
@@ -340,7 +339,9 @@ def create_app(settings: Settings) -> faust.App:
         return {(t, vp): (state.data.get(f"_wm|{t}|{vp}") or {}).get("e", -1)
                 for t in engine.label_topics for q in partitions for vp in (q, *(n * (1 + p) + q for p in range(n)))}
 
-    store_down: dict[str, float] = {}  # store → when its failures began
+    stores = {store: StoreHealth("streams", store, f"{store} store write failed (retrying; no offset is committed "
+                                                   "until it succeeds)", f"{store} store writes succeed again", log)
+              for store in ("offline", "online")}
 
     async def _write_stores(out: BatchOutput) -> None:
         """The batch's Delta and online rows, retried with backoff while a store fails: every write is
@@ -352,20 +353,11 @@ def create_app(settings: Settings) -> faust.App:
                                                       name, cols, out.offsets)) for name, cols in out.offline.items()]
             results = await asyncio.gather(*(job for _, job in jobs), return_exceptions=True)
             failed = {store: r for (store, _), r in zip(jobs, results, strict=True) if isinstance(r, BaseException)}
-            for store in ("offline", "online"):
+            for store, health in stores.items():
                 if store in failed:
-                    STORE_ERRORS.labels("streams", store).inc()
-                    STORE_UP.labels("streams", store).set(0)
-                    if store not in store_down:
-                        store_down[store] = time.monotonic()
-                        log.error("%s store write failed (retrying; no offset is committed until it succeeds): %s",
-                                  store, str(failed[store]).splitlines()[0] if str(failed[store]) else
-                                  type(failed[store]).__name__)
+                    health.failed(failed[store])
                 else:
-                    STORE_UP.labels("streams", store).set(1)
-                    if store in store_down:
-                        log.info("%s store writes succeed again after %.1fs", store,
-                                 time.monotonic() - store_down.pop(store))
+                    health.ok()
             if not failed:
                 return
             offline.reset()  # table handles and recorded offsets are read again

@@ -1,4 +1,4 @@
-"""The runbooks (``docs/runbooks/``) and the producer guide name only things that exist: each of the six runbooks
+"""The runbooks (``docs/runbooks/``) and the producer guide name only things that exist: each of the seven runbooks
 names the alerts that lead there, every alert and recording rule named is defined in
 ``deploy/prometheus/rules.yml`` (and every alert's ``runbook_url`` links a runbook that names it), every
 ``driftloop_*`` metric named is registered by ``driftloop.core.metrics``, and every ``driftloop ...`` command
@@ -31,6 +31,7 @@ LEADS = {
     "stuck-consumer": {"DriftloopWorkerDown", "DriftloopWorkerStalled", "DriftloopConsumerLagHigh"},
     "broker-outage": {"DriftloopDeadLetterRate"},
     "failed-retrain": {"DriftloopRetrainFailed"},
+    "store-outage": {"DriftloopStoreDown"},
     "rollback": {"DriftloopModelPerformanceDrop"},  # reached from performance-drop after a bad promotion
 }
 DOCS = sorted({*RUNBOOKS.glob("*.md"), *(RUNBOOKS / f"{name}.md" for name in LEADS)}) + [ROOT / "docs" / "producers.md"]

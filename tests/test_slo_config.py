@@ -18,10 +18,10 @@ RULES = ROOT / "deploy" / "prometheus" / "rules.yml"
 ALERTMANAGER = ROOT / "deploy" / "alertmanager" / "alertmanager.yml"
 ALERTS = {"DriftloopFeatureFreshnessSLO", "DriftloopPredictionLatencySLO", "DriftloopModelPerformanceDrop",
           "DriftloopDataDrift", "DriftloopWorkerDown", "DriftloopWorkerStalled", "DriftloopConsumerLagHigh",
-          "DriftloopDeadLetterRate", "DriftloopRetrainFailed"}
+          "DriftloopDeadLetterRate", "DriftloopRetrainFailed", "DriftloopStoreDown"}
 MODEL_ALERTS = ("DriftloopModelPerformanceDrop", "DriftloopDataDrift")  # the ones a retrain can fix
 RUNBOOK = re.compile(r"https://github\.com/driftloop/driftloop/blob/main/docs/runbooks/"
-                     r"(performance-drop|data-drift|broker-outage|stuck-consumer|failed-retrain|rollback)\.md")
+                     r"(performance-drop|data-drift|broker-outage|stuck-consumer|failed-retrain|rollback|store-outage)\.md")
 WEBHOOK_URL = "http://drift:8000/v1/alerts/alertmanager"
 TOKEN_FILE = "/etc/alertmanager/driftloop-webhook.token"
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -43,14 +44,15 @@ def _rows(s: Settings, name: str) -> int:
 
 
 def check_exact(s: Settings, store: FeatureStore, events: list[tuple[str, dict]], views: list[ViewSpec],
-           transforms: dict | None = None, decls: Declarations | None = None) -> None:
-    """Offline rows (one per event, none twice) and online rows equal the reference, for every view; with
-    ``decls``, the labels of every outcome-joined model too (one per scored event)."""
+                transforms: dict | None = None, decls: Declarations | None = None,
+                rows: Callable[[Settings, ViewSpec], pd.DataFrame] = offline_rows) -> None:
+    """Offline rows (one per event, none twice; read by ``rows``) and online rows equal the reference, for
+    every view; with ``decls``, the labels of every outcome-joined model too (one per scored event)."""
     for v in views:
         tf = (transforms or {}).get(v.name)
         want_off, want_on = expected(valid(events, v.topic), v, tf)
         names = [a.name for a in v.aggs]
-        assert_frames_match(offline_rows(s, v), want_off, "event_id", names)
+        assert_frames_match(rows(s, v), want_off, "event_id", names)
         got = store.get_online_features(features=[f"{v.name}:{n}" for n in names],
                                         entity_rows=[{v.entity_key: e} for e in want_on[v.entity_key].tolist()])
         assert_frames_match(got.to_df(), want_on, v.entity_key, names)

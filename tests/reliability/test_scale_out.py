@@ -52,13 +52,13 @@ class Progress(threading.Thread):
         finally:
             c.close()
 
-    def pause(self, at: float, which: int, window: float = 90.0) -> float | None:
-        """The longest time without progress of ``which`` (1 streams, 2 serving) between ``at`` and its last
-        change within ``window`` s; None when nothing changed (on a slow machine the events can run out before
-        a second worker is up: then there is no pause to measure)."""
-        pts = [(x[0], x[which]) for x in self.samples if at <= x[0] <= at + window]
+    def pause(self, at: float, end: float, which: int) -> float | None:
+        """The longest time without progress of ``which`` (1 streams, 2 serving) between ``at`` and ``end``
+        (from ``at`` to the first change, between changes, from the last change to ``end``); None when nothing
+        changed (no events left to measure)."""
+        pts = [(x[0], x[which]) for x in self.samples if at <= x[0] <= end]
         changes = [t for (t, v), (_, prev) in zip(pts[1:], pts, strict=False) if v != prev]
-        times = [at, *changes]
+        times = [at, *changes, end]
         return max(b - a for a, b in zip(times, times[1:], strict=False)) if changes else None
 
 
@@ -76,19 +76,23 @@ def test_workers_join_and_leave_mid_stream(tmp_path: Path, bootstrap_servers: st
 
     sender = threading.Thread(target=publish, args=(s, events), kwargs={"rate": 300}, daemon=True)
     progress = Progress(s)
-    moments: dict[str, float] = {}
+    moments: dict[str, tuple[float, float]] = {}  # rebalance → (from, to) of its pause measurement
     with worker(own_port(), "streams", log_name="streams-a") as streams_a, \
             worker(own_port(), "serving", log_name="serving-a") as serving_a:
         sender.start()
         progress.start()
         time.sleep(8)
-        moments["join"] = time.monotonic()  # the second ones start (they join the groups once up)
+        join = time.monotonic()  # the second ones start (they join the groups once up)
         with worker(own_port(), "streams", ready_timeout=300, log_name="streams-b") as streams_b, \
                 worker(own_port(), "serving", ready_timeout=300, log_name="serving-b") as serving_b:
-            time.sleep(10)
+            time.sleep(15)
+            moments["join"] = (join, time.monotonic())
             assert streams_a.poll() is None and serving_a.poll() is None
-            moments["leave"] = time.monotonic()  # the second ones stop (SIGTERM: they leave the groups)
+            leave = time.monotonic()  # the second ones stop (SIGTERM: they leave the groups)
         assert streams_b.returncode is not None and serving_b.returncode is not None
+        time.sleep(15)
+        moments["leave"] = (leave, time.monotonic())
+        assert sender.is_alive(), "the events ran out before the second workers left: no pause to measure"
         sender.join(timeout=300)
         wait_streamed(s, events, views, alive=streams_a)
         wait_progress(lambda: impressions <= {orjson.loads(m.value())["event_id"]
@@ -100,10 +104,11 @@ def test_workers_join_and_leave_mid_stream(tmp_path: Path, bootstrap_servers: st
     preds = [orjson.loads(m.value()) for m in read_all(s, "predictions", 10**9, timeout=0, idle_s=1)]
     result = audit(s, impressions, preds)
     assert result["lost"] == 0 and result["misversioned"] == 0 and result["unexpected"] == 0, result
-    for moment, t in moments.items():
+    for moment, (t0, t1) in moments.items():
         for which, name in ((1, "streams"), (2, "serving")):
-            pause = progress.pause(t, which)
-            figure(f"scale-out: {name} paused around the {moment}", -1 if pause is None else round(pause, 1),
-                   "s" if pause is not None else "s (no events left to measure)")
+            pause = progress.pause(t0, t1, which)
+            assert pause is not None, f"{name} made no progress around the {moment}"
+            figure(f"scale-out: {name}'s longest pause around the {moment}", round(pause, 1), "s",
+                   measured_s=round(t1 - t0, 1))
     figure("scale-out: impressions lost", result["lost"], "events")
     figure("scale-out: duplicate predictions (removed by event id)", result["duplicated"], "predictions")

@@ -7,6 +7,7 @@ back catches up with features and labels equal to the pandas reference."""
 from __future__ import annotations
 
 import shutil
+import sqlite3
 import threading
 import time
 import uuid
@@ -17,16 +18,19 @@ import pytest
 
 from driftloop.app.producer import publish
 from driftloop.core.broker import free_port
-from driftloop.core.contracts import now_us
+from driftloop.core.contracts import ModelPromoted, now_us
 from driftloop.core.metrics import scrape
+from driftloop.core.requests import RequestStore
 from driftloop.core.settings import Settings
-from tests.helpers import apply_repo, committed_offsets, wait_for, wait_streamed, worker
+from tests.helpers import apply_repo, committed_offsets, read_all, wait_for, wait_streamed, worker
 from tests.servers import RedisServer
+from tests.test_retrain import items_settings
 from tests.test_streams_exact import _rows, _views, ads_traffic, check_exact
 
 pytestmark = pytest.mark.reliability
 
 OUTAGE_S = 10.0
+LOCK_S = 60.0
 
 
 def _store(port: int, store: str) -> tuple[float, float]:
@@ -101,3 +105,53 @@ def test_redis_online_store_stopped_for_10s(tmp_path: Path, bootstrap_servers: s
     finally:
         server.stop()
         shutil.rmtree(redis_dir, ignore_errors=True)
+
+
+def _mlflow(port: int, component: str) -> float:
+    return scrape(port).get(("driftloop_store_up", (("component", component), ("store", "mlflow"))), -1.0)
+
+
+def test_mlflow_store_locked_for_60s(tmp_path: Path, bootstrap_servers: str, figure) -> None:
+    """MLflow's sqlite store held under an exclusive lock for 60 s (a backup, a stuck writer) from the moment the
+    retrain worker's bootstrap request starts training, while serving polls the champion alias. Both report the
+    store down on ``driftloop_store_up`` and stay up; the request keeps its attempts (both of its 2 would be
+    spent in the outage otherwise), waits, and once the lock is gone is promoted exactly once, and serving
+    picks the champion up."""
+    quiet = {n: {"min_labels": 10**9} for n in ("m_reg", "m_mc", "m_custom", "m_flaky")}  # only m_bin trains
+    s = items_settings(tmp_path, bootstrap_servers, model_overrides=quiet, retrain_max_attempts=2,
+                       retrain_backoff_s=1.0, serving_alias_poll_s=1.0)
+    ports = {"retrain": free_port(), "serving": free_port()}
+    store = RequestStore(s)
+    lock = sqlite3.connect(s.root / "mlflow.db", timeout=60, isolation_level=None)
+    with worker(s.model_copy(update={"metrics_port": ports["serving"]}), "serving") as serving, \
+            worker(s.model_copy(update={"metrics_port": ports["retrain"]}), "retrain", log_name="retrain") as retrain:
+        # the bootstrap request is under way (its MLflow steps come after training): lock the store now
+        wait_for(lambda: any(r.state == "training" for r in store.of_model("m_bin")), 120, every=0.1)
+        lock.execute("BEGIN EXCLUSIVE")
+        locked = time.monotonic()
+        try:
+            wait_for(lambda: all(_mlflow(port, name) == 0.0 for name, port in ports.items()), 40)
+            wait_for(lambda: time.monotonic() - locked >= LOCK_S, LOCK_S + 5)
+            assert retrain.poll() is None and serving.poll() is None, "a worker exited while MLflow was locked"
+            rows = store.of_model("m_bin")
+            assert all(not r.done for r in rows), [(r.state, r.error) for r in rows]
+        finally:
+            lock.execute("ROLLBACK")
+            lock.close()
+        back = time.monotonic()
+        row = wait_for(lambda: next((r for r in store.of_model("m_bin") if r.done), None), 300)
+        promoted_s = time.monotonic() - back
+        wait_for(lambda: _mlflow(ports["serving"], "serving") == 1.0 and scrape(ports["serving"]).get(
+            ("driftloop_serving_model_version", (("model", "m_bin"),))) == float(row.version), 60)
+        assert _mlflow(ports["retrain"], "retrain") == 1.0
+        assert retrain.poll() is None and serving.poll() is None
+    assert row.state == "promoted" and row.attempt == 0, (row.state, row.attempt, row.error)
+    assert [r.request_id for r in store.of_model("m_bin")] == [row.request_id]  # no second bootstrap request
+    promoted = [ModelPromoted.from_bytes(m.value()) for m in read_all(s, "models.promoted")]
+    assert [p.version for p in promoted] == [row.version]
+    log = (s.root / "retrain.log").read_text()
+    assert "MLflow store unavailable" in log and "MLflow store answers again" in log
+    assert "attempt 1 failed" not in log and "database is locked" in log
+    figure("store fault (mlflow, locked 60 s): request promoted after the lock", round(promoted_s, 1), "s",
+           attempts_spent=row.attempt)
+    figure("store fault (mlflow): requests lost or doubled", 0, "requests")
