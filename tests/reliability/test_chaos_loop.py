@@ -22,7 +22,6 @@ import pandas as pd
 import pytest
 
 from driftloop.app.demo import run_demo
-from driftloop.bench.serving import read_all
 from driftloop.core import delta
 from driftloop.core.broker import free_port
 from driftloop.core.contracts import RetrainRequest
@@ -33,7 +32,7 @@ from driftloop.features.repo import open_store
 from driftloop.features.windows import ViewSpec
 from driftloop.registry.ledger import moves
 from driftloop.registry.versions import CHAMPION, alias_version
-from tests.helpers import wait_committed, wait_streamed, worker
+from tests.helpers import read_all, wait_committed, wait_streamed, worker
 from tests.reference import expected_labels, offline_rows
 from tests.test_streams_exact import _views, check_exact
 
@@ -88,7 +87,7 @@ def _records(s: Settings, decls: Declarations) -> list[tuple[str, dict]]:
     out = []
     for t in decls.topics:
         seen: set[str] = set()
-        for m in read_all(s, t, 10**9, timeout=0, idle_s=1):
+        for m in read_all(s, t, timeout=300):
             rec = orjson.loads(m.value())
             if rec["event_id"] in seen:
                 rec["event_id"] = f"{rec['event_id']}@{m.partition()}:{m.offset()}"
@@ -138,14 +137,14 @@ def test_the_loop_closes_while_workers_are_killed(tmp_path: Path, bootstrap_serv
     for m in decls.models.values():
         if m.label.kind == "outcome":
             _labels_match(s, m, once)  # a scored event's copies share its label
-    preds = [orjson.loads(m.value()) for m in read_all(s, "predictions", 10**9, timeout=0, idle_s=1)]
+    preds = [orjson.loads(m.value()) for m in read_all(s, "predictions", timeout=300)]
     for m in decls.models.values():
         scored = {r["event_id"] for t, r in once if t == m.topic}
         got = {p["event_id"] for p in preds if p["model_name"] == m.name}
         assert got == scored, f"{m.name}: {len(scored - got)} scored events without a prediction, " \
                               f"{len(got - scored)} predictions of no event"
     requested = {RetrainRequest.from_bytes(m.value()).request_id: RetrainRequest.from_bytes(m.value()).model_name
-                 for m in read_all(s, "retrain.requests", 10**6, timeout=0, idle_s=1)}
+                 for m in read_all(s, "retrain.requests", timeout=60)}
     store_rows = {r.request_id: r for name in decls.models for r in RequestStore(s).of_model(name)}
     assert set(requested) <= set(store_rows), f"requests lost: {set(requested) - set(store_rows)}"
     for name in decls.models:
