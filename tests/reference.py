@@ -47,6 +47,15 @@ def _values(ts: np.ndarray, x: np.ndarray, at: np.ndarray, upto: np.ndarray, vie
     return cols
 
 
+def numbers(col: pd.Series) -> np.ndarray:
+    """A column as floats, 0 where a value is not a number (a count of a text column adds nothing up). Not
+    ``pd.to_numeric(errors="coerce")``: pandas 2.3.3 segfaults on text such as '8397e3541862468690e3df9...'
+    (an id that reads as a number with a huge exponent)."""
+    if pd.api.types.is_numeric_dtype(col):
+        return col.fillna(0.0).to_numpy(float)
+    return np.array([float(v) if isinstance(v, int | float) and v == v else 0.0 for v in col], float)
+
+
 def expected(events: list[dict], view: ViewSpec,
              transform: Callable[[pd.DataFrame], pd.DataFrame] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(offline rows keyed by ``event_id``, online rows keyed by entity) for ``events`` in consumption order."""
@@ -56,7 +65,7 @@ def expected(events: list[dict], view: ViewSpec,
     off, on = [], []
     for entity, g in df.groupby(view.entity_key, sort=False):
         ts = g["ts"].to_numpy(np.int64)
-        x = {c: pd.to_numeric(g[c], errors="coerce").fillna(0.0).to_numpy(float) for c in {a.column for a in view.aggs}}
+        x = {c: numbers(g[c]) for c in {a.column for a in view.aggs}}
         idx = np.arange(len(g))
         off.append(pd.DataFrame({"event_id": g["event_id"].to_numpy(), **_values(ts, x, ts, idx, view)}))
         last = np.array([ts.max()])

@@ -3,10 +3,12 @@
 import math
 import random
 
+import pandas as pd
 import pytest
 
 from driftloop.features import windows
 from driftloop.features.windows import AggSpec, ViewSpec
+from tests.reference import numbers
 
 
 def brute(events, agg, t):
@@ -54,3 +56,10 @@ def test_null_column_is_ignored_and_empty_window_gives_none():
     state: dict = {}
     windows.update(state, view, {"x": None}, 5.0)
     assert windows.values(state, view, 5.0) == {"m": None, "c": 0}
+
+
+def test_the_reference_reads_text_ids_that_look_like_huge_numbers() -> None:
+    """pandas 2.3.3's to_numeric(errors="coerce") segfaults on such a string; the reference must not call it."""
+    col = pd.Series(["8397e3541862468690e3df9aac0e320e", 2, 1.5, None, True], dtype=object)
+    assert numbers(col).tolist() == [0.0, 2.0, 1.5, 0.0, 1.0]
+    assert numbers(pd.Series([1, 2])).tolist() == [1.0, 2.0]

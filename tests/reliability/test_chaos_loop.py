@@ -127,6 +127,7 @@ def test_the_loop_closes_while_workers_are_killed(tmp_path: Path, bootstrap_serv
     store = open_store(s)
     views = _views(store)
     events = _records(s, decls)
+    (s.root / "events.json").write_bytes(orjson.dumps(events))  # to re-run the checks below on a failure
     once = [(t, r) for t, r in events if "@" not in r["event_id"]]  # first copies
     with worker(s, "streams") as streams, worker(s.model_copy(update={"metrics_port": free_port()}),
                                                   "serving") as serving:  # what the demo's end left unprocessed
