@@ -39,7 +39,9 @@ State per entity (table key ``join_key=value``, the value as text)::
 id is kept until the join watermark is two windows plus the outcome topic's lateness past its event: an
 outcome that comes later is behind the watermark by more than the lateness (dead-lettered ``late``) or more
 than a window after the event it names (it could not have counted), and waits as unmatched. (Keeping them
-for many windows would make a busy entity's state record, rewritten each batch, grow with the traffic.)
+for many windows would make a busy entity's state record, rewritten each batch, grow with the traffic.) The
+clock is the lower of the join watermark and the scored topic's, so a copy of a scored event (a producer that
+re-sent it) finds its label final even while the outcome topic is read far ahead (a backlog).
 
 Label rules (``ModelSpec.label``):
 
@@ -527,6 +529,9 @@ class FeatureEngine:
         for name, final in st.get("f", {}).items():
             m = self.models[name]
             wm = self._join_watermark(m, r.partition, get)
+            scored_wm = self._watermark((m.topic, r.partition), get)
+            if wm is not None and scored_wm is not None:  # a copy of a scored event comes by the scored topic's
+                wm = min(wm, scored_wm)  # clock: outcomes read far ahead must not forget it before the copy
             if wm is not None:
                 horizon = wm - 2 * self.window_us(m) - self.lateness_us[m.label.topic]
                 for eid in [i for i, t in final.items() if t < horizon]:

@@ -433,3 +433,15 @@ def test_a_record_keyed_by_another_entity_is_dead_lettered(ads) -> None:
     out = Worker(*ads).batch([wrong, null, right])
     assert [(r.offset, why) for r, why, _ in out.dlq] == [(0, "key")]
     assert "user_id 'u0'" in out.dlq[0][2] and out.accepted == 2
+
+
+def test_a_copy_of_a_scored_event_gets_no_second_label_while_outcomes_run_ahead(ads) -> None:
+    """A producer that re-sends (idempotence off) writes a scored event twice. While the outcome topic is read
+    far ahead of the scored one (a backlog), the label is final the moment the event arrives; the copy a batch
+    later must find it final, not open a second join (the chaos loop wrote 2 labels twice this way)."""
+    click = {"topic": CLICK, "event_id": "c", "user": "u0", "ts": T + 300 * S, "impression_id": "x"}
+    recs = records([click, imp("dup", T), imp("dup", T + 1)])
+    w = Worker(*ads)
+    w.batch(recs[:2])
+    w.batch(recs[2:])
+    assert [(r["event_id"], r["label"]) for r in w.rows["labels"]] == [("dup", 0.0)]
