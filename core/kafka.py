@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
@@ -135,6 +135,8 @@ class Deliveries:
         the number of records. Raises DeliveryError if one failed or ``timeout`` s passed first."""
         reports, flush = self._reports, self.producer.flush
         deadline = time.monotonic() + timeout
+        if len(reports) < self.sent:
+            self.producer.poll(0)  # reports already received are served without waiting on later records
         while len(reports) < self.sent:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -154,10 +156,12 @@ def make_producer(settings: Settings, **extra: Any) -> CheckedProducer:
     return CheckedProducer(producer_config(settings, **extra))
 
 
-def make_consumer(settings: Settings, group_id: str, topics: Iterable[str], **extra: Any) -> Consumer:
-    """A consumer subscribed to logical topic names (the prefix is added here)."""
+def make_consumer(settings: Settings, group_id: str, topics: Iterable[str],
+                  on_revoke: Callable[[Consumer, list[TopicPartition]], None] | None = None, **extra: Any) -> Consumer:
+    """A consumer subscribed to logical topic names (the prefix is added here); ``on_revoke`` runs in the
+    polling thread before partitions are taken away (commit what was done for them there)."""
     c = Consumer(consumer_config(settings, group_id, **extra))
-    c.subscribe([settings.topic(t) for t in topics])
+    c.subscribe([settings.topic(t) for t in topics], **({"on_revoke": on_revoke} if on_revoke else {}))
     return c
 
 

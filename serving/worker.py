@@ -6,10 +6,14 @@
   (what the consumer holds once a record arrives, at most ``serving_batch_size``; ``serving_linger_s`` is
   the longest wait for that record) is scored with one online-feature read and one model call.
 * Offsets are committed only after the batch's predictions (and dead letters) are acknowledged by the
-  broker: each batch tracks its own records' acks (``Deliveries``) on the model's producer, which the
-  slots' loading threads share for ``models.rejected`` with trackers of their own; a crash re-scores at
-  most the records after the last commit and never loses one, and one model's (or loading thread's)
-  delivery failure never fails another's batch nor hides behind it.
+  broker. Each model's scoring thread has a producer of its own that reports failed records only (no Python
+  call per acknowledged record): a flush there covers that thread's records alone, and a failure stops the
+  worker uncommitted. The slots' loading threads announce ``models.rejected`` on another producer, each
+  record tracked (``Deliveries``), so their failures never fail a batch nor hide behind one. A crash
+  re-scores at most the records after the last commit and never loses one.
+* Batches are pipelined: batch N+1 is fetched, scored and serialised while N's records travel; then N is
+  acknowledged and committed (its own offsets), and N+1 is produced. A rebalance commits the batch in
+  flight before its partitions go (``on_revoke``).
 * Events that fail their topic's schema go to ``dlq`` (headers as the streams worker's, plus
   ``consumer: serving.<model>``).
 * Hot swap (``ModelSlot``): a ``models.promoted`` record naming the model (one control consumer for
@@ -33,17 +37,26 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import orjson
-from confluent_kafka import Message
+from confluent_kafka import Consumer, Message, TopicPartition
 
 from driftloop.core.contracts import ModelRejected, Prediction
 from driftloop.core.deadletter import letter
 from driftloop.core.declarations import Declarations, ModelSpec
 from driftloop.core.events import Invalid, parse
-from driftloop.core.kafka import Deliveries, LagReporter, good_messages, make_consumer, make_producer
+from driftloop.core.kafka import (
+    Deliveries,
+    LagReporter,
+    flush_or_raise,
+    good_messages,
+    make_consumer,
+    make_producer,
+    produce_raw,
+)
 from driftloop.core.metrics import BATCH_SIZE, DLQ, EVENTS_IN, PREDICTION_LATENCY, beat, serve_metrics
 from driftloop.core.settings import Settings
 from driftloop.core.usage import UsageMeter, meter_scoring
@@ -106,6 +119,27 @@ def prediction_records(spec: ModelSpec, scorer: Scorer, events: Sequence[dict[st
     return list(zip(keys, values, latency.tolist(), strict=True))
 
 
+Out = tuple[str, bytes | None, bytes | None, dict[str, str] | None]  # topic, key, value, headers
+
+
+@dataclass
+class Batch:
+    """One batch, scored and serialised, not produced yet; committed once the broker acknowledged it."""
+
+    offsets: list[TopicPartition]  # each partition's last offset + 1
+    records: list[Out] = field(default_factory=list)
+    scored: int = 0
+    latency: np.ndarray = field(default_factory=lambda: np.empty(0))
+
+
+def next_offsets(msgs: list[Message]) -> list[TopicPartition]:
+    """The offsets to commit once ``msgs`` are done: each partition's last offset + 1."""
+    last: dict[tuple[str, int], int] = {}
+    for m in msgs:
+        last[(m.topic(), m.partition())] = m.offset()
+    return [TopicPartition(t, p, o + 1) for (t, p), o in last.items()]
+
+
 class ModelServer:
     """Scores one model's topic: consumer group, producer, champion (and challenger) slots of its own."""
 
@@ -118,13 +152,18 @@ class ModelServer:
         self.halt = halt
         self.name = f"serving.{spec.name}"
         self.vectorizer = Vectorizer(open_store(settings), spec)
-        self.producer = make_producer(settings)  # shared with the loading threads: each batch tracks its acks
+        # the scoring thread's own producer: it reports failed records only (no Python call per ack), and a
+        # flush there waits for that thread's records alone; the loading threads announce on another
+        self.producer = make_producer(settings, **{"delivery.report.only.error": True})
+        self.announcer = make_producer(settings)
         self.champion = ModelSlot(settings, spec, CHAMPION, self._on_reject(CHAMPION))
         self.challenger = ModelSlot(settings, spec, CHALLENGER, self._on_reject(CHALLENGER)) \
             if settings.serving_shadow else None
         self.slots = [s for s in (self.champion, self.challenger) if s is not None]
         self.topics = {t: settings.topic(t) for t in ("predictions", "predictions.shadow", "dlq")}
-        self.consumer = make_consumer(settings, f"{settings.topic_prefix}{self.name}", [spec.topic])
+        self.consumer = make_consumer(settings, f"{settings.topic_prefix}{self.name}", [spec.topic],
+                                      on_revoke=self._revoked)
+        self.in_flight: Batch | None = None  # produced, not yet acknowledged nor committed
         self.lag = LagReporter(self.consumer, "serving")
         self.refresh_requested = threading.Event()
         self.error: BaseException | None = None
@@ -135,7 +174,7 @@ class ModelServer:
         def hook(version: str, check: str, why: str) -> None:
             ev = ModelRejected(model_name=self.spec.name, version=version, run_id=None,
                                checks={f"serving_verification.{check}": why, "alias": alias})
-            announce = Deliveries(self.producer)
+            announce = Deliveries(self.announcer)
             announce.event(self.s, "models.rejected", ev, self.spec.name)
             announce.wait()
         return hook
@@ -150,11 +189,12 @@ class ModelServer:
         self.thread.start()
 
     def _run(self) -> None:
-        s, consumer = self.s, self.consumer
+        s = self.s
         next_poll = time.monotonic() + s.serving_alias_poll_s
+        failed = False
         try:
             while not self.halt.is_set():
-                msgs = self._next_batch()
+                msgs = self._next_batch()  # a rebalance in here settles the batch in flight first (_revoked)
                 if self.refresh_requested.is_set() or time.monotonic() >= next_poll:
                     self.refresh_requested.clear()
                     next_poll = time.monotonic() + s.serving_alias_poll_s
@@ -162,16 +202,43 @@ class ModelServer:
                         slot.refresh()
                 for slot in self.slots:
                     slot.swap_if_ready()
-                if msgs:
-                    self.score_batch(msgs)
-                    consumer.commit(asynchronous=False)
+                batch = self.score_batch(msgs) if msgs else None
+                self._settle()  # the previous batch: its acks travelled while this one was scored
+                if batch is not None:
+                    self._produce(batch)
+                    self.in_flight = batch
                 beat("serving", progressed=bool(msgs))
                 self.lag.maybe_report()
-        except BaseException as e:  # the main thread stops the worker; the uncommitted batch is re-scored
+        except BaseException as e:  # the main thread stops the worker; the uncommitted batches are re-scored
+            failed, self.in_flight = True, None  # closing must not commit it (the revoke callback)
             log.exception("%s failed", self.name)
             self.error = e
         finally:
-            consumer.close()
+            try:
+                if not failed:
+                    self._settle()
+            finally:
+                self.consumer.close()
+
+    def _revoked(self, _consumer: Consumer, _partitions: list[TopicPartition]) -> None:
+        """Before a rebalance takes partitions away: the batch in flight is acknowledged and committed, so
+        their next owner starts after it (a failure here stops the worker: nothing past it is committed)."""
+        self._settle()
+
+    def _settle(self) -> None:
+        """Wait for the acks of the batch in flight (the only records on the producer), then commit its offsets:
+        never before, so nothing is lost; a failed record raises and stops the worker, uncommitted."""
+        batch, self.in_flight = self.in_flight, None
+        if batch is None:
+            return
+        t0 = time.perf_counter()
+        flush_or_raise(self.producer)
+        t1 = time.perf_counter()
+        self.consumer.commit(offsets=batch.offsets, asynchronous=False)
+        log.debug("%s: batch of %d settled: acks %.3fs, commit %.3fs", self.name, len(batch.records), t1 - t0,
+                  time.perf_counter() - t1)
+        if batch.scored:
+            observe_many(PREDICTION_LATENCY.labels(model=self.spec.name), batch.latency)
 
     def _next_batch(self) -> list[Message]:
         """The records the consumer holds once one arrives (waiting up to ``serving_linger_s`` for it), at most
@@ -182,55 +249,56 @@ class ModelServer:
         more = self.consumer.consume(self.s.serving_batch_size - 1, 0) if self.s.serving_batch_size > 1 else []
         return good_messages([first, *more])
 
-    def score_batch(self, msgs: list[Message]) -> int:
-        """Score one batch with the champion (and challenger), dead-letter invalid events, publish, and wait
-        for the broker's acks; returns the number of predictions."""
+    def score_batch(self, msgs: list[Message]) -> Batch:
+        """Score one batch with the champion (and challenger) and serialise its predictions and dead letters
+        (produced by ``_produce``; committed by ``_settle`` once acknowledged)."""
         spec, cpu0 = self.spec, time.thread_time()
         BATCH_SIZE.labels(component="serving").observe(len(msgs))
         EVENTS_IN.labels(component="serving", topic=spec.topic).inc(len(msgs))
-        batch = Deliveries(self.producer)
+        batch = Batch(next_offsets(msgs))
         events = []
         for m in msgs:
             try:
                 events.append(parse(m.value(), self.schema))
             except Invalid as e:
-                self.dead_letter(batch, m, e)
+                batch.records.append(self.dead_letter(m, e))
         model, shadow = self.champion.current, self.challenger.current if self.challenger else None
-        scored = 0
         if model is not None and events:
             t0 = time.perf_counter()
             x = self.vectorizer.matrix(events)
             t1 = time.perf_counter()
-            keys, values, latency = prediction_batch(spec, model, events, x, model.score(x), time.time())
-            self._publish(batch, self.topics["predictions"], keys, values)
+            keys, values, batch.latency = prediction_batch(spec, model, events, x, model.score(x), time.time())
+            topic = self.topics["predictions"]
+            batch.records += [(topic, k, v, None) for k, v in zip(keys, values, strict=True)]
             if shadow is not None and shadow.version != model.version:
-                self._publish(batch, self.topics["predictions.shadow"],
-                              *prediction_batch(spec, shadow, events, x, shadow.score(x), time.time())[:2])
-            scored = len(values)
-            log.debug("%s: batch of %d: features %.3fs, score+publish %.3fs", self.name, len(events), t1 - t0,
+                topic = self.topics["predictions.shadow"]
+                keys, values, _ = prediction_batch(spec, shadow, events, x, shadow.score(x), time.time())
+                batch.records += [(topic, k, v, None) for k, v in zip(keys, values, strict=True)]
+            batch.scored = len(events)
+            log.debug("%s: batch of %d: features %.3fs, score+serialise %.3fs", self.name, len(events), t1 - t0,
                       time.perf_counter() - t1)
         elif events and time.monotonic() - self._unscored_logged > 30:
             self._unscored_logged = time.monotonic()
             log.warning("%s: no champion yet; events pass unscored", self.name)
-        batch.wait()
-        meter_scoring(self.meter, spec.name, model.version if model is not None else "", len(msgs), scored,
+        meter_scoring(self.meter, spec.name, model.version if model is not None else "", len(msgs), batch.scored,
                       time.thread_time() - cpu0)
-        if scored:
-            observe_many(PREDICTION_LATENCY.labels(model=spec.name), latency)
-        return scored
+        return batch
 
-    @staticmethod
-    def _publish(batch: Deliveries, topic: str, keys: list[bytes], values: list[bytes]) -> None:
-        produce = batch.produce
-        for key, value in zip(keys, values, strict=True):
-            produce(topic, key, value)
+    def _produce(self, batch: Batch) -> None:
+        produce = self.producer.produce
+        for topic, key, value, headers in batch.records:
+            try:  # the hot path: one call
+                produce(topic, key=key, value=value, headers=headers)
+            except BufferError:
+                produce_raw(self.producer, topic, key, value, headers=headers)
 
-    def dead_letter(self, batch: Deliveries, m: Message, e: Invalid) -> None:
+    def dead_letter(self, m: Message, e: Invalid) -> Out:
+        """The dead letter of an invalid event: (topic, key, value, headers)."""
         DLQ.labels(component="serving", topic=self.spec.topic, reason=e.reason).inc()
         headers = {"error": e.detail, "reason": e.reason, "source_topic": m.topic(), "partition": str(m.partition()),
                    "offset": str(m.offset()), "consumer": self.name}
-        value, headers = letter(m.value(), headers)
-        batch.produce(self.topics["dlq"], m.key(), value, headers=headers)
+        value, out = letter(m.value(), headers)
+        return self.topics["dlq"], m.key(), value, out
 
 
 def _promoted_model(m: Message) -> str | None:
