@@ -135,8 +135,6 @@ class Deliveries:
         the number of records. Raises DeliveryError if one failed or ``timeout`` s passed first."""
         reports, flush = self._reports, self.producer.flush
         deadline = time.monotonic() + timeout
-        if len(reports) < self.sent:
-            self.producer.poll(0)  # reports already received are served without waiting on later records
         while len(reports) < self.sent:
             left = deadline - time.monotonic()
             if left <= 0:

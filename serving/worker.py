@@ -285,12 +285,8 @@ class ModelServer:
         return batch
 
     def _produce(self, batch: Batch) -> None:
-        produce = self.producer.produce
         for topic, key, value, headers in batch.records:
-            try:  # the hot path: one call
-                produce(topic, key=key, value=value, headers=headers)
-            except BufferError:
-                produce_raw(self.producer, topic, key, value, headers=headers)
+            produce_raw(self.producer, topic, key, value, headers=headers)
 
     def dead_letter(self, m: Message, e: Invalid) -> Out:
         """The dead letter of an invalid event: (topic, key, value, headers)."""
