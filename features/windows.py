@@ -76,7 +76,7 @@ class ViewSpec:
         """The typed entity value of its text form (the state key holds ``join_key=text``)."""
         return int(text) if self.key_type == "int" else text
 
-    @property
+    @cached_property
     def horizon_s(self) -> float:
         """How much event time of state must be kept."""
         return max(a.window_s + a.bucket_s for a in self.aggs) + self.lateness_s

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -269,6 +270,7 @@ def create_app(settings: Settings) -> faust.App:
                     offline.reset()
                     await asyncio.get_running_loop().run_in_executor(None, labels_sink.reset, _label_ends(parts))
                     await asyncio.get_running_loop().run_in_executor(None, _seed_new_views, sorted(parts))
+                    gc.freeze()  # the recovered state is long-lived: the collector no longer walks it each cycle
                     fresh_assignment = False
                 await _process_batch(messages)
                 if watch.changed():
@@ -427,10 +429,10 @@ def create_app(settings: Settings) -> faust.App:
     last_unlabelled_log = [0.0]
 
     def _count(out: BatchOutput) -> None:
-        for _r, reason, _detail in out.dlq:
-            DLQ.labels(component="streams", topic=_r.topic, reason=reason).inc()
-        for lb, _r in out.labels:
-            LABELS.labels(model=lb.model_name).inc()
+        for (topic, reason), n in Counter((r.topic, reason) for r, reason, _detail in out.dlq).items():
+            DLQ.labels(component="streams", topic=topic, reason=reason).inc(n)
+        for model, n in Counter(lb.model_name for lb, _r in out.labels).items():
+            LABELS.labels(model=model).inc(n)
         for model, n in out.late_outcomes.items():
             LATE_OUTCOMES.labels(model=model).inc(n)
         unlabelled.update(out.unlabelled)

@@ -68,7 +68,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 import pandas as pd
@@ -99,6 +99,21 @@ class Record:
     value: bytes | None
 
 
+class LabelRow(NamedTuple):
+    """A label the engine made: the fields of ``contracts.Label`` without pydantic's cost per row (one label per
+    scored event); its record is ``Label``'s."""
+
+    model_name: str
+    key: str
+    label: float
+    event_id: str
+    ts: int
+
+    def to_bytes(self) -> bytes:
+        return orjson.dumps({"schema_version": Label.SCHEMA_VERSION, "event_id": self.event_id, "ts": self.ts,
+                             "model_name": self.model_name, "key": self.key, "label": self.label})
+
+
 @dataclass
 class BatchOutput:
     offline: dict[str, dict[str, list[Any]]] = field(default_factory=dict)  # table → columns
@@ -106,7 +121,7 @@ class BatchOutput:
     dlq: list[tuple[Record, str, str]] = field(default_factory=list)  # record, reason, detail
     states: dict[str, tuple[dict[str, Any], Record]] = field(default_factory=dict)  # key → (state, routing)
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)  # (logical topic, p) → last offset
-    labels: list[tuple[Label, Record]] = field(default_factory=list)  # label, the record that made it final
+    labels: list[tuple[LabelRow, Record]] = field(default_factory=list)  # label, the record that made it final
     touched: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))  # key → views updated
     late_outcomes: Counter[str] = field(default_factory=Counter)  # model → outcomes after the label was final
     unlabelled: Counter[str] = field(default_factory=Counter)  # model → scored events without an outcome
@@ -455,7 +470,7 @@ class FeatureEngine:
         except (ValueError, ValidationError) as e:
             out.dlq.append((r, "invalid_label", f"model {m.name}: {str(e).splitlines()[0]}"))
             return
-        out.labels.append((lb, r))
+        out.labels.append((LabelRow(lb.model_name, lb.key, lb.label, lb.event_id, lb.ts), r))
 
     def _finalise(self, m: ModelSpec, p: int, wm: int, trigger: Record, cache: dict[str, dict[str, Any]],
                   get: StateGet, out: BatchOutput) -> None:
@@ -480,8 +495,7 @@ class FeatureEngine:
             else:
                 out.unlabelled[m.name] += 1
                 continue
-            out.labels.append((Label.model_construct(model_name=m.name, key=key.split("=", 1)[1], label=label,
-                                                     event_id=eid, ts=s_ts), trigger))  # made here: valid
+            out.labels.append((LabelRow(m.name, key.split("=", 1)[1], label, eid, s_ts), trigger))
 
     def _fallback_finalise(self, last_ok: dict[tuple[str, int], Record], cache: dict[str, dict[str, Any]],
                            get: StateGet, out: BatchOutput, caught_up: CaughtUp | None) -> None:

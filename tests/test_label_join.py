@@ -12,8 +12,9 @@ import orjson
 import pytest
 
 from driftloop.core import delta
+from driftloop.core.contracts import Label
 from driftloop.core.declarations import Declarations, LabelSpec, ModelSpec, TopicSpec
-from driftloop.streams.engine import UNMATCHED_HORIZON, BatchOutput, FeatureEngine, Record
+from driftloop.streams.engine import UNMATCHED_HORIZON, BatchOutput, FeatureEngine, LabelRow, Record
 from driftloop.streams.sinks import LabelSink
 
 T0 = 1_700_000_000_000_000
@@ -342,3 +343,10 @@ def test_a_backlog_waits_for_its_outcomes_before_closing_by_the_scored_watermark
     out = unsure.engine.process([unsure.record(*scored(f"s{i}", T0 + i * S)) for i in range(10)], unsure.get,
                                 now_us=T0, caught_up=lambda topic, p: True)
     assert {lb.event_id: lb.label for lb, _ in out.labels} == {f"s{i}": 0.0 for i in range(5)}
+
+
+def test_a_label_row_is_the_record_of_the_label_contract() -> None:
+    row = LabelRow("ctr", "u1", 1.0, "e" * 64, 1_767_225_600_000_001)
+    want = Label(model_name="ctr", key="u1", label=1.0, event_id="e" * 64, ts=1_767_225_600_000_001)
+    assert Label.from_bytes(row.to_bytes()) == want
+    assert row.to_bytes() == want.to_bytes()
