@@ -90,6 +90,24 @@ STATE_RECORD_MAX_BYTES = 64 * 2**20
 STATE_RECORD_WARN_BYTES = 2**20
 
 
+class Collector:
+    """Keeps Python's garbage collector off the long-lived state. Each batch leaves entity records and window
+    buckets behind, which every later collection would walk again (about a quarter of the engine's time, in a
+    throwaway measurement); they are frozen after each batch (``gc.freeze``), and everything is collected once
+    every ``full_every_s``, so cyclic garbage is still reclaimed."""
+
+    def __init__(self, full_every_s: float = 300.0):
+        self.full_every_s = full_every_s
+        self.last_full = time.monotonic()
+
+    def batch_done(self) -> None:
+        if time.monotonic() - self.last_full >= self.full_every_s:
+            gc.unfreeze()
+            gc.collect()
+            self.last_full = time.monotonic()
+        gc.freeze()
+
+
 def repartition_topic(topic: str) -> str:
     """The internal topic (logical name) that routes ``topic``'s misplaced records to their owner partition."""
     return topic + REPARTITION
@@ -223,7 +241,8 @@ def create_app(settings: Settings) -> faust.App:
                       extra_topic_configs={"max.message.bytes": str(STATE_RECORD_MAX_BYTES)})
     changelog = state.changelog_topic.get_topic_name()
     producer = make_producer(settings, **{"linger.ms": 2, "message.max.bytes": STATE_RECORD_MAX_BYTES + 2**16})
-    large: set[str] = set()  # entities whose state record passed STATE_RECORD_WARN_BYTES (logged once)
+    large: set[str] = set()
+    collector = Collector()  # entities whose state record passed STATE_RECORD_WARN_BYTES (logged once)
 
     # the idempotency marks name the broker's cluster: an embedded broker restarted empty (new id, offsets from 0
     # again) must not have its records taken for ones already written; a real cluster keeps its id
@@ -270,9 +289,9 @@ def create_app(settings: Settings) -> faust.App:
                     offline.reset()
                     await asyncio.get_running_loop().run_in_executor(None, labels_sink.reset, _label_ends(parts))
                     await asyncio.get_running_loop().run_in_executor(None, _seed_new_views, sorted(parts))
-                    gc.freeze()  # the recovered state is long-lived: the collector no longer walks it each cycle
                     fresh_assignment = False
                 await _process_batch(messages)
+                collector.batch_done()
                 if watch.changed():
                     Restart.request()
         except Exception:
