@@ -41,6 +41,9 @@ class Settings(BaseSettings):
         "(time zones, units). A producer ahead by less still takes that much of the lateness of the other "
         "producers of its partitions: set it below the topics' lateness where producers are not trusted.")
 
+    streams_commit_s: float = Field(1.0, ge=0, description="How often the streams worker commits: Delta rows, state "
+                                    "records and offsets of every batch since the last commit (online rows are "
+                                    "written with each batch). Longer: fewer, larger Delta commits; 0: every batch.")
     serving_batch_size: int = Field(5000, ge=1, description="Most records per serving batch (a backlog is scored "
                                                            "in batches this size).")
     serving_linger_s: float = Field(0.05, ge=0, description="Longest wait for a serving batch's first record; the "

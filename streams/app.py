@@ -3,12 +3,16 @@ validates each record against its topic's schema, runs the Feast stream feature 
 and joins each model's labels.
 
 Per micro-batch (one fetch round, see ``faust_patches.route_batches``): the engine (``engine.py``)
-validates, de-duplicates, aggregates and joins labels; then this app writes, in order, the Delta tables
-(in parallel, idempotent by source offsets) and the online store, then the state records (changelog),
-labels and dead letters, and flushes. The batch's records are acked only after that and Faust's commit
-loop commits acked offsets, so offsets never run ahead of durable writes. A batch that fails stops the
-worker (the supervisor restarts it) rather than committing past it. When the declarations change, the
-worker finishes its batch, stops and exits with ``RESTART_EXIT`` (the supervisor starts it again).
+validates, de-duplicates, aggregates and joins labels, and the batch's online rows are written at once
+(monotonic: a replay never moves a value back). Every ``streams_commit_s`` (and before a rebalance or a
+restart) the batches since the last commit are committed: this app writes, in order, their Delta rows (in
+parallel, idempotent by source offsets), then the newest state record of each entity they touched
+(changelog), labels and dead letters, and flushes. Only then are their records acked, and Faust's commit
+loop commits acked offsets, so offsets never run ahead of durable writes. Committing several batches at once
+makes fewer, larger Delta commits and writes a busy entity's state record once, not once per batch. A batch
+or commit that fails stops the worker (the supervisor restarts it) rather than committing past it. When the
+declarations change, the worker finishes its batch, commits, stops and exits with ``RESTART_EXIT`` (the
+supervisor starts it again).
 
 Producers as they are: the partition that owns an entity (its state, its changelog partition, its label
 joins) is the one Java's murmur2 partitioner picks for its key, as driftloop's producers do. A record that
@@ -88,6 +92,34 @@ Produce = Callable[[str, bytes | None, bytes | None, int, list[tuple[str, bytes]
 # 1 MB. The changelog takes records up to this size (its topic config, for real clusters, and the producer's).
 STATE_RECORD_MAX_BYTES = 64 * 2**20
 STATE_RECORD_WARN_BYTES = 2**20
+COMMIT_RECORDS = 100_000  # a commit comes sooner than streams_commit_s once this many records wait
+
+
+class Pending:
+    """The batches computed since the last commit: their output merged (rows, state records, dead letters,
+    labels) and the callbacks that ack their records."""
+
+    def __init__(self) -> None:
+        self.out = BatchOutput()
+        self.done: list[Callable[[], None]] = []
+        self.records = 0
+        self.since = 0.0
+
+    def add(self, out: BatchOutput, done: Callable[[], None]) -> None:
+        if not self.done:
+            self.since = time.monotonic()
+        self.out.merge(out)
+        self.done.append(done)
+        self.records += out.accepted + len(out.dlq) + out.skipped
+
+    def due(self, every_s: float) -> bool:
+        """Whether to commit now: the oldest batch waited ``every_s``, or the rows make a large Delta commit."""
+        return bool(self.done) and (time.monotonic() - self.since >= every_s or self.records >= COMMIT_RECORDS)
+
+    def take(self) -> tuple[BatchOutput, list[Callable[[], None]], int]:
+        taken = self.out, self.done, self.records
+        self.out, self.done, self.records = BatchOutput(), [], 0
+        return taken
 
 
 class Collector:
@@ -247,14 +279,15 @@ def create_app(settings: Settings) -> faust.App:
     # the idempotency marks name the broker's cluster: an embedded broker restarted empty (new id, offsets from 0
     # again) must not have its records taken for ones already written; a real cluster keeps its id
     cluster = producer.list_topics(timeout=30).cluster_id or "kafka"
-    offline = OfflineSink(settings.offline_dir, app=f"streams@{cluster}")
+    offline_sink = OfflineSink(settings.offline_dir, app=f"streams@{cluster}")
     labels_sink = LabelSink(settings.offline_dir, app=f"streams@{cluster}", table=LABELS_TABLE)
     online = OnlineSink(store)
     seed_sink = OfflineSink(settings.offline_dir, app="seed")  # its own offsets: never hides a stream row
     pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sink")
     fresh_assignment = True
 
-    batch_lock = asyncio.Lock()  # held while a batch is in flight
+    batch_lock = asyncio.Lock()  # held while a batch or a commit is in flight
+    pending = Pending()  # batches computed, their online rows written, not committed yet
 
     @app.on_partitions_revoked.connect
     async def _revoked(app: faust.App, revoked: Any, **kwargs: Any) -> None:
@@ -262,7 +295,7 @@ def create_app(settings: Settings) -> faust.App:
         # (state, changelog, ack), or recovery could read a changelog end from before its flush and
         # overwrite the newer state in memory with older records.
         async with batch_lock:
-            pass
+            await _commit()
 
     @app.on_partitions_assigned.connect
     async def _assigned(app: faust.App, assigned: Any, **kwargs: Any) -> None:
@@ -275,30 +308,34 @@ def create_app(settings: Settings) -> faust.App:
     async def _recovered(app: faust.App, **kwargs: Any) -> None:
         log.info("table recovered, resuming the streams")
 
-    async def process(messages: list[Any]) -> None:
-        """One fetch round of source records (see ``faust_patches.route_batches``)."""
+    async def process(messages: list[Any], done: Callable[[], None]) -> None:
+        """One fetch round of source records (see ``faust_patches.route_batches``); ``done`` acks them."""
         nonlocal fresh_assignment
         try:
             async with batch_lock:
                 if fresh_assignment:
+                    await _commit()
                     parts = {tp.partition for tp in app.consumer.assignment() if tp.topic in source.topics}
                     n = await asyncio.get_running_loop().run_in_executor(None, _recover_tail, sorted(parts))
                     log.info("state: %d keys after recovery (%d changelog records re-read past the reported end)",
                              len(state.data), n)
                     engine.reset(state.data.items())
-                    offline.reset()
+                    offline_sink.reset()
                     await asyncio.get_running_loop().run_in_executor(None, labels_sink.reset, _label_ends(parts))
                     await asyncio.get_running_loop().run_in_executor(None, _seed_new_views, sorted(parts))
                     fresh_assignment = False
-                await _process_batch(messages)
+                await _process_batch(messages, done)
+                if pending.due(settings.streams_commit_s):
+                    await _commit()
                 collector.batch_done()
                 if watch.changed():
+                    await _commit()
                     Restart.request()
         except Exception:
             log.exception("batch of %d records failed; stopping so nothing is committed past it", len(messages))
             os._exit(70)
 
-    async def _process_batch(messages: list[Any]) -> None:
+    async def _process_batch(messages: list[Any], done: Callable[[], None]) -> None:
         BATCH_SIZE.labels(component="streams").observe(len(messages))
         assigned = app.consumer.assignment()
         records = router.records([m for m in messages if m.tp in assigned], _route)  # a record of a partition
@@ -315,9 +352,22 @@ def create_app(settings: Settings) -> faust.App:
             with contextlib.suppress(Exception):  # the end offset is unknown until the first fetch answer
                 CONSUMER_LAG.labels("streams", tp.topic, str(tp.partition)).set(
                     max(0, app.consumer.highwater(tp) - off - 1))
-        loop = asyncio.get_running_loop()
-        await _write_stores(out)
+        await _write_stores(out, offline=False)  # online now: freshness waits for no Delta commit
         t2 = time.perf_counter()
+        for key, (value, _r) in out.states.items():
+            state.data[key] = value  # the next batch's engine reads it (a new entity's record is new here)
+        pending.add(out, done)
+        log.debug("batch %d records: engine %.3fs, online %.3fs", len(records), t1 - t0, t2 - t1)
+
+    async def _commit() -> None:
+        """Make the batches since the last commit durable, in order (module docstring), then ack them: Delta
+        rows, state records (serialised now: the newest value of each), dead letters and labels, a flush."""
+        if not pending.done:
+            return
+        out, dones, n = pending.take()
+        t0 = time.perf_counter()
+        await _write_stores(out, online=False)
+        t1 = time.perf_counter()
         for key, (value, r) in out.states.items():
             _save(key, value, r.partition)
         for r, reason, detail in out.dlq:
@@ -327,13 +377,15 @@ def create_app(settings: Settings) -> faust.App:
             produce_raw(producer, dlq, r.key, value, headers=headers)
         for lb, _r in out.labels:
             produce_raw(producer, labels_topic, lb.key.encode(), lb.to_bytes())
+        t2 = time.perf_counter()
+        await asyncio.get_running_loop().run_in_executor(None, flush_or_raise, producer)
         t3 = time.perf_counter()
-        await loop.run_in_executor(None, flush_or_raise, producer)
-        t4 = time.perf_counter()
+        for done in dones:
+            done()
         _count(out)
         beat("streams", progressed=True)
-        log.debug("batch %d records: engine %.3fs, sinks %.3fs, state %.3fs, flush %.3fs (%d keys)", len(records),
-                  t1 - t0, t2 - t1, t3 - t2, t4 - t3, len(out.states))
+        log.debug("commit of %d batches, %d records: Delta %.3fs, state %.3fs, flush %.3fs (%d keys)", len(dones),
+                  n, t1 - t0, t2 - t1, t3 - t2, len(out.states))
 
     consumed: dict[Any, int] = {}  # the last offset processed per source topic-partition (full name)
     full = {t: settings.topic(t) for t in decls.topics}
@@ -364,24 +416,25 @@ def create_app(settings: Settings) -> faust.App:
                                                    "until it succeeds)", f"{store} store writes succeed again", log)
               for store in ("offline", "online")}
 
-    async def _write_stores(out: BatchOutput) -> None:
-        """The batch's Delta and online rows, retried with backoff while a store fails: every write is
+    async def _write_stores(out: BatchOutput, online: bool = True, offline: bool = True) -> None:
+        """The batch's online and/or Delta rows, retried with backoff while a store fails: every write is
         idempotent, and nothing after it (state, offsets) happens until all succeeded."""
         loop, delay = asyncio.get_running_loop(), 0.5
         while True:
-            jobs = [("online", loop.run_in_executor(pool, _write_online, out))]  # first: freshness waits for no Delta
-            jobs += [("offline", loop.run_in_executor(pool, (labels_sink if name == LABELS_TABLE else offline).write,
-                                                      name, cols, out.offsets)) for name, cols in out.offline.items()]
+            jobs = [("online", loop.run_in_executor(pool, _write_online, out))] if online else []
+            for name, cols in out.offline.items() if offline else ():
+                sink = labels_sink if name == LABELS_TABLE else offline_sink
+                jobs.append(("offline", loop.run_in_executor(pool, sink.write, name, cols, out.offsets)))
             results = await asyncio.gather(*(job for _, job in jobs), return_exceptions=True)
             failed = {store: r for (store, _), r in zip(jobs, results, strict=True) if isinstance(r, BaseException)}
-            for store, health in stores.items():
+            for store in {store for store, _ in jobs}:
                 if store in failed:
-                    health.failed(failed[store])
+                    stores[store].failed(failed[store])
                 else:
-                    health.ok()
+                    stores[store].ok()
             if not failed:
                 return
-            offline.reset()  # table handles and recorded offsets are read again
+            offline_sink.reset()  # table handles and recorded offsets are read again
             labels_sink.reset()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)
@@ -474,7 +527,14 @@ def create_app(settings: Settings) -> faust.App:
         beat("streams")
         async with batch_lock:
             if watch.changed():
+                await _commit()
                 Restart.request()
+
+    @app.timer(interval=0.1)
+    async def _commit_due() -> None:  # traffic that stops is committed too
+        if pending.due(settings.streams_commit_s) and not batch_lock.locked():
+            async with batch_lock:
+                await _commit()
 
     return app
 

@@ -1,9 +1,9 @@
 """The feature engine: one micro-batch of source records in, state updates and sink rows out.
 
 No I/O here: the Faust app (``app.py``) feeds batches of every declared topic and writes what comes
-back, in this order: offline rows (Delta, idempotent by source offsets) → online rows → state records
-(changelog) → flush → offsets committed. That order makes aggregates and labels exact after a kill -9
-without transactions:
+back, in this order: online rows (monotonic, at once) → offline rows (Delta, idempotent by source offsets)
+→ state records (changelog) → flush → offsets committed (the last four for several batches at once). That
+order makes aggregates and labels exact after a kill -9 without transactions:
 
 * every entity record carries ``_o``, the last source offset applied per topic-partition; a replayed
   record at or below it is skipped (its rows were durable before the state was written), but still
@@ -127,6 +127,20 @@ class BatchOutput:
     unlabelled: Counter[str] = field(default_factory=Counter)  # model → scored events without an outcome
     accepted: int = 0
     skipped: int = 0
+
+    def merge(self, later: BatchOutput) -> None:
+        """Take in a later batch's output (its states and last offsets replace these; rows and counts add up)."""
+        for table, cols in later.offline.items():
+            self.add_columns(table, cols)
+        self.dlq += later.dlq
+        self.labels += later.labels
+        self.states.update(later.states)
+        for tp, o in later.offsets.items():
+            self.offsets[tp] = max(o, self.offsets.get(tp, -1))
+        self.late_outcomes.update(later.late_outcomes)
+        self.unlabelled.update(later.unlabelled)
+        self.accepted += later.accepted
+        self.skipped += later.skipped
 
     def add_row(self, table: str, row: dict[str, Any]) -> None:
         cols = self.offline.get(table)

@@ -8,8 +8,9 @@
   is suspended (a rebalance), which is when Faust needs to abandon a blocked delivery.
 * Batch dispatch (``route_batches``): records of the registered topics skip Faust's per-record
   Event/Stream layer (about 100 µs per record here). Each fetch round goes to one async handler as a
-  list of Faust ``Message`` objects; they are tracked before and acked after the handler returns, so
-  Faust's own commit loop commits only offsets whose writes are done. While flow is suspended (a
+  list of Faust ``Message`` objects; they are tracked before and acked when the handler says their writes
+  are durable (it may say so later, when it commits several rounds at once), so Faust's own commit loop
+  commits only offsets whose writes are done. While flow is suspended (a
   rebalance) such records are dropped unacked; Faust seeks to the committed offsets afterwards.
   Rounds are merged while a batch waits less than ``LINGER_SHARE`` of the last batch's handling time (at
   most ``BATCH_LINGER_S``): aiokafka fetches again only once its buffer is drained and Tansu holds each
@@ -28,6 +29,7 @@ agent over ``stream.take``) was measured at about 5k records/s here, too slow fo
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import importlib.metadata
 import inspect
@@ -60,14 +62,21 @@ _ORIGINAL = {name: getattr(faust_consumer.Consumer, name) for name in FAUST_SOUR
 BATCH_LINGER_S = 0.1  # the longest a batch waits for more rounds
 LINGER_SHARE = 0.25  # ... as a share of the last batch's handling time
 BATCH_MAX_RECORDS = 50_000
-BatchHandler = Callable[[list[Any]], Awaitable[None]]
+BatchHandler = Callable[[list[Any], Callable[[], None]], Awaitable[None]]
 _batch_handlers: dict[str, BatchHandler] = {}
 
 
 def route_batches(topics: Iterable[str], handler: BatchHandler) -> None:
-    """Deliver records of ``topics`` (full names) to ``handler`` a fetch round at a time."""
+    """Deliver records of ``topics`` (full names) to ``handler(messages, done)`` a fetch round at a time; the
+    handler calls ``done()`` once the batch's writes are durable (possibly after it returned, with a later
+    batch), which acks its records for Faust's commit loop."""
     for t in topics:
         _batch_handlers[t] = handler
+
+
+def _ack(consumer: Any, messages: list[Any]) -> None:
+    for m in messages:
+        consumer.ack(m)
 
 
 class ShortFetchConsumer(aiokafka.AIOKafkaConsumer):
@@ -132,9 +141,7 @@ async def _drain_messages(self: Any, fetcher: Any) -> None:  # pragma: no cover 
             if pending and (pending >= BATCH_MAX_RECORDS or loop.time() - started >= linger):
                 began = loop.time()
                 for handler, messages in batches.items():
-                    await handler(messages)
-                    for m in messages:
-                        self.ack(m)
+                    await handler(messages, functools.partial(_ack, self, messages))
                 batches = {}
                 linger = min(BATCH_LINGER_S, LINGER_SHARE * (loop.time() - began))
             self.diag.unset_flag(faust_consumer.CONSUMER_FETCHING)
