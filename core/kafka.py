@@ -239,6 +239,27 @@ def flush_or_raise(producer: Producer, timeout: float = 30.0) -> None:
         raise DeliveryError(f"{len(failed)} records not delivered on this producer so far; first: {failed[0]}")
 
 
+# the group moved on without this member (its session expired, e.g. during a broker outage): the commit is
+# refused, and the partitions' next owner (possibly this consumer, after it rejoins) starts at the last commit
+GROUP_MOVED_ON = {KafkaError.UNKNOWN_MEMBER_ID, KafkaError.ILLEGAL_GENERATION, KafkaError.REBALANCE_IN_PROGRESS}
+
+
+def commit_or_warn(consumer: Consumer, name: str, **kwargs: Any) -> bool:
+    """Commit synchronously (``Consumer.commit`` arguments); when the group moved on without this member, log
+    it and return False: the records since the last commit are consumed again (at least once), and the
+    worker carries on (its next poll rejoins the group). Any other failure raises."""
+    try:
+        consumer.commit(asynchronous=False, **kwargs)
+    except KafkaException as e:
+        err = e.args[0] if e.args else None
+        if not isinstance(err, KafkaError) or err.code() not in GROUP_MOVED_ON:
+            raise
+        log.warning("%s: commit refused, the consumer group moved on without this member (%s): the records since "
+                    "the last commit will be consumed again", name, err.str())
+        return False
+    return True
+
+
 def read_past_reported_end(settings: Settings, topic: str, partitions: Iterable[int],
                            idle_polls: int = 3, timeout: float = 60.0,
                            from_time_ms: int | None = None) -> Iterator[Message]:

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from driftloop.core.contracts import Label, ModelPromoted, ModelRejected, Prediction
 from driftloop.core.deadletter import DeadLetters
-from driftloop.core.kafka import LagReporter, good_messages, make_consumer
+from driftloop.core.kafka import LagReporter, commit_or_warn, good_messages, make_consumer
 from driftloop.core.metrics import BATCH_SIZE, EVENTS_IN, beat
 from driftloop.core.settings import Settings
 from driftloop.core.worker import RESTART_EXIT, DeclarationsWatch, StopFlag, mark_ready
@@ -88,7 +88,7 @@ def run(settings: Settings) -> None:
                 consumed = {tp: off for tp, off in consumed.items() if tp in owned}  # a rebalance moved the rest
                 dead.wait()
                 if consumed:
-                    consumer.commit(offsets=commit_point(consumed, mon.held()), asynchronous=False)
+                    commit_or_warn(consumer, "drift", offsets=commit_point(consumed, mon.held()))
             beat("drift", progressed=bool(msgs))
             lag.maybe_report()
             restart = watch.changed()  # open windows are not committed: the restarted worker re-reads them

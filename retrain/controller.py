@@ -32,7 +32,7 @@ from driftloop.core.contracts import ModelPromoted, ModelRejected, RetrainReques
 from driftloop.core.deadletter import DeadLetters
 from driftloop.core.declarations import Declarations, ModelSpec
 from driftloop.core.frames import to_matrix
-from driftloop.core.kafka import Deliveries, good_messages, make_consumer, make_producer
+from driftloop.core.kafka import Deliveries, commit_or_warn, good_messages, make_consumer, make_producer
 from driftloop.core.metrics import EVENTS_IN, RETRAIN_SECONDS, TRAINING_BUDGET, TRAINING_RUNS, StoreHealth, beat
 from driftloop.core.requests import RequestStore, Stored
 from driftloop.core.settings import Settings
@@ -435,7 +435,7 @@ def run(settings: Settings, launcher: Launcher | None = None) -> None:
                         dead.add(msg, "unknown_model", f"model {req.model_name[:100]!r} is not declared "
                                                        f"(declared: {sorted(ctl.decls.models)})")
                 dead.wait()
-                consumer.commit(message=msg, asynchronous=False)  # stored durably: the store resumes it
+                commit_or_warn(consumer, "retrain", message=msg)  # stored durably: the store resumes it
             runner.dispatch()
             beat("retrain", progressed=True)
             restart = watch.changed()

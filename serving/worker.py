@@ -51,6 +51,7 @@ from driftloop.core.events import Invalid, parse
 from driftloop.core.kafka import (
     Deliveries,
     LagReporter,
+    commit_or_warn,
     flush_or_raise,
     good_messages,
     make_consumer,
@@ -222,7 +223,8 @@ class ModelServer:
 
     def _revoked(self, _consumer: Consumer, _partitions: list[TopicPartition]) -> None:
         """Before a rebalance takes partitions away: the batch in flight is acknowledged and committed, so
-        their next owner starts after it (a failure here stops the worker: nothing past it is committed)."""
+        their next owner starts after it (a failed record stops the worker: nothing past it is committed; a
+        commit the group refuses, having moved on without this member, means the batch is scored again)."""
         self._settle()
 
     def _settle(self) -> None:
@@ -234,7 +236,7 @@ class ModelServer:
         t0 = time.perf_counter()
         flush_or_raise(self.producer)
         t1 = time.perf_counter()
-        self.consumer.commit(offsets=batch.offsets, asynchronous=False)
+        commit_or_warn(self.consumer, self.name, offsets=batch.offsets)  # refused: re-scored (at least once)
         log.debug("%s: batch of %d settled: acks %.3fs, commit %.3fs", self.name, len(batch.records), t1 - t0,
                   time.perf_counter() - t1)
         if batch.scored:

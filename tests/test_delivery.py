@@ -28,6 +28,7 @@ from driftloop.core.contracts import Prediction, now_us
 from driftloop.core.kafka import (
     Deliveries,
     DeliveryError,
+    commit_or_warn,
     consumer_config,
     flush_or_raise,
     make_producer,
@@ -271,3 +272,27 @@ def test_drift_webhook_failure_is_its_own_while_the_main_loop_reports(stack: tup
     assert sorted(r["event_id"] for r in published) == sorted(r.event_id for r in reports)
     reqs = [orjson.loads(m.value()) for m in read_all(s, "retrain.requests", 10, timeout=0, idle_s=1)]
     assert [r["request_id"] for r in reqs if r["reason"] == "webhook"] == [ok.json()["request_id"]]
+
+
+class _Refusing:
+    """A consumer whose commit the broker answers with ``code`` (what librdkafka raises, as it raises it)."""
+
+    def __init__(self, code: int):
+        self.code = code
+
+    def commit(self, **kwargs: object) -> None:
+        raise KafkaException(KafkaError(self.code))
+
+
+@pytest.mark.parametrize("code", [KafkaError.UNKNOWN_MEMBER_ID, KafkaError.ILLEGAL_GENERATION,
+                                  KafkaError.REBALANCE_IN_PROGRESS])
+def test_a_commit_the_group_moved_on_from_is_a_warning_not_a_crash(code: int, caplog) -> None:
+    """After a broker outage longer than the session, the group has dropped the member: its commit is refused
+    and the worker carries on (tests/reliability/test_broker_stall.py: serving exited here before)."""
+    assert commit_or_warn(_Refusing(code), "serving.x", offsets=[]) is False
+    assert "consumed again" in caplog.text
+
+
+def test_any_other_commit_failure_still_raises() -> None:
+    with pytest.raises(KafkaException):
+        commit_or_warn(_Refusing(KafkaError._TRANSPORT), "serving.x", offsets=[])
