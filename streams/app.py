@@ -79,7 +79,7 @@ from driftloop.features import windows
 from driftloop.features.online_write import OnlineSink
 from driftloop.features.repo import declarations, open_store
 from driftloop.streams import faust_patches, seed
-from driftloop.streams.engine import LABELS_TABLE, BatchOutput, FeatureEngine, Record
+from driftloop.streams.engine import LABELS_TABLE, WATERMARK_PREFIX, BatchOutput, FeatureEngine, Record
 from driftloop.streams.sinks import LabelSink, OfflineSink
 
 log = logging.getLogger(__name__)
@@ -273,8 +273,8 @@ def create_app(settings: Settings) -> faust.App:
                       extra_topic_configs={"max.message.bytes": str(STATE_RECORD_MAX_BYTES)})
     changelog = state.changelog_topic.get_topic_name()
     producer = make_producer(settings, **{"linger.ms": 2, "message.max.bytes": STATE_RECORD_MAX_BYTES + 2**16})
-    large: set[str] = set()
-    collector = Collector()  # entities whose state record passed STATE_RECORD_WARN_BYTES (logged once)
+    large: set[str] = set()  # entities whose state record passed STATE_RECORD_WARN_BYTES (logged once)
+    collector = Collector()
 
     # the idempotency marks name the broker's cluster: an embedded broker restarted empty (new id, offsets from 0
     # again) must not have its records taken for ones already written; a real cluster keeps its id
@@ -361,10 +361,17 @@ def create_app(settings: Settings) -> faust.App:
 
     async def _commit() -> None:
         """Make the batches since the last commit durable, in order (module docstring), then ack them: Delta
-        rows, state records (serialised now: the newest value of each), dead letters and labels, a flush."""
+        rows, state records (serialised now: the newest value of each), dead letters and labels, a flush. A
+        failure stops the worker (from a batch, the timer or a rebalance alike): nothing is committed past it."""
         if not pending.done:
             return
-        out, dones, n = pending.take()
+        try:
+            await _write_pending(*pending.take())
+        except Exception:
+            log.exception("commit failed; stopping so nothing is committed past it")
+            os._exit(70)
+
+    async def _write_pending(out: BatchOutput, dones: list[Callable[[], None]], n: int) -> None:
         t0 = time.perf_counter()
         await _write_stores(out, online=False)
         t1 = time.perf_counter()
@@ -409,7 +416,7 @@ def create_app(settings: Settings) -> faust.App:
     def _label_ends(partitions: list[int]) -> dict[tuple[str, int], int]:
         """The last offset the saved state vouches for, per label topic and (virtual) partition it owns."""
         n = router.n
-        return {(t, vp): (state.data.get(f"_wm|{t}|{vp}") or {}).get("e", -1)
+        return {(t, vp): (state.data.get(f"{WATERMARK_PREFIX}{t}|{vp}") or {}).get("e", -1)
                 for t in engine.label_topics for q in partitions for vp in (q, *(n * (1 + p) + q for p in range(n)))}
 
     stores = {store: StoreHealth("streams", store, f"{store} store write failed (retrying; no offset is committed "

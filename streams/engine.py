@@ -84,6 +84,7 @@ log = logging.getLogger(__name__)
 
 StateGet = Callable[[str], dict[str, Any] | None]
 CaughtUp = Callable[[str, int], bool]
+WATERMARK_PREFIX = "_wm|"  # state keys of the per-topic-partition watermark records
 UNMATCHED_HORIZON = 60  # windows of event time an outcome waits for its scored event
 LABELS_TABLE = "labels"
 
@@ -135,6 +136,8 @@ class BatchOutput:
         self.dlq += later.dlq
         self.labels += later.labels
         self.states.update(later.states)
+        for key in [k for k in self.states if k.startswith(WATERMARK_PREFIX)]:  # last, as in one batch: each
+            self.states[key] = self.states.pop(key)  # vouches for every entity record written before it
         for tp, o in later.offsets.items():
             self.offsets[tp] = max(o, self.offsets.get(tp, -1))
         self.late_outcomes.update(later.late_outcomes)
@@ -300,7 +303,7 @@ class FeatureEngine:
         for tp, r in last.items():  # after the entity records: once written, it vouches for them
             wm = self._watermark(tp, get)  # (read first: a partition of invalid records only was never read)
             self.ends[tp] = out.offsets[tp]
-            out.states[f"_wm|{tp[0]}|{tp[1]}"] = ({"wm": wm, "e": out.offsets[tp]}, r)
+            out.states[f"{WATERMARK_PREFIX}{tp[0]}|{tp[1]}"] = ({"wm": wm, "e": out.offsets[tp]}, r)
         return out
 
     def _refusal(self, topic: str, ts: int, wm: int | None, now_us: int, replayed: bool) -> tuple[str, str] | None:
@@ -326,7 +329,7 @@ class FeatureEngine:
         """The topic-partition's watermark, never ahead of the clock by more than ``max_future_s``."""
         if tp not in self.loaded:
             self.loaded.add(tp)
-            saved = get(f"_wm|{tp[0]}|{tp[1]}")
+            saved = get(f"{WATERMARK_PREFIX}{tp[0]}|{tp[1]}")
             if saved is not None:
                 if saved.get("wm") is not None:
                     self.watermarks[tp] = saved["wm"]

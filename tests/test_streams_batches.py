@@ -9,7 +9,7 @@ import gc
 import weakref
 
 from driftloop.streams.app import COMMIT_RECORDS, Collector, Pending
-from driftloop.streams.engine import BatchOutput, Record
+from driftloop.streams.engine import WATERMARK_PREFIX, BatchOutput, Record
 
 
 class Node:
@@ -43,6 +43,7 @@ def _batch(offset: int, users: list[str]) -> BatchOutput:
     out.add_columns("bronze_t", {"user": list(users), "_offset": [offset] * len(users)})
     for u in users:
         out.states[f"user={u}"] = ({"_o": {"t:0": offset}}, rec)
+    out.states[f"{WATERMARK_PREFIX}t|0"] = ({"wm": offset, "e": offset}, rec)  # last, as the engine adds it
     out.offsets[("t", 0)] = offset
     out.dlq.append((rec, "late", "x"))
     out.accepted = len(users)
@@ -57,7 +58,11 @@ def test_batches_merge_into_one_commit_with_the_newest_state_and_acks_held() -> 
     assert pending.due(0.0) and not pending.due(3600.0)
     out, dones, n = pending.take()
     assert out.offline["bronze_t"] == {"user": ["a", "b", "b", "c"], "_offset": [5, 5, 9, 9]}
-    assert {k: st["_o"]["t:0"] for k, (st, _r) in out.states.items()} == {"user=a": 5, "user=b": 9, "user=c": 9}
+    assert list(out.states) == ["user=a", "user=b", "user=c", f"{WATERMARK_PREFIX}t|0"]  # the watermark record
+    # last: written after every entity record it vouches for, so a kill -9 between them loses no event
+    assert {k: st["_o"]["t:0"] for k, (st, _r) in out.states.items() if k.startswith("user=")} == {
+        "user=a": 5, "user=b": 9, "user=c": 9}
+    assert out.states[f"{WATERMARK_PREFIX}t|0"][0]["e"] == 9
     assert out.offsets == {("t", 0): 9} and len(out.dlq) == 2 and out.accepted == 4 and n == 6
     assert acked == []  # acks wait for the commit
     for done in dones:
