@@ -23,7 +23,8 @@ from feast.infra.online_stores.helpers import get_online_store_from_config
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey
 from feast.protos.feast.types.Value_pb2 import Value
 
-from driftloop.features.online_stores import NUMERIC, MonotonicOnlineStore, key_bytes
+from driftloop.features.online_stores import MonotonicOnlineStore, key_bytes
+from driftloop.features.value_encoding import NUMERIC
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ views and entities is one ``SELECT``. Redis (a single server; no cluster): one h
 from __future__ import annotations
 
 import json
-import math
+import operator
 import sqlite3
 import struct
 import threading
@@ -52,11 +52,12 @@ from feast.type_map import PYTHON_SCALAR_VALUE_TYPE_TO_PROTO_VALUE, python_value
 from feast.value_type import ValueType
 from pydantic import StrictStr
 
+from driftloop.features.value_encoding import encode_column, proto_numbers
+
 Row = tuple[EntityKey, dict[str, Value], datetime, datetime | None]  # a row as Feast hands it to a store
 Fetched = tuple[str, bytes, int, str, bytes]  # view, entity key, event time µs, feature names, values blob
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 NO_CREATED = -1  # the created time of a row written without one: below every real created time
-NUMERIC = frozenset({"int64_val", "int32_val", "double_val", "float_val", "bool_val"})
 SEP = "\x1f"  # between feature names
 # value types whose plain python values convert without Feast's per-value checks: the types allowed
 PLAIN = {ValueType.INT32: (int, float), ValueType.INT64: (int, float), ValueType.FLOAT: (int, float),
@@ -118,8 +119,18 @@ def _encode(values: dict[str, Value]) -> tuple[str, bytes, bytes]:
 
 def _encode_values(vals: Sequence[Value]) -> tuple[bytes, bytes]:
     """The values as a ``RepeatedValue`` and their numbers as little-endian float64 (NaN: not a number)."""
-    nums = [float(getattr(v, k)) if (k := v.WhichOneof("val")) in NUMERIC else math.nan for v in vals]
+    nums = proto_numbers(vals)
     return RepeatedValue(val=vals).SerializeToString(), struct.pack(f"<{len(nums)}d", *nums)
+
+
+def _encode_columns(columns: list[list[Any]], types: list[ValueType], n: int) -> list[tuple[bytes, bytes]]:
+    """``_encode_values`` of each row of value columns (``n`` rows), encoded a column at a time."""
+    if not columns:
+        return [(b"", b"")] * n
+    cols = [encode_column(values, vt, proto_values) for values, vt in zip(columns, types, strict=True)]
+    blob, width = np.array([nums for _enc, nums in cols], dtype="<f8").T.tobytes(), 8 * len(cols)
+    return [(b"".join(elements), blob[i * width:(i + 1) * width])
+            for i, elements in enumerate(zip(*(enc for enc, _nums in cols), strict=True))]
 
 
 class MonotonicOnlineStore(OnlineStore):
@@ -130,7 +141,7 @@ class MonotonicOnlineStore(OnlineStore):
 
     def __init__(self) -> None:
         self._plans: dict[tuple[str, tuple[str, ...], int], tuple[list[int], np.ndarray]] = {}
-        self._keys: dict[tuple[Any, ...], bytes] = {}
+        self._keys: dict[tuple[Any, ...], dict[Any, bytes]] = {}  # signature → values → key bytes
 
     # -- what a store implements ------------------------------------------------------------------
     def _upsert(self, config: RepoConfig, view: str, rows: list[tuple[bytes, int, int, str, bytes, bytes]]
@@ -210,29 +221,37 @@ class MonotonicOnlineStore(OnlineStore):
             return []
         pick = [i for i, _order in best.values()]
         names = SEP.join(f.name for f in table.features)
-        cols = [proto_values([columns[f.name][i] for i in pick], f.dtype.to_value_type()) for f in table.features]
-        rows = [(k, ts, created, names, *_encode_values(vals))
-                for (k, (_i, (ts, created))), vals in zip(best.items(), zip(*cols, strict=True) if cols
-                                                          else [()] * len(pick), strict=True)]
+        encoded = _encode_columns([[columns[f.name][i] for i in pick] for f in table.features],
+                                  [f.dtype.to_value_type() for f in table.features], len(pick))
+        rows = [(k, ts, created, names, *enc) for (k, (_i, (ts, created))), enc in zip(best.items(), encoded,
+                                                                                         strict=True)]
         stored = self._upsert(config, _view_name(config, table), rows)
         return sorted(best[k][0] for k in stored)
 
     def _key_bytes(self, config: RepoConfig, joins: list[tuple[str, ValueType]],
                    columns: Mapping[str, Sequence[Any]]) -> list[bytes]:
-        """Each row's serialised entity key (``key_bytes``), cached per join keys and values."""
+        """Each row's serialised entity key (``key_bytes``), cached per join keys, python types and values."""
         names = tuple(k for k, _ in joins)
-        # typed: 1, 1.0 and True are equal dict keys but need not serialise alike
-        tuples = [(names, vs, tuple(map(type, vs))) for vs in zip(*(columns[k] for k in names), strict=True)]
-        cache = self._keys
-        missing = list(dict.fromkeys(t for t in tuples if t not in cache))
+        cols = [columns[k] for k in names]
+        kinds = [set(map(type, c)) for c in cols]
+        if all(len(k) == 1 for k in kinds):  # one python type per column: the values alone key the cache
+            signature: tuple[Any, ...] = (names, *(k.pop() for k in kinds))
+            rows: Sequence[Any] = cols[0] if len(cols) == 1 else list(zip(*cols, strict=True))
+            values_of: Callable[[Any], tuple[Any, ...]] = (lambda v: (v,)) if len(cols) == 1 else tuple
+        else:  # typed per row: 1, 1.0 and True are equal dict keys but need not serialise alike
+            signature = (names, None)
+            rows = [(vs, tuple(map(type, vs))) for vs in zip(*cols, strict=True)]
+            values_of = operator.itemgetter(0)
+        cache = self._keys.setdefault(signature, {})
+        missing = [v for v in dict.fromkeys(rows) if v not in cache]
         if missing:
             if len(cache) + len(missing) > KEY_CACHE:
                 cache.clear()
-            values = zip(*(proto_values([t[1][j] for t in missing], vt) for j, (_k, vt) in enumerate(joins)),
+            values = zip(*(proto_values([values_of(v)[j] for v in missing], vt) for j, (_k, vt) in enumerate(joins)),
                          strict=True)
-            for t, vs in zip(missing, values, strict=True):
-                cache[t] = key_bytes(config, EntityKey(join_keys=list(names), entity_values=vs))
-        return [cache[t] for t in tuples]
+            for v, vs in zip(missing, values, strict=True):
+                cache[v] = key_bytes(config, EntityKey(join_keys=list(names), entity_values=vs))
+        return [cache[v] for v in rows]
 
     def read_matrix(self, config: RepoConfig, views: Sequence[tuple[FeatureView, Sequence[str]]],
                     keys: Sequence[bytes]) -> np.ndarray:

@@ -289,3 +289,22 @@ def test_materialize_incremental_never_replaces_fresher_values(tmp_path: Path):
     got = FeatureStore(repo_path=str(s.feature_repo_dir)).get_online_features(
         features=["user_clicks:clicks_5m"], entity_rows=[{"user_id": u} for u in users]).to_df()
     assert got["clicks_5m"].tolist() == want[users].tolist(), f"{differs} stream values were at stake"
+
+
+@given(st.lists(st.one_of(st.none(), st.floats(allow_nan=True), st.integers(-2**63, 2**63 - 1), st.booleans(),
+                          st.text(max_size=300)), max_size=30))
+def test_values_encode_as_protobuf_writes_them(values: list):
+    """The fast encoders write the bytes protobuf writes for each value type, numbers included (a column whose
+    python types the fast path does not take goes through protobuf)."""
+    from feast.protos.feast.types.Value_pb2 import RepeatedValue
+
+    from driftloop.features.online_stores import proto_values
+    from driftloop.features.value_encoding import encode_column, proto_numbers
+
+    for vt, kinds in ((ValueType.DOUBLE, (int, float)), (ValueType.INT64, (int,)), (ValueType.BOOL, (bool,)),
+                      (ValueType.STRING, (str,))):
+        col = [v for v in values if v is None or type(v) in kinds]
+        enc, nums = encode_column(col, vt, proto_values)
+        want = proto_values(col, vt)
+        assert b"".join(enc) == RepeatedValue(val=want).SerializeToString(), vt
+        np.testing.assert_array_equal(nums, proto_numbers(want))
