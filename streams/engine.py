@@ -36,7 +36,7 @@ State per entity (table key ``join_key=value``, the value as text)::
 ``l`` holds the label joins in progress (``outcome ts``/``value``: the earliest outcome seen;
 ``orphans``: ``[[offset, outcome record], ...]`` while the scored event has not arrived, at most
 ``UNMATCHED_HORIZON`` windows), ``f`` the ids whose label is final, so a late outcome is recognised. A final
-id is kept until the join watermark is two windows plus the outcome topic's lateness past its event: an
+id is kept at least until the join watermark is two windows plus the outcome topic's lateness past its event: an
 outcome that comes later is behind the watermark by more than the lateness (dead-lettered ``late``) or more
 than a window after the event it names (it could not have counted), and waits as unmatched. (Keeping them
 for many windows would make a busy entity's state record, rewritten each batch, grow with the traffic.) The
@@ -210,6 +210,7 @@ class FeatureEngine:
         self.loaded: set[tuple[str, int]] = set()  # topic-partitions whose saved watermark record was read
         self.limit: int | None = None  # the batch's clock + max_future_s: no event time (or watermark) beyond
         self.due: dict[tuple[str, int], list[tuple[int, str, str]]] = defaultdict(list)  # (model, p) → heap
+        self.waiting: set[str] = set()  # entities with outcomes whose scored event has not arrived (pruned)
 
     def entity_key(self, topic: str, row: dict[str, Any]) -> str:
         k = self.topics[topic].key
@@ -225,6 +226,7 @@ class FeatureEngine:
         self.ends.clear()
         self.loaded.clear()
         self.due.clear()
+        self.waiting.clear()
         for key, st in items:
             if key.startswith("_") or not st:
                 continue
@@ -236,6 +238,8 @@ class FeatureEngine:
                 for eid, e in joins.items():
                     if e[0] is not None:
                         self.due[(name, e[3])].append((e[0] + w, key, eid))
+                    else:
+                        self.waiting.add(key)
         for heap in self.due.values():
             heapq.heapify(heap)
 
@@ -418,7 +422,7 @@ class FeatureEngine:
             for m in self.scored_by.get(r.topic, ()):
                 self._scored(m, r, row, key, st)
             for m in self.outcome_of.get(r.topic, ()):
-                self._outcome(m, r, row, st, out)
+                self._outcome(m, r, row, key, st, out)
             for m in self.field_of.get(r.topic, ()):
                 self._field_label(m, r, row, key, out)
         for m in self.finalise_on.get(r.topic, ()):
@@ -440,7 +444,8 @@ class FeatureEngine:
             return  # a copy of an event in flight
         heapq.heappush(self.due[(m.name, r.partition)], (ts + self.window_us(m), key, eid))
 
-    def _outcome(self, m: ModelSpec, r: Record, row: dict[str, Any], st: dict[str, Any], out: BatchOutput) -> None:
+    def _outcome(self, m: ModelSpec, r: Record, row: dict[str, Any], key: str, st: dict[str, Any],
+                 out: BatchOutput) -> None:
         eid, ts = row[m.label.id_field], row["ts"]
         if eid in st.get("f", {}).get(m.name, ()):
             out.late_outcomes[m.name] += 1
@@ -458,6 +463,7 @@ class FeatureEngine:
         e = joins.get(eid)
         if e is None:  # the scored event has not arrived (yet)
             joins[eid] = [None, ts, value, r.partition, [[r.offset, row]]]
+            self.waiting.add(key)
             return
         if e[0] is None:
             e[4].append([r.offset, row])
@@ -532,15 +538,40 @@ class FeatureEngine:
 
     def _prune_joins(self, key: str, st: dict[str, Any], r: Record, get: StateGet, out: BatchOutput) -> None:
         """Forget final ids no outcome can count for any more; dead-letter outcomes whose scored event never
-        came."""
+        came. Final ids are forgotten in the order they became final, up to the first one still needed (one
+        behind it waits for a later prune: keeping an id longer changes nothing), so a prune reads only what it
+        removes; the joins are read only for entities with outcomes waiting (``waiting``)."""
         for part in ("l", "f"):
             for name in [n for n in st.get(part, {}) if n not in self.models or not st[part][n]]:
                 del st[part][name]
+        if key in self.waiting:
+            self._prune_unmatched(key, st, r, get, out)
+        for name, final in st.get("f", {}).items():
+            m = self.models[name]
+            wm = self._join_watermark(m, r.partition, get)
+            scored_wm = self._watermark((m.topic, r.partition), get)
+            if wm is not None and scored_wm is not None:  # a copy of a scored event comes by the scored topic's
+                wm = min(wm, scored_wm)  # clock: outcomes read far ahead must not forget it before the copy
+            if wm is not None:
+                horizon = wm - 2 * self.window_us(m) - self.lateness_us[m.label.topic]
+                stale = []
+                for eid, t in final.items():
+                    if t >= horizon:
+                        break
+                    stale.append(eid)
+                for eid in stale:
+                    del final[eid]
+
+    def _prune_unmatched(self, key: str, st: dict[str, Any], r: Record, get: StateGet, out: BatchOutput) -> None:
+        """Dead-letter the outcomes of ``key`` whose scored event did not come within ``UNMATCHED_HORIZON``
+        windows."""
         entity = key.split("=", 1)[1].encode()
+        left = False
         for name, joins in st.get("l", {}).items():
             m = self.models[name]
             wm = self._join_watermark(m, r.partition, get)
             if wm is None:
+                left = left or any(e[0] is None for e in joins.values())
                 continue
             horizon = wm - UNMATCHED_HORIZON * self.window_us(m)
             for eid in [i for i, e in joins.items() if e[0] is None and e[1] < horizon]:
@@ -557,16 +588,9 @@ class FeatureEngine:
                 first = min(e[4], key=lambda o: o[1]["ts"])[1]  # the earliest outcome left
                 e[1] = first["ts"]
                 e[2] = self._label_value(m, first[m.label.value_field]) if m.label.value_field else None
-        for name, final in st.get("f", {}).items():
-            m = self.models[name]
-            wm = self._join_watermark(m, r.partition, get)
-            scored_wm = self._watermark((m.topic, r.partition), get)
-            if wm is not None and scored_wm is not None:  # a copy of a scored event comes by the scored topic's
-                wm = min(wm, scored_wm)  # clock: outcomes read far ahead must not forget it before the copy
-            if wm is not None:
-                horizon = wm - 2 * self.window_us(m) - self.lateness_us[m.label.topic]
-                for eid in [i for i, t in final.items() if t < horizon]:
-                    del final[eid]
+            left = left or any(e[0] is None for e in joins.values())
+        if not left:
+            self.waiting.discard(key)
 
     # --- views added later --------------------------------------------------------------------------
 
