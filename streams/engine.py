@@ -211,6 +211,8 @@ class FeatureEngine:
         self.limit: int | None = None  # the batch's clock + max_future_s: no event time (or watermark) beyond
         self.due: dict[tuple[str, int], list[tuple[int, str, str]]] = defaultdict(list)  # (model, p) → heap
         self.waiting: set[str] = set()  # entities with outcomes whose scored event has not arrived (pruned)
+        self.newest: dict[tuple[str, str], tuple[int, dict[str, Any]]] = {}  # (entity, view) → the batch's
+        # last event time and values (the online row's values when that event is the entity's newest)
 
     def entity_key(self, topic: str, row: dict[str, Any]) -> str:
         k = self.topics[topic].key
@@ -251,6 +253,7 @@ class FeatureEngine:
         out = BatchOutput()
         now_us = now_us or time.time_ns() // 1000
         self.limit = None if self.max_future_us is None else now_us + self.max_future_us
+        self.newest.clear()
         cache: dict[str, dict[str, Any]] = {}
         accepted: list[Accepted] = []
         last: dict[tuple[str, int], Record] = {}  # the last record of each topic-partition
@@ -392,7 +395,9 @@ class FeatureEngine:
                         vst["t"] = ts
                     out.touched[key].add(view.name)
                     done.append(a)
-                    vals.append(windows.values(vst, view, ts_s))
+                    v = windows.values(vst, view, ts_s)
+                    vals.append(v)
+                    self.newest[(key, view.name)] = (ts, v)
                 if done:  # one append per column (created: distinct, in row order)
                     first = now_us + len(out.offline.get(view.name, {}).get("_offset", ()))
                     out.add_columns(view.name, {
@@ -642,12 +647,16 @@ class FeatureEngine:
             for name in names:
                 view = by_name[name]
                 vst = st["v"][name]
+                last = self.newest.get((key, name))  # the values after its last event, if that was its newest
+                online = last[1] if last is not None and last[0] == vst["t"] else \
+                    windows.values(vst, view, vst["t"] / 1e6)
                 out.online.setdefault(name, []).append(
-                    {view.entity_key: view.entity(entity), **windows.values(vst, view, vst["t"] / 1e6),
+                    {view.entity_key: view.entity(entity), **online,
                      "event_timestamp": vst["t"], "created": now_us})
                 wm = self._watermark((view.topic, r.partition), get)
                 if wm is not None:  # after the online value: an idle entity keeps its value at its last time
                     windows.prune(vst, view, wm / 1e6)
+        self.newest.clear()
 
     def _finish(self, cache: dict[str, dict[str, Any]], out: BatchOutput, get: StateGet, now_us: int) -> None:
         """Online rows at each updated entity's newest time; prune state behind the watermark."""
