@@ -244,6 +244,34 @@ def flush_or_raise(producer: Producer, timeout: float = 30.0) -> None:
 GROUP_MOVED_ON = {KafkaError.UNKNOWN_MEMBER_ID, KafkaError.ILLEGAL_GENERATION, KafkaError.REBALANCE_IN_PROGRESS}
 
 
+def _warn_moved_on(name: str, err: KafkaError) -> None:
+    log.warning("%s: commit refused, the consumer group moved on without this member (%s): the records since the "
+                "last commit will be consumed again", name, err.str())
+
+
+class CommitErrors:
+    """The ``on_commit`` callback of a consumer that also commits without waiting for the answer: a commit the
+    group refused, having moved on without this member, is a warning (as in ``commit_or_warn``); any other
+    failure is kept, and ``check()``, called by the consuming thread, raises it."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.error: KafkaException | None = None
+
+    def __call__(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        for e in [err, *(p.error for p in partitions or ())]:
+            if e is None or e.code() == KafkaError._NO_OFFSET:
+                continue
+            if e.code() in GROUP_MOVED_ON:
+                _warn_moved_on(self.name, e)
+            elif self.error is None:
+                self.error = KafkaException(e)
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
 def commit_or_warn(consumer: Consumer, name: str, **kwargs: Any) -> bool:
     """Commit synchronously (``Consumer.commit`` arguments); when the group moved on without this member, log
     it and return False: the records since the last commit are consumed again (at least once), and the
@@ -254,8 +282,7 @@ def commit_or_warn(consumer: Consumer, name: str, **kwargs: Any) -> bool:
         err = e.args[0] if e.args else None
         if not isinstance(err, KafkaError) or err.code() not in GROUP_MOVED_ON:
             raise
-        log.warning("%s: commit refused, the consumer group moved on without this member (%s): the records since "
-                    "the last commit will be consumed again", name, err.str())
+        _warn_moved_on(name, err)
         return False
     return True
 

@@ -12,8 +12,9 @@
   record tracked (``Deliveries``), so their failures never fail a batch nor hide behind one. A crash
   re-scores at most the records after the last commit and never loses one.
 * Batches are pipelined: batch N+1 is fetched, scored and serialised while N's records travel; then N is
-  acknowledged and committed (its own offsets), and N+1 is produced. A rebalance commits the batch in
-  flight before its partitions go (``on_revoke``).
+  acknowledged and committed (its own offsets; the loop does not wait for the broker's answer, a failure
+  raises on a later poll), and N+1 is produced. A rebalance commits the batch in flight before its
+  partitions go (``on_revoke``) and waits for the answer, as the close does.
 * Events that fail their topic's schema go to ``dlq`` (headers as the streams worker's, plus
   ``consumer: serving.<model>``).
 * Hot swap (``ModelSlot``): a ``models.promoted`` record naming the model (one control consumer for
@@ -49,6 +50,7 @@ from driftloop.core.deadletter import letter
 from driftloop.core.declarations import Declarations, ModelSpec
 from driftloop.core.events import Invalid, parse
 from driftloop.core.kafka import (
+    CommitErrors,
     Deliveries,
     LagReporter,
     commit_or_warn,
@@ -162,9 +164,11 @@ class ModelServer:
             if settings.serving_shadow else None
         self.slots = [s for s in (self.champion, self.challenger) if s is not None]
         self.topics = {t: settings.topic(t) for t in ("predictions", "predictions.shadow", "dlq")}
+        self.commits = CommitErrors(self.name)
         self.consumer = make_consumer(settings, f"{settings.topic_prefix}{self.name}", [spec.topic],
-                                      on_revoke=self._revoked)
+                                      on_revoke=self._revoked, on_commit=self.commits)
         self.in_flight: Batch | None = None  # produced, not yet acknowledged nor committed
+        self.unanswered: list[TopicPartition] | None = None  # the last offsets committed without waiting
         self.lag = LagReporter(self.consumer, "serving")
         self.refresh_requested = threading.Event()
         self.error: BaseException | None = None
@@ -203,8 +207,9 @@ class ModelServer:
                         slot.refresh()
                 for slot in self.slots:
                     slot.swap_if_ready()
+                self.commits.check()  # a commit that failed (answered during the poll) stops the worker
                 batch = self.score_batch(msgs) if msgs else None
-                self._settle()  # the previous batch: its acks travelled while this one was scored
+                self._settle(wait=False)  # the previous batch: its acks travelled while this one was scored
                 if batch is not None:
                     self._produce(batch)
                     self.in_flight = batch
@@ -227,20 +232,30 @@ class ModelServer:
         commit the group refuses, having moved on without this member, means the batch is scored again)."""
         self._settle()
 
-    def _settle(self) -> None:
+    def _settle(self, wait: bool = True) -> None:
         """Wait for the acks of the batch in flight (the only records on the producer), then commit its offsets:
-        never before, so nothing is lost; a failed record raises and stops the worker, uncommitted."""
+        never before, so nothing is lost; a failed record raises and stops the worker, uncommitted. The scoring
+        loop commits without waiting for the broker's answer (``wait=False``: a failure is reported by a later
+        poll, ``CommitErrors``); a rebalance and the close wait for it, and so for every commit before it (the
+        coordinator answers them in order), so the partitions' next owner starts after every settled batch."""
         batch, self.in_flight = self.in_flight, None
-        if batch is None:
-            return
-        t0 = time.perf_counter()
-        flush_or_raise(self.producer)
-        t1 = time.perf_counter()
-        commit_or_warn(self.consumer, self.name, offsets=batch.offsets)  # refused: re-scored (at least once)
-        log.debug("%s: batch of %d settled: acks %.3fs, commit %.3fs", self.name, len(batch.records), t1 - t0,
-                  time.perf_counter() - t1)
-        if batch.scored:
-            observe_many(PREDICTION_LATENCY.labels(model=self.spec.name), batch.latency)
+        t0 = t1 = time.perf_counter()
+        if batch is not None:
+            flush_or_raise(self.producer)
+            t1 = time.perf_counter()
+            if not wait:
+                self.consumer.commit(offsets=batch.offsets, asynchronous=True)
+                self.unanswered = batch.offsets
+        if wait:
+            offsets = batch.offsets if batch is not None else self.unanswered
+            if offsets:  # refused: re-scored (at least once)
+                commit_or_warn(self.consumer, self.name, offsets=offsets)
+            self.unanswered = None
+        if batch is not None:
+            log.debug("%s: batch of %d settled: acks %.3fs, commit %.3fs", self.name, len(batch.records), t1 - t0,
+                      time.perf_counter() - t1)
+            if batch.scored:
+                observe_many(PREDICTION_LATENCY.labels(model=self.spec.name), batch.latency)
 
     def _next_batch(self) -> list[Message]:
         """The records the consumer holds once one arrives (waiting up to ``serving_linger_s`` for it), at most

@@ -26,6 +26,7 @@ from driftloop.bench.model_fixtures import register_bad, register_good
 from driftloop.bench.serving import read_all, source_offsets
 from driftloop.core.contracts import Prediction, now_us
 from driftloop.core.kafka import (
+    CommitErrors,
     Deliveries,
     DeliveryError,
     commit_or_warn,
@@ -296,3 +297,18 @@ def test_a_commit_the_group_moved_on_from_is_a_warning_not_a_crash(code: int, ca
 def test_any_other_commit_failure_still_raises() -> None:
     with pytest.raises(KafkaException):
         commit_or_warn(_Refusing(KafkaError._TRANSPORT), "serving.x", offsets=[])
+
+
+def test_a_commit_answered_later_warns_when_the_group_moved_on_and_raises_otherwise(caplog) -> None:
+    """The serving loop commits without waiting (``CommitErrors`` is its consumer's ``on_commit``): a refusal
+    by a group that moved on is a warning, like ``commit_or_warn``'s; any other failure is kept until the
+    scoring thread checks, and raises there."""
+    errors = CommitErrors("serving.x")
+    errors(None, [])
+    errors(KafkaError(KafkaError._NO_OFFSET), [])
+    errors(KafkaError(KafkaError.UNKNOWN_MEMBER_ID), [])
+    errors.check()
+    assert "consumed again" in caplog.text
+    errors(KafkaError(KafkaError._TRANSPORT), [])
+    with pytest.raises(KafkaException):
+        errors.check()
