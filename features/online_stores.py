@@ -33,7 +33,6 @@ from __future__ import annotations
 import json
 import operator
 import sqlite3
-import struct
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -48,20 +47,16 @@ from feast.infra.online_stores.online_store import OnlineStore
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey
 from feast.protos.feast.types.Value_pb2 import RepeatedValue, Value
 from feast.repo_config import FeastConfigBaseModel
-from feast.type_map import PYTHON_SCALAR_VALUE_TYPE_TO_PROTO_VALUE, python_values_to_proto_values
 from feast.value_type import ValueType
 from pydantic import StrictStr
 
-from driftloop.features.value_encoding import encode_column, proto_numbers
+from driftloop.features.value_encoding import encode_rows, encode_values, proto_values
 
 Row = tuple[EntityKey, dict[str, Value], datetime, datetime | None]  # a row as Feast hands it to a store
 Fetched = tuple[str, bytes, int, str, bytes]  # view, entity key, event time µs, feature names, values blob
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 NO_CREATED = -1  # the created time of a row written without one: below every real created time
 SEP = "\x1f"  # between feature names
-# value types whose plain python values convert without Feast's per-value checks: the types allowed
-PLAIN = {ValueType.INT32: (int, float), ValueType.INT64: (int, float), ValueType.FLOAT: (int, float),
-         ValueType.DOUBLE: (int, float), ValueType.STRING: (str,), ValueType.BOOL: (bool,)}
 KEY_CACHE = 500_000  # serialised entity keys remembered by ``write_columns``
 
 
@@ -79,18 +74,6 @@ def to_us(ts: datetime) -> int:
 
 def from_us(us: int) -> datetime:
     return EPOCH + timedelta(microseconds=int(us))
-
-
-def proto_values(values: Sequence[Any], vt: ValueType) -> list[Value]:
-    """Feast's ``python_values_to_proto_values(values, vt)``, faster for a column of plain python scalars of
-    the type (``PLAIN``; None or NaN = null), which it converts with Feast's own conversion function; any
-    other column goes through Feast."""
-    kinds = PLAIN.get(vt)
-    if kinds is None or any(v is not None and type(v) not in kinds for v in values):
-        return python_values_to_proto_values(list(values), vt)
-    field, func, _types = PYTHON_SCALAR_VALUE_TYPE_TO_PROTO_VALUE[vt]
-    null = Value()
-    return [null if v is None or v != v else Value(**{field: func(v)}) for v in values]
 
 
 def feast_rows(view: FeatureView, columns: Mapping[str, Sequence[Any]], event_us: Sequence[int],
@@ -114,23 +97,7 @@ def _view_name(config: RepoConfig, view: FeatureView) -> str:
 
 def _encode(values: dict[str, Value]) -> tuple[str, bytes, bytes]:
     """Feature names, the values as a ``RepeatedValue``, the numeric values as little-endian float64."""
-    return (SEP.join(values), *_encode_values(list(values.values())))
-
-
-def _encode_values(vals: Sequence[Value]) -> tuple[bytes, bytes]:
-    """The values as a ``RepeatedValue`` and their numbers as little-endian float64 (NaN: not a number)."""
-    nums = proto_numbers(vals)
-    return RepeatedValue(val=vals).SerializeToString(), struct.pack(f"<{len(nums)}d", *nums)
-
-
-def _encode_columns(columns: list[list[Any]], types: list[ValueType], n: int) -> list[tuple[bytes, bytes]]:
-    """``_encode_values`` of each row of value columns (``n`` rows), encoded a column at a time."""
-    if not columns:
-        return [(b"", b"")] * n
-    cols = [encode_column(values, vt, proto_values) for values, vt in zip(columns, types, strict=True)]
-    blob, width = np.array([nums for _enc, nums in cols], dtype="<f8").T.tobytes(), 8 * len(cols)
-    return [(b"".join(elements), blob[i * width:(i + 1) * width])
-            for i, elements in enumerate(zip(*(enc for enc, _nums in cols), strict=True))]
+    return (SEP.join(values), *encode_values(list(values.values())))
 
 
 class MonotonicOnlineStore(OnlineStore):
@@ -221,7 +188,7 @@ class MonotonicOnlineStore(OnlineStore):
             return []
         pick = [i for i, _order in best.values()]
         names = SEP.join(f.name for f in table.features)
-        encoded = _encode_columns([[columns[f.name][i] for i in pick] for f in table.features],
+        encoded = encode_rows([[columns[f.name][i] for i in pick] for f in table.features],
                                   [f.dtype.to_value_type() for f in table.features], len(pick))
         rows = [(k, ts, created, names, *enc) for (k, (_i, (ts, created))), enc in zip(best.items(), encoded,
                                                                                          strict=True)]

@@ -1,10 +1,11 @@
-"""Feast ``Value`` columns serialised without building a protobuf message per value.
+"""Columns of python values as Feast ``Value`` protos, and serialised as the online stores keep them.
 
-The online stores keep each row's values as one serialised ``RepeatedValue`` (``repeated Value val = 1``),
-which is the concatenation of one element per value: tag ``0x0a``, the length, the ``Value`` bytes. For the
-value types stream features take (``FAST``: double, int64, bool, string) this module writes those bytes
-directly, as protobuf writes them (``tests/test_online_stores.py`` compares the two); a column of another
-type, or with a value of another python type, goes through Feast's conversion and protobuf.
+``proto_values`` is Feast's conversion, faster for plain scalars. The online stores keep each row's values as
+one serialised ``RepeatedValue`` (``repeated Value val = 1``), which is the concatenation of one element per
+value: tag ``0x0a``, the length, the ``Value`` bytes. For the value types stream features take (``FAST``:
+double, int64, bool, string) this module writes those bytes directly, as protobuf writes them
+(``tests/test_online_stores.py`` compares the two); a column of another type, or with a value of another
+python type, goes through ``proto_values`` and protobuf.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import struct
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from feast.protos.feast.types.Value_pb2 import Value
+import numpy as np
+from feast.protos.feast.types.Value_pb2 import RepeatedValue, Value
+from feast.type_map import PYTHON_SCALAR_VALUE_TYPE_TO_PROTO_VALUE, python_values_to_proto_values
 from feast.value_type import ValueType
 
 NUMERIC = frozenset({"int64_val", "int32_val", "double_val", "float_val", "bool_val"})
@@ -22,6 +25,21 @@ NULL = b"\x0a\x00"  # the element of an empty Value (Feast's null)
 _DOUBLE = b"\x0a\x09\x29"  # element tag, length 9, double_val (field 5, 64-bit)
 _pack_double = struct.Struct("<d").pack
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# value types whose plain python values convert without Feast's per-value checks: the types allowed
+PLAIN = {ValueType.INT32: (int, float), ValueType.INT64: (int, float), ValueType.FLOAT: (int, float),
+         ValueType.DOUBLE: (int, float), ValueType.STRING: (str,), ValueType.BOOL: (bool,)}
+
+
+def proto_values(values: Sequence[Any], vt: ValueType) -> list[Value]:
+    """Feast's ``python_values_to_proto_values(values, vt)``, faster for a column of plain python scalars of
+    the type (``PLAIN``; None or NaN = null), which it converts with Feast's own conversion function; any
+    other column goes through Feast."""
+    kinds = PLAIN.get(vt)
+    if kinds is None or any(v is not None and type(v) not in kinds for v in values):
+        return python_values_to_proto_values(list(values), vt)
+    field, func, _types = PYTHON_SCALAR_VALUE_TYPE_TO_PROTO_VALUE[vt]
+    null = Value()
+    return [null if v is None or v != v else Value(**{field: func(v)}) for v in values]
 
 
 def varint(n: int) -> bytes:
@@ -92,12 +110,26 @@ def proto_numbers(vals: Sequence[Value]) -> list[float]:
     return [float(getattr(v, k)) if (k := v.WhichOneof("val")) in NUMERIC else math.nan for v in vals]
 
 
-def encode_column(values: Sequence[Any], vt: ValueType,
-                  slow: Callable[[Sequence[Any], ValueType], list[Value]]) -> tuple[list[bytes], list[float]]:
-    """Each value's ``RepeatedValue`` element and its number (NaN where none); ``slow(values, vt)`` gives the
-    Values of a column the fast encoders do not take."""
+def encode_column(values: Sequence[Any], vt: ValueType) -> tuple[list[bytes], list[float]]:
+    """Each value's ``RepeatedValue`` element and its number (NaN where none)."""
     fast = FAST.get(vt)
     if fast is not None and all(v is None or type(v) in fast[0] for v in values):
         return fast[1](values)
-    vals = slow(values, vt)
+    vals = proto_values(values, vt)
     return [_element(v.SerializeToString()) for v in vals], proto_numbers(vals)
+
+
+def encode_values(vals: Sequence[Value]) -> tuple[bytes, bytes]:
+    """Values as a serialised ``RepeatedValue`` and their numbers as little-endian float64 (NaN: not a number)."""
+    nums = proto_numbers(vals)
+    return RepeatedValue(val=vals).SerializeToString(), struct.pack(f"<{len(nums)}d", *nums)
+
+
+def encode_rows(columns: list[list[Any]], types: list[ValueType], n: int) -> list[tuple[bytes, bytes]]:
+    """``encode_values`` of each row of value columns (``n`` rows), encoded a column at a time."""
+    if not columns:
+        return [(b"", b"")] * n
+    cols = [encode_column(values, vt) for values, vt in zip(columns, types, strict=True)]
+    blob, width = np.array([nums for _enc, nums in cols], dtype="<f8").T.tobytes(), 8 * len(cols)
+    return [(b"".join(elements), blob[i * width:(i + 1) * width])
+            for i, elements in enumerate(zip(*(enc for enc, _nums in cols), strict=True))]

@@ -298,13 +298,12 @@ def test_values_encode_as_protobuf_writes_them(values: list):
     python types the fast path does not take goes through protobuf)."""
     from feast.protos.feast.types.Value_pb2 import RepeatedValue
 
-    from driftloop.features.online_stores import proto_values
-    from driftloop.features.value_encoding import encode_column, proto_numbers
+    from driftloop.features.value_encoding import encode_column, proto_numbers, proto_values
 
     for vt, kinds in ((ValueType.DOUBLE, (int, float)), (ValueType.INT64, (int,)), (ValueType.BOOL, (bool,)),
                       (ValueType.STRING, (str,))):
         col = [v for v in values if v is None or type(v) in kinds]
-        enc, nums = encode_column(col, vt, proto_values)
+        enc, nums = encode_column(col, vt)
         want = proto_values(col, vt)
         assert b"".join(enc) == RepeatedValue(val=want).SerializeToString(), vt
         np.testing.assert_array_equal(nums, proto_numbers(want))
