@@ -8,7 +8,9 @@ validates, de-duplicates, aggregates and joins labels, and the batch's online ro
 restart) the batches since the last commit are committed: this app writes, in order, their Delta rows (in
 parallel, idempotent by source offsets), then the newest state record of each entity they touched
 (changelog), labels and dead letters, and flushes. Only then are their records acked, and Faust's commit
-loop commits acked offsets, so offsets never run ahead of durable writes. Committing several batches at once
+loop commits acked offsets, so offsets never run ahead of durable writes. A commit is written in the
+background while later batches are processed (its state records serialised when it is taken; one commit
+written at a time, in order). Committing several batches at once
 makes fewer, larger Delta commits and writes a busy entity's state record once, not once per batch. A batch
 or commit that fails stops the worker (the supervisor restarts it) rather than committing past it. When the
 declarations change, the worker finishes its batch, commits, stops and exits with ``RESTART_EXIT`` (the
@@ -284,10 +286,12 @@ def create_app(settings: Settings) -> faust.App:
     online = OnlineSink(store)
     seed_sink = OfflineSink(settings.offline_dir, app="seed")  # its own offsets: never hides a stream row
     pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sink")
+    online_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="online")  # never queued behind Delta
     fresh_assignment = True
 
-    batch_lock = asyncio.Lock()  # held while a batch or a commit is in flight
+    batch_lock = asyncio.Lock()  # held while a batch is processed or a commit is taken
     pending = Pending()  # batches computed, their online rows written, not committed yet
+    writing: list[asyncio.Task[None]] = []  # the commit being written (at most one: commits land in order)
 
     @app.on_partitions_revoked.connect
     async def _revoked(app: faust.App, revoked: Any, **kwargs: Any) -> None:
@@ -295,7 +299,7 @@ def create_app(settings: Settings) -> faust.App:
         # (state, changelog, ack), or recovery could read a changelog end from before its flush and
         # overwrite the newer state in memory with older records.
         async with batch_lock:
-            await _commit()
+            await _commit(wait=True)
 
     @app.on_partitions_assigned.connect
     async def _assigned(app: faust.App, assigned: Any, **kwargs: Any) -> None:
@@ -314,7 +318,7 @@ def create_app(settings: Settings) -> faust.App:
         try:
             async with batch_lock:
                 if fresh_assignment:
-                    await _commit()
+                    await _commit(wait=True)
                     parts = {tp.partition for tp in app.consumer.assignment() if tp.topic in source.topics}
                     n = await asyncio.get_running_loop().run_in_executor(None, _recover_tail, sorted(parts))
                     log.info("state: %d keys after recovery (%d changelog records re-read past the reported end)",
@@ -329,7 +333,7 @@ def create_app(settings: Settings) -> faust.App:
                     await _commit()
                 collector.batch_done()
                 if watch.changed():
-                    await _commit()
+                    await _commit(wait=True)
                     Restart.request()
         except Exception:
             log.exception("batch of %d records failed; stopping so nothing is committed past it", len(messages))
@@ -359,24 +363,47 @@ def create_app(settings: Settings) -> faust.App:
         pending.add(out, done)
         log.debug("batch %d records: engine %.3fs, online %.3fs", len(records), t1 - t0, t2 - t1)
 
-    async def _commit() -> None:
-        """Make the batches since the last commit durable, in order (module docstring), then ack them: Delta
-        rows, state records (serialised now: the newest value of each), dead letters and labels, a flush. A
-        failure stops the worker (from a batch, the timer or a rebalance alike): nothing is committed past it."""
-        if not pending.done:
-            return
+    async def _commit(wait: bool = False) -> None:
+        """Take the batches since the last commit and write them in the background while later batches are
+        processed: their state records are serialised now (the newest value of each, before a later batch
+        changes it), then, in order (module docstring), Delta rows, state records, dead letters and labels, a
+        flush, and only then their acks. One commit is written at a time, so they land in order. ``wait``:
+        return once every commit taken is acked (a rebalance, a restart). A failure stops the worker (from a
+        batch, the timer or a rebalance alike): nothing is committed past it."""
+        if writing:
+            await _settle()
+        if pending.done:
+            out, dones, n = pending.take()
+            try:
+                records = [(key, _state_record(key, value), r.partition) for key, (value, r) in out.states.items()]
+            except Exception:
+                log.exception("commit failed; stopping so nothing is committed past it")
+                os._exit(70)
+            writing.append(asyncio.ensure_future(_write_pending(out, records, dones, n)))
+        if wait:
+            await _settle()
+
+    async def _settle() -> None:
+        """Wait for the commit being written (acked once this returns)."""
+        while writing:
+            await writing[0]
+            writing.pop(0)
+
+    async def _write_pending(out: BatchOutput, records: list[tuple[str, bytes, int]], dones: list[Callable[[], None]],
+                             n: int) -> None:
         try:
-            await _write_pending(*pending.take())
+            await _write_committed(out, records, dones, n)
         except Exception:
             log.exception("commit failed; stopping so nothing is committed past it")
             os._exit(70)
 
-    async def _write_pending(out: BatchOutput, dones: list[Callable[[], None]], n: int) -> None:
+    async def _write_committed(out: BatchOutput, records: list[tuple[str, bytes, int]],
+                               dones: list[Callable[[], None]], n: int) -> None:
         t0 = time.perf_counter()
         await _write_stores(out, online=False)
         t1 = time.perf_counter()
-        for key, (value, r) in out.states.items():
-            _save(key, value, r.partition)
+        for key, raw, partition in records:
+            produce_raw(producer, changelog, orjson.dumps(key), raw, partition=partition % router.n)
         for r, reason, detail in out.dlq:
             headers = {"error": detail, "reason": reason, "source_topic": settings.topic(r.topic),
                        "partition": str(router.source_partition(r.partition)), "offset": str(r.offset)}
@@ -428,7 +455,7 @@ def create_app(settings: Settings) -> faust.App:
         idempotent, and nothing after it (state, offsets) happens until all succeeded."""
         loop, delay = asyncio.get_running_loop(), 0.5
         while True:
-            jobs = [("online", loop.run_in_executor(pool, _write_online, out))] if online else []
+            jobs = [("online", loop.run_in_executor(online_pool, _write_online, out))] if online else []
             for name, cols in out.offline.items() if offline else ():
                 sink = labels_sink if name == LABELS_TABLE else offline_sink
                 jobs.append(("offline", loop.run_in_executor(pool, sink.write, name, cols, out.offsets)))
@@ -441,8 +468,9 @@ def create_app(settings: Settings) -> faust.App:
                     stores[store].ok()
             if not failed:
                 return
-            offline_sink.reset()  # table handles and recorded offsets are read again
-            labels_sink.reset()
+            if "offline" in failed:  # (only a commit writes them: no write of theirs is in flight here)
+                offline_sink.reset()  # table handles and recorded offsets are read again
+                labels_sink.reset()
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)
 
@@ -456,6 +484,11 @@ def create_app(settings: Settings) -> faust.App:
     def _save(key: str, value: Any, partition: int) -> None:
         """A state record, in memory and on the changelog partition that owns it (flushed by the caller)."""
         state.data[key] = value
+        produce_raw(producer, changelog, orjson.dumps(key), _state_record(key, value), partition=partition % router.n)
+
+    def _state_record(key: str, value: Any) -> bytes:
+        """The changelog value of a state record (refused over the record limit, logged once over the warning
+        size)."""
         raw = orjson.dumps(value)
         if len(raw) > STATE_RECORD_WARN_BYTES and key not in large:
             large.add(key)
@@ -465,7 +498,7 @@ def create_app(settings: Settings) -> faust.App:
         if len(raw) > STATE_RECORD_MAX_BYTES:
             raise RuntimeError(f"state of {key} is {len(raw) / 2**20:.0f} MiB, over the changelog's "
                                f"{STATE_RECORD_MAX_BYTES / 2**20:.0f} MiB record limit")
-        produce_raw(producer, changelog, orjson.dumps(key), raw, partition=partition % router.n)
+        return raw
 
     def _seed_new_views(partitions: list[int]) -> None:
         """Views the state of these partitions does not cover yet start from their topics' bronze rows
@@ -534,7 +567,7 @@ def create_app(settings: Settings) -> faust.App:
         beat("streams")
         async with batch_lock:
             if watch.changed():
-                await _commit()
+                await _commit(wait=True)
                 Restart.request()
 
     @app.timer(interval=0.1)
