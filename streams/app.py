@@ -3,14 +3,15 @@ validates each record against its topic's schema, runs the Feast stream feature 
 and joins each model's labels.
 
 Per micro-batch (one fetch round, see ``faust_patches.route_batches``): the engine (``engine.py``)
-validates, de-duplicates, aggregates and joins labels, and the batch's online rows are written at once
-(monotonic: a replay never moves a value back). Every ``streams_commit_s`` (and before a rebalance or a
+validates, de-duplicates, aggregates and joins labels, and the batch's online rows are written at once, on
+their own thread while the next batch is computed (one batch's at a time, in order; monotonic: a replay never
+moves a value back). Every ``streams_commit_s`` (and before a rebalance or a
 restart) the batches since the last commit are committed: this app writes, in order, their Delta rows (in
 parallel, idempotent by source offsets), then the newest state record of each entity they touched
 (changelog), labels and dead letters, and flushes. Only then are their records acked, and Faust's commit
 loop commits acked offsets, so offsets never run ahead of durable writes. A commit is written in the
 background while later batches are processed (its state records serialised when it is taken; one commit
-written at a time, in order). Committing several batches at once
+written at a time, in order, each after its batches' online rows). Committing several batches at once
 makes fewer, larger Delta commits and writes a busy entity's state record once, not once per batch. A batch
 or commit that fails stops the worker (the supervisor restarts it) rather than committing past it. When the
 declarations change, the worker finishes its batch, commits, stops and exits with ``RESTART_EXIT`` (the
@@ -99,28 +100,31 @@ COMMIT_RECORDS = 100_000  # a commit comes sooner than streams_commit_s once thi
 
 class Pending:
     """The batches computed since the last commit: their output merged (rows, state records, dead letters,
-    labels) and the callbacks that ack their records."""
+    labels), the callbacks that ack their records and the online write of the last one (each batch's starts once
+    the one before it has landed, so it stands for them all)."""
 
     def __init__(self) -> None:
         self.out = BatchOutput()
         self.done: list[Callable[[], None]] = []
         self.records = 0
         self.since = 0.0
+        self.online: asyncio.Future[None] | None = None
 
-    def add(self, out: BatchOutput, done: Callable[[], None]) -> None:
+    def add(self, out: BatchOutput, done: Callable[[], None], online: asyncio.Future[None] | None = None) -> None:
         if not self.done:
             self.since = time.monotonic()
         self.out.merge(out)
         self.done.append(done)
         self.records += out.accepted + len(out.dlq) + out.skipped
+        self.online = online
 
     def due(self, every_s: float) -> bool:
         """Whether to commit now: the oldest batch waited ``every_s``, or the rows make a large Delta commit."""
         return bool(self.done) and (time.monotonic() - self.since >= every_s or self.records >= COMMIT_RECORDS)
 
-    def take(self) -> tuple[BatchOutput, list[Callable[[], None]], int]:
-        taken = self.out, self.done, self.records
-        self.out, self.done, self.records = BatchOutput(), [], 0
+    def take(self) -> tuple[BatchOutput, list[Callable[[], None]], int, asyncio.Future[None] | None]:
+        taken = self.out, self.done, self.records, self.online
+        self.out, self.done, self.records, self.online = BatchOutput(), [], 0, None
         return taken
 
 
@@ -292,6 +296,7 @@ def create_app(settings: Settings) -> faust.App:
     batch_lock = asyncio.Lock()  # held while a batch is processed or a commit is taken
     pending = Pending()  # batches computed, their online rows written, not committed yet
     writing: list[asyncio.Task[None]] = []  # the commit being written (at most one: commits land in order)
+    online_write: asyncio.Future[None] | None = None  # the last batch's online write (at most one in flight)
 
     @app.on_partitions_revoked.connect
     async def _revoked(app: faust.App, revoked: Any, **kwargs: Any) -> None:
@@ -340,6 +345,7 @@ def create_app(settings: Settings) -> faust.App:
             os._exit(70)
 
     async def _process_batch(messages: list[Any], done: Callable[[], None]) -> None:
+        nonlocal online_write
         BATCH_SIZE.labels(component="streams").observe(len(messages))
         assigned = app.consumer.assignment()
         records = router.records([m for m in messages if m.tp in assigned], _route)  # a record of a partition
@@ -356,12 +362,16 @@ def create_app(settings: Settings) -> faust.App:
             with contextlib.suppress(Exception):  # the end offset is unknown until the first fetch answer
                 CONSUMER_LAG.labels("streams", tp.topic, str(tp.partition)).set(
                     max(0, app.consumer.highwater(tp) - off - 1))
-        await _write_stores(out, offline=False)  # online now: freshness waits for no Delta commit
+        if online_write is not None:  # the last batch's online rows, written while this batch was computed
+            await online_write
         t2 = time.perf_counter()
+        # online now (freshness waits for no Delta commit), in order, while the next batch is computed
+        online_write = asyncio.ensure_future(_write_stores(out, offline=False))
         for key, (value, _r) in out.states.items():
             state.data[key] = value  # the next batch's engine reads it (a new entity's record is new here)
-        pending.add(out, done)
-        log.debug("batch %d records: engine %.3fs, online %.3fs", len(records), t1 - t0, t2 - t1)
+        pending.add(out, done, online_write)
+        log.debug("batch %d records: engine %.3fs, waited for the last online write %.3fs", len(records), t1 - t0,
+                  t2 - t1)
 
     async def _commit(wait: bool = False) -> None:
         """Take the batches since the last commit and write them in the background while later batches are
@@ -373,13 +383,13 @@ def create_app(settings: Settings) -> faust.App:
         if writing:
             await _settle()
         if pending.done:
-            out, dones, n = pending.take()
+            out, dones, n, online_done = pending.take()
             try:
                 records = [(key, _state_record(key, value), r.partition) for key, (value, r) in out.states.items()]
             except Exception:
                 log.exception("commit failed; stopping so nothing is committed past it")
                 os._exit(70)
-            writing.append(asyncio.ensure_future(_write_pending(out, records, dones, n)))
+            writing.append(asyncio.ensure_future(_write_pending(out, records, dones, n, online_done)))
         if wait:
             await _settle()
 
@@ -390,8 +400,10 @@ def create_app(settings: Settings) -> faust.App:
             writing.pop(0)
 
     async def _write_pending(out: BatchOutput, records: list[tuple[str, bytes, int]], dones: list[Callable[[], None]],
-                             n: int) -> None:
+                             n: int, online_done: asyncio.Future[None] | None) -> None:
         try:
+            if online_done is not None:  # its batches' online rows first (nothing is acked before them)
+                await online_done
             await _write_committed(out, records, dones, n)
         except Exception:
             log.exception("commit failed; stopping so nothing is committed past it")

@@ -406,14 +406,14 @@ class FeatureEngine:
                         "event_timestamp": [row["ts"] for _r, row, _k in done],
                         "created": list(range(first, first + len(done))), **_origins(done)})
 
-    @staticmethod
-    def _bronze(accepted: list[Accepted], out: BatchOutput, now_us: int) -> None:
+    def _bronze(self, accepted: list[Accepted], out: BatchOutput, now_us: int) -> None:
         by_topic: dict[str, list[Accepted]] = defaultdict(list)
         for a in accepted:
             by_topic[a[0].topic].append(a)
-        for topic, mine in by_topic.items():
+        for topic, mine in by_topic.items():  # columns in the declared order, whatever the records' key order
             out.add_columns(bronze_table(topic), {
-                **{k: [row[k] for _r, row, _k in mine] for k in mine[0][1]},
+                **{k: [row[k] for _r, row, _k in mine] for k in ("schema_version", "event_id", "ts",
+                                                                 *self.topics[topic].fields)},
                 "event_timestamp": [row["ts"] for _r, row, _k in mine], "ingested_at": [now_us] * len(mine),
                 **_origins(mine)})
 

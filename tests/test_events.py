@@ -1,14 +1,17 @@
 """Validation of declared events (core/events.py) against a topic's schema, and driftloop's own contracts."""
 
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from driftloop.core.contracts import TOPICS, Label, Prediction, RetrainRequest
 from driftloop.core.declarations import TopicSpec
-from driftloop.core.events import MAX_RECORD_BYTES, Invalid, parse
+from driftloop.core.events import MAX_RECORD_BYTES, Invalid, parse, parse_checked
 
 TRIP = TopicSpec(name="events.trips", key="courier_id", key_type="int", version=2,
                  fields={"courier_id": "int", "city": "string", "distance": "double", "express": "bool"})
@@ -115,3 +118,29 @@ def test_topic_table_matches_architecture():
                            "models.promoted", "models.rejected", "retrain.status", "dlq"}
     table = (Path(__file__).parents[1] / "docs" / "ARCHITECTURE.md").read_text()
     assert all(f"| `{t}` |" in table for t in TOPICS)
+
+
+_ANY = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.floats(allow_nan=False,
+                 allow_infinity=False), st.text(max_size=3), st.text(min_size=1020, max_size=1030),
+                 st.text(min_size=60, max_size=70), st.lists(st.integers(-5, 5), max_size=2))
+
+
+@given(st.fixed_dictionaries({}, optional={k: _ANY for k in ("schema_version", "event_id", "ts", *TRIP.fields,
+                                                                "extra")}),
+       st.sampled_from([{}, rec(), rec(schema_version=2.0)]))
+@settings(max_examples=300, deadline=None)
+def test_compiled_decoder_agrees_with_the_python_checks(fields, base):
+    """The fast path (a compiled decoder) gives what the Python checks give: the same row, or the same reason and
+    detail."""
+    value = orjson.dumps({**base, **fields})
+    try:
+        want: Any = parse_checked(value, TRIP)
+    except Invalid as e:
+        want = (e.reason, e.detail)
+    try:
+        got: Any = parse(value, TRIP)
+    except Invalid as e:
+        got = (e.reason, e.detail)
+    assert got == want
+    if isinstance(got, dict):
+        assert all(type(got[k]) is type(want[k]) for k in want)

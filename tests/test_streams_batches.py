@@ -56,7 +56,7 @@ def test_batches_merge_into_one_commit_with_the_newest_state_and_acks_held() -> 
     pending.add(_batch(5, ["a", "b"]), lambda: acked.append(5))
     pending.add(_batch(9, ["b", "c"]), lambda: acked.append(9))
     assert pending.due(0.0) and not pending.due(3600.0)
-    out, dones, n = pending.take()
+    out, dones, n, online = pending.take()
     assert out.offline["bronze_t"] == {"user": ["a", "b", "b", "c"], "_offset": [5, 5, 9, 9]}
     assert list(out.states) == ["user=a", "user=b", "user=c", f"{WATERMARK_PREFIX}t|0"]  # the watermark record
     # last: written after every entity record it vouches for, so a kill -9 between them loses no event
