@@ -120,12 +120,18 @@ def test_bad_models_are_refused_while_the_champion_serves(settings: Settings):
 def test_sigkill_mid_stream_loses_nothing(settings: Settings):
     s = _repo(settings)
     _champion(s)
-    backlog = [x for x in synthetic_events(60_000, users=2000, seed=5, start_us=now_us()) if x[0] == TOPIC]
-    publish(s, backlog)  # a backlog serving needs seconds for
+    backlog = [x for x in synthetic_events(120_000, users=2000, seed=5, start_us=now_us()) if x[0] == TOPIC]
+    publish(s, backlog)  # a backlog serving needs a second or more for
     child = Child("serving", settings_env(s), s.root / "serving.log")
-    child.start()
-    wait_for(lambda: len(_preds(s)) >= 3000, 120, every=0.2)
-    child.signal_group(signal.SIGKILL)
+    ends = Consumer(consumer_config(s, "test-ends"))  # the predictions' end offsets as the broker reports them:
+    parts = [TopicPartition(s.topic("predictions"), p) for p in range(s.partitions)]  # a cheap count (reading
+    try:  # every prediction at each poll took longer than serving takes for the whole backlog)
+        child.start()
+        wait_for(lambda: sum(ends.get_watermark_offsets(tp, timeout=10)[1] for tp in parts) >= 3000, 120,
+                 every=0.02)
+        child.signal_group(signal.SIGKILL)
+    finally:
+        ends.close()
     child.proc.wait()
     group = Consumer(consumer_config(s, f"{s.topic_prefix}serving.{MODEL}"))
     committed = {tp.partition: tp.offset for tp in group.committed(
