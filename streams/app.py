@@ -294,7 +294,7 @@ def create_app(settings: Settings) -> faust.App:
     fresh_assignment = True
 
     batch_lock = asyncio.Lock()  # held while a batch is processed or a commit is taken
-    pending = Pending()  # batches computed, their online rows written, not committed yet
+    pending = Pending()  # batches computed, their online rows written (the last one's maybe still), not committed
     writing: list[asyncio.Task[None]] = []  # the commit being written (at most one: commits land in order)
     online_write: asyncio.Future[None] | None = None  # the last batch's online write (at most one in flight)
 
