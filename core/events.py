@@ -15,13 +15,12 @@ difference: an undeclared field is skipped unread, so a number out of a double's
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 from typing import Annotated, Any, Literal, TypedDict
 
 import msgspec
 import orjson
 
-from driftloop.core.declarations import TopicSpec
+from driftloop.core.declarations import ENVELOPE, TopicSpec
 
 MAX_RECORD_BYTES = 64 * 1024
 
@@ -60,27 +59,27 @@ _FALLBACK = (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError)
 _DECODERS: dict[int, tuple[TopicSpec, msgspec.json.Decoder | None]] = {}  # id(topic) → (topic, its decoder)
 
 
+def columns(topic: TopicSpec) -> tuple[str, ...]:
+    """The names of a validated row, in the order the Python checks give them (the bronze table's order)."""
+    return ("schema_version", "event_id", "ts", *topic.fields)
+
+
 def _decoder(topic: TopicSpec) -> msgspec.json.Decoder | None:
-    """The topic's compiled decoder (made once per spec; None: a schema that redeclares the envelope takes the
-    Python path)."""
+    """The topic's compiled decoder, made once per spec (None: a spec that redeclares the envelope, which
+    ``parse_schema`` never makes, takes the Python path)."""
     known = _DECODERS.get(id(topic))
     if known is not None and known[0] is topic:
         return known[1]
     if len(_DECODERS) >= 1024:
         _DECODERS.clear()
-    decoder = _compile(topic.version, tuple(topic.fields.items()))
+    decoder = None
+    if not any(name in ENVELOPE for name in topic.fields):
+        decoder = msgspec.json.Decoder(TypedDict("Event", {  # type: ignore[misc]
+            "schema_version": Literal[topic.version],
+            "event_id": Annotated[str, msgspec.Meta(min_length=1, max_length=64)],
+            "ts": Annotated[int, msgspec.Meta(gt=0)], **{name: _TYPES[kind] for name, kind in topic.fields.items()}}))
     _DECODERS[id(topic)] = (topic, decoder)
     return decoder
-
-
-@lru_cache(maxsize=256)
-def _compile(version: int, fields: tuple[tuple[str, str], ...]) -> msgspec.json.Decoder | None:
-    if any(name in ("schema_version", "event_id", "ts") for name, _kind in fields):
-        return None
-    schema = TypedDict("Event", {  # type: ignore[misc]
-        "schema_version": Literal[version], "event_id": Annotated[str, msgspec.Meta(min_length=1, max_length=64)],
-        "ts": Annotated[int, msgspec.Meta(gt=0)], **{name: _TYPES[kind] for name, kind in fields}})
-    return msgspec.json.Decoder(schema)
 
 
 def parse(raw: bytes | None, topic: TopicSpec) -> dict[str, Any]:

@@ -76,7 +76,7 @@ from pydantic import ValidationError
 
 from driftloop.core.contracts import Label
 from driftloop.core.declarations import Declarations, ModelSpec, TopicSpec, bronze_table
-from driftloop.core.events import Invalid, parse
+from driftloop.core.events import Invalid, columns, parse
 from driftloop.features import windows
 from driftloop.features.windows import ViewSpec
 
@@ -412,8 +412,7 @@ class FeatureEngine:
             by_topic[a[0].topic].append(a)
         for topic, mine in by_topic.items():  # columns in the declared order, whatever the records' key order
             out.add_columns(bronze_table(topic), {
-                **{k: [row[k] for _r, row, _k in mine] for k in ("schema_version", "event_id", "ts",
-                                                                 *self.topics[topic].fields)},
+                **{k: [row[k] for _r, row, _k in mine] for k in columns(self.topics[topic])},
                 "event_timestamp": [row["ts"] for _r, row, _k in mine], "ingested_at": [now_us] * len(mine),
                 **_origins(mine)})
 

@@ -123,9 +123,11 @@ def test_sigkill_mid_stream_loses_nothing(settings: Settings):
     backlog = [x for x in synthetic_events(120_000, users=2000, seed=5, start_us=now_us()) if x[0] == TOPIC]
     publish(s, backlog)  # a backlog serving needs a second or more for
     child = Child("serving", settings_env(s), s.root / "serving.log")
-    ends = Consumer(consumer_config(s, "test-ends"))  # the predictions' end offsets as the broker reports them:
-    parts = [TopicPartition(s.topic("predictions"), p) for p in range(s.partitions)]  # a cheap count (reading
-    try:  # every prediction at each poll took longer than serving takes for the whole backlog)
+    # the kill waits on the predictions' end offsets as the broker reports them: a cheap count (reading every
+    # prediction at each poll took longer than serving takes for the whole backlog)
+    ends = Consumer(consumer_config(s, "test-ends"))
+    parts = [TopicPartition(s.topic("predictions"), p) for p in range(s.partitions)]
+    try:
         child.start()
         wait_for(lambda: sum(ends.get_watermark_offsets(tp, timeout=10)[1] for tp in parts) >= 3000, 120,
                  every=0.02)

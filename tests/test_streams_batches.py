@@ -64,6 +64,7 @@ def test_batches_merge_into_one_commit_with_the_newest_state_and_acks_held() -> 
         "user=a": 5, "user=b": 9, "user=c": 9}
     assert out.states[f"{WATERMARK_PREFIX}t|0"][0]["e"] == 9
     assert out.offsets == {("t", 0): 9} and len(out.dlq) == 2 and out.accepted == 4 and n == 6
+    assert online is None  # no online write was given with the batches
     assert acked == []  # acks wait for the commit
     for done in dones:
         done()
