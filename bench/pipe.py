@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 import uuid
 
-from driftloop.core.kafka import flush_or_raise, good_messages, make_consumer, make_producer, produce_raw
+from driftloop.core.kafka import flush_or_raise, good_messages, make_consumer, make_producer, produce_all
 from driftloop.core.settings import Settings
 from driftloop.core.topics import ensure_topics
 
@@ -38,8 +38,7 @@ def pipe_rate(settings: Settings, topics: list[str], expected: int, timeout: flo
                 continue
             if t0 is None:
                 t0 = time.perf_counter()
-            for m in msgs:
-                produce_raw(producer, target, m.key(), m.value())
+            produce_all(producer, [(target, m.key(), m.value(), None) for m in msgs])
             flush_or_raise(producer)
             consumer.commit(asynchronous=False)
             done += len(msgs)

@@ -191,6 +191,18 @@ def produce_raw(producer: Producer, topic: str, key: bytes | None, value: bytes 
             producer.poll(0.01)
 
 
+def produce_all(producer: Producer, records: Iterable[tuple[str, bytes | None, bytes | None,
+                                                           dict[str, str] | None]]) -> None:
+    """Produce (full topic, key, value, headers) records in order, waiting for queue room where needed (one
+    C call per record; ``produce_raw`` only for a record the full queue refused)."""
+    produce = producer.produce
+    for topic, key, value, headers in records:
+        try:
+            produce(topic, value, key, headers=headers)
+        except BufferError:
+            produce_raw(producer, topic, key, value, headers=headers)
+
+
 def good_messages(messages: list[Message]) -> list[Message]:
     """Drop partition-EOF markers; raise on real consumer errors."""
     out = []

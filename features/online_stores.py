@@ -30,6 +30,7 @@ views and entities is one ``SELECT``. Redis (a single server; no cluster): one h
 
 from __future__ import annotations
 
+import itertools
 import json
 import operator
 import sqlite3
@@ -54,6 +55,7 @@ from driftloop.features.value_encoding import encode_rows, encode_values, proto_
 
 Row = tuple[EntityKey, dict[str, Value], datetime, datetime | None]  # a row as Feast hands it to a store
 Fetched = tuple[str, bytes, int, str, bytes]  # view, entity key, event time µs, feature names, values blob
+_VIEW_NAMES = operator.itemgetter(0, 3)  # a fetched row's view and feature names
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 NO_CREATED = -1  # the created time of a row written without one: below every real created time
 SEP = "\x1f"  # between feature names
@@ -230,17 +232,16 @@ class MonotonicOnlineStore(OnlineStore):
         if not len(keys) or not offsets[-1]:
             return out
         names_of = {_view_name(config, v): (tuple(names), int(offsets[j])) for j, (v, names) in enumerate(views)}
-        pos = {k: i for i, k in enumerate(keys)}
-        groups: dict[tuple[str, str], tuple[list[int], list[bytes]]] = {}
-        for view, key, _ts, names, blob in self._fetch(config, list(names_of), keys, "nums"):
-            rows, blobs = groups.setdefault((view, names), ([], []))
-            rows.append(pos[key])
-            blobs.append(blob)
-        for (view, names), (rows, blobs) in groups.items():
+        pos = {k: i for i, k in enumerate(keys)}.__getitem__
+        fetched = list(self._fetch(config, list(names_of), keys, "nums"))
+        fetched.sort(key=_VIEW_NAMES)  # rows of one view written with the same names together (C loops per row)
+        for (view, names), group in itertools.groupby(fetched, _VIEW_NAMES):
             src, dst = self._plan(names, *names_of[view])
             if src:
+                _views, found, _ts, _names, blobs = zip(*group, strict=True)
+                rows = np.fromiter(map(pos, found), np.intp, len(found))
                 got = np.frombuffer(b"".join(blobs), "<f8").reshape(len(blobs), -1)
-                out[np.asarray(rows)[:, None], dst] = got[:, src]
+                out[rows[:, None], dst] = got[:, src]
         return out
 
     def _plan(self, stored: str, wanted: tuple[str, ...], offset: int) -> tuple[list[int], np.ndarray]:

@@ -32,6 +32,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import threading
@@ -41,6 +42,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import numpy as np
 import orjson
 from confluent_kafka import Consumer, Message, TopicPartition
@@ -48,7 +50,7 @@ from confluent_kafka import Consumer, Message, TopicPartition
 from driftloop.core.contracts import ModelRejected, Prediction
 from driftloop.core.deadletter import letter
 from driftloop.core.declarations import Declarations, ModelSpec
-from driftloop.core.events import Invalid, parse
+from driftloop.core.events import Invalid, parse_many
 from driftloop.core.kafka import (
     CommitErrors,
     Deliveries,
@@ -58,7 +60,7 @@ from driftloop.core.kafka import (
     good_messages,
     make_consumer,
     make_producer,
-    produce_raw,
+    produce_all,
 )
 from driftloop.core.metrics import BATCH_SIZE, DLQ, EVENTS_IN, PREDICTION_LATENCY, beat, serve_metrics
 from driftloop.core.settings import Settings
@@ -71,6 +73,7 @@ from driftloop.registry.versions import CHALLENGER, CHAMPION
 from driftloop.serving.model_slot import ModelSlot
 
 log = logging.getLogger(__name__)
+_ENCODER = msgspec.json.Encoder()
 
 
 def scores_of(task: str, out: np.ndarray) -> tuple[list[float], list[list[float]] | None]:
@@ -98,6 +101,18 @@ def observe_many(histogram: Any, values: np.ndarray) -> None:
     total.inc(float(values.sum()))
 
 
+@functools.lru_cache(maxsize=64)
+def _prediction_types(features: tuple[str, ...]) -> tuple[type[msgspec.Struct], type[msgspec.Struct]]:
+    """msgspec structs that encode as ``Prediction``'s JSON (same keys, same order) for a model's features, and
+    as its ``features`` (any names, through ``rename``): no dict is built per record."""
+    feats = msgspec.defstruct("Features", [(f"f{i}", float) for i in range(len(features))],
+                              rename={f"f{i}": name for i, name in enumerate(features)})
+    return msgspec.defstruct("PredictionRecord", [
+        ("schema_version", int), ("event_id", str), ("ts", int), ("key", str), ("model_name", str),
+        ("model_version", str), ("score", float), ("probabilities", list[float] | None), ("features", feats),
+        ("latency_s", float)]), feats
+
+
 def prediction_batch(spec: ModelSpec, scorer: Scorer, events: Sequence[dict[str, Any]], x: np.ndarray,
                      out: np.ndarray, now_s: float) -> tuple[list[bytes], list[bytes], np.ndarray]:
     """Keys, ``Prediction`` JSON values and latencies (s) of a batch, serialised straight from its arrays."""
@@ -105,11 +120,9 @@ def prediction_batch(spec: ModelSpec, scorer: Scorer, events: Sequence[dict[str,
     ts = np.fromiter((ev["ts"] for ev in events), np.float64, len(events))  # float(ts), as Python's ts / 1e6
     latency = np.maximum(now_s - ts / 1e6, 0.0)
     keys = [str(ev[spec.key]) for ev in events]
-    names, dumps, schema, model, version = (spec.features, orjson.dumps, Prediction.SCHEMA_VERSION, spec.name,
-                                            scorer.version)
-    values = [dumps({"schema_version": schema, "event_id": ev["event_id"], "ts": ev["ts"], "key": key,
-                     "model_name": model, "model_version": version, "score": score, "probabilities": p,
-                     "features": dict(zip(names, row, strict=True)), "latency_s": lat})
+    record, feats = _prediction_types(tuple(spec.features))
+    encode, schema, model, version = _ENCODER.encode, Prediction.SCHEMA_VERSION, spec.name, scorer.version
+    values = [encode(record(schema, ev["event_id"], ev["ts"], key, model, version, score, p, feats(*row), lat))
               for ev, key, score, p, row, lat in zip(events, keys, scores, probs or [None] * len(keys), x.tolist(),
                                                      latency.tolist(), strict=True)]
     return [k.encode() for k in keys], values, latency
@@ -274,11 +287,11 @@ class ModelServer:
         EVENTS_IN.labels(component="serving", topic=spec.topic).inc(len(msgs))
         batch = Batch(next_offsets(msgs))
         events = []
-        for m in msgs:
-            try:
-                events.append(parse(m.value(), self.schema))
-            except Invalid as e:
-                batch.records.append(self.dead_letter(m, e))
+        for m, row in zip(msgs, parse_many([m.value() for m in msgs], self.schema), strict=True):
+            if isinstance(row, Invalid):
+                batch.records.append(self.dead_letter(m, row))
+            else:
+                events.append(row)
         model, shadow = self.champion.current, self.challenger.current if self.challenger else None
         if model is not None and events:
             t0 = time.perf_counter()
@@ -302,8 +315,7 @@ class ModelServer:
         return batch
 
     def _produce(self, batch: Batch) -> None:
-        for topic, key, value, headers in batch.records:
-            produce_raw(self.producer, topic, key, value, headers=headers)
+        produce_all(self.producer, batch.records)
 
     def dead_letter(self, m: Message, e: Invalid) -> Out:
         """The dead letter of an invalid event: (topic, key, value, headers)."""

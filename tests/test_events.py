@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from driftloop.core.contracts import TOPICS, Label, Prediction, RetrainRequest
 from driftloop.core.declarations import TopicSpec
-from driftloop.core.events import MAX_RECORD_BYTES, Invalid, parse, parse_checked
+from driftloop.core.events import MAX_RECORD_BYTES, Invalid, parse, parse_checked, parse_many
 
 TRIP = TopicSpec(name="events.trips", key="courier_id", key_type="int", version=2,
                  fields={"courier_id": "int", "city": "string", "distance": "double", "express": "bool"})
@@ -144,3 +144,20 @@ def test_compiled_decoder_agrees_with_the_python_checks(fields, base):
     assert got == want
     if isinstance(got, dict):
         assert all(type(got[k]) is type(want[k]) for k in want)
+
+
+@given(st.lists(st.one_of(st.fixed_dictionaries({}, optional={k: _ANY for k in ("event_id", "ts", *TRIP.fields)})
+                          .map(lambda f: orjson.dumps({**rec(), **f})),
+                          st.sampled_from([None, b"", b"{", b"[1]", b" \n", b"\xff", b'{"a": 1} {"b": 2}',
+                                           b"x" * (MAX_RECORD_BYTES + 1)])), max_size=12))
+@settings(max_examples=200, deadline=None)
+def test_parse_many_is_parse_of_each(values):
+    """A batch parsed at once gives, record by record, what ``parse`` gives: the row, or the same reason and detail."""
+    def one(v: bytes | None) -> Any:
+        try:
+            return parse(v, TRIP)
+        except Invalid as e:
+            return (e.reason, e.detail)
+
+    assert [got if isinstance(got, dict) else (got.reason, got.detail)
+            for got in parse_many(values, TRIP)] == [one(v) for v in values]

@@ -192,6 +192,14 @@ def test_read_matrix_many_views_and_missing_entities(repo: Repo):
     b = pd.DataFrame({"user_id": users[100:250], "y": rng.normal(size=150), "event_timestamp": T0, "created": T0})
     repo.store.write_to_online_store("fa", a)
     repo.store.write_to_online_store("fb", b)
+    newer = pd.DataFrame({"user_id": users[:200:7], "x": rng.normal(size=29)})  # rows of fa with other names (as
+    repo.online.write(repo.config, repo.fa, [  # a view's features before a change): x only
+        (EntityKey(join_keys=["user_id"], entity_values=[Value(string_val=u)]), {"x": Value(double_val=v)},
+         T0 + timedelta(seconds=1), T0) for u, v in zip(newer.user_id, newer.x, strict=True)])
+    a = a.set_index("user_id")
+    a.loc[newer.user_id, ["n", "b"]] = np.nan
+    a.loc[newer.user_id, "x"] = newer.x.to_numpy()
+    a = a.reset_index()
     asked = [*users[::-1], "nobody"]  # every user, in another order, and one never written
     keys = [key_bytes(repo.config, EntityKey(join_keys=["user_id"], entity_values=[Value(string_val=u)]))
             for u in asked]

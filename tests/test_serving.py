@@ -214,6 +214,26 @@ def test_two_models_score_every_event_with_their_own_versions(settings: Settings
     assert all({"error", "source_topic", "partition", "offset"} <= {k for k, _ in m.headers()} for m in dlq)
 
 
+def test_prediction_json_is_the_contracts_whatever_the_feature_names():
+    """The records serving encodes (msgspec structs) are, byte for byte, orjson's encoding of ``Prediction``'s fields
+    in the contract's order, for feature names that are not identifiers."""
+    label = LabelSpec(kind="field", topic="labels.x", id_field="event_id", value_field="y")
+    names = ["a b", "class", "ünï", "x.y"]
+    spec = ModelSpec(name="m", task="binary", metric="log_loss", higher_is_better=False, topic="events.x", key="k",
+                     key_type="string", feature_service="s", features=names, label=label)
+    events = [{"event_id": f"e{i}", "ts": 1_000_000 + i, "k": f"u{i}"} for i in range(50)]
+    x = np.random.default_rng(0).normal(size=(50, 4)).astype(np.float32)
+    out = np.random.default_rng(1).random(50).astype(np.float32)
+    recs = prediction_records(spec, Scorer("m", "4", "run", names, "onnx", lambda v: v, "binary"), events, x, out,
+                              now_s=3.0)
+    for ev, row, score, (key, value, lat) in zip(events, x.tolist(), out.tolist(), recs, strict=True):
+        expected = {"schema_version": Prediction.SCHEMA_VERSION, "event_id": ev["event_id"], "ts": ev["ts"],
+                    "key": ev["k"], "model_name": "m", "model_version": "4", "score": score, "probabilities": None,
+                    "features": dict(zip(names, row, strict=True)), "latency_s": lat}
+        assert list(expected) == list(Prediction.model_fields) and key == ev["k"].encode()
+        assert value == orjson.dumps(expected)
+
+
 def test_prediction_records_per_task():
     label = LabelSpec(kind="field", topic="labels.x", id_field="event_id", value_field="y")
     events = [{"event_id": "e1", "ts": 1_000_000, "k": 7}, {"event_id": "e2", "ts": 2_000_000, "k": 8}]
