@@ -22,8 +22,9 @@
   the verified version replaces one reference between batches.
 * Shadow: with ``serving_shadow``, the model's ``challenger`` (when it is not the champion) scores the
   same vectors and its predictions go to ``predictions.shadow``.
-* Speed: a batch is parsed, read online and scored as arrays and its predictions serialised in one pass
-  (``prediction_batch``); its latencies go to the histogram in one update per bucket (``observe_many``).
+* Speed: a batch is parsed in one comprehension (``parse_many``), read online and scored as arrays, and its
+  predictions encoded from msgspec structs shaped like ``Prediction`` (``prediction_batch``: no dict per record);
+  its latencies go to the histogram in one update per bucket (``observe_many``).
   Objects alive once started are frozen out of the garbage collector (``gc.freeze``): a full collection
   over everything Feast, MLflow and ONNX Runtime loaded stalled a batch for ~0.6 s.
 * ``driftloop apply`` writing new declarations makes the worker finish its batches and exit with
