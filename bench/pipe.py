@@ -4,7 +4,8 @@ so their rates can be read as a share of it.
 
 One consumer in a group of its own reads the topics from the beginning; every record goes to one
 output topic through the same producer configuration the workers use; each batch is flushed and its
-offsets committed, as a worker commits only what is acknowledged.
+offsets committed, as a worker commits only what is acknowledged. ``pipe_rates`` takes it several times (a
+group of its own each) and gives the median and spread: on a shared machine one measurement can be off by half.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import time
 import uuid
 
+from driftloop.bench.common import spread
 from driftloop.core.kafka import flush_or_raise, good_messages, make_consumer, make_producer, produce_all
 from driftloop.core.settings import Settings
 from driftloop.core.topics import ensure_topics
@@ -45,3 +47,10 @@ def pipe_rate(settings: Settings, topics: list[str], expected: int, timeout: flo
         return done / max(time.perf_counter() - (t0 or 0.0), 1e-9)
     finally:
         consumer.close()
+
+
+def pipe_rates(settings: Settings, topics: list[str], expected: int, times: int = 3) -> dict[str, float]:
+    """``pipe_rate`` measured ``times`` times, one after another: median, min and max records/s."""
+    rates = [pipe_rate(settings, topics, expected) for _ in range(times)]
+    print("pipe: " + ", ".join(f"{r:,.0f}/s" for r in rates), flush=True)
+    return spread(rates)
