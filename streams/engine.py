@@ -64,7 +64,6 @@ from __future__ import annotations
 
 import heapq
 import logging
-import operator
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator
@@ -259,7 +258,6 @@ class FeatureEngine:
         accepted: list[Accepted] = []
         last: dict[tuple[str, int], Record] = {}  # the last record of each topic-partition
         last_ok: dict[tuple[str, int], Record] = {}  # the last record of each topic-partition not dead-lettered
-        okeys: dict[tuple[str, int], str] = {}  # topic-partition → its key in an entity's applied offsets (_o)
         for r in records:
             tp = (r.topic, r.partition)
             out.offsets[tp] = max(out.offsets.get(tp, -1), r.offset)
@@ -270,17 +268,13 @@ class FeatureEngine:
                 out.dlq.append((r, e.reason, e.detail))
                 continue
             ts = row["ts"]
-            name = self.topics[r.topic].key
-            text = f"{row[name]}"
-            key = f"{name}={text}"  # entity_key
-            if r.key is not None and r.key.decode(errors="replace") != text:
-                out.dlq.append((r, "key", f"record key {r.key[:100]!r} is not its {name} {text[:100]!r} (key "
-                                          f"records by the declared key)"))
+            key = self.entity_key(r.topic, row)
+            if r.key is not None and r.key.decode(errors="replace") != key[key.index("=") + 1:]:
+                out.dlq.append((r, "key", f"record key {r.key[:100]!r} is not its {key[:key.index('=')]} "
+                                          f"{key[key.index('=') + 1:][:100]!r} (key records by the declared key)"))
                 continue
             st = self._state(key, cache, get)
-            okey = okeys.get(tp)
-            if okey is None:
-                okey = okeys[tp] = f"{r.topic}:{r.partition}"
+            okey = f"{r.topic}:{r.partition}"
             wm = self._watermark(tp, get)
             replayed = r.offset <= self.ends.get(tp, -1)  # its batch's state and watermark are written
             if r.offset <= st["_o"].get(okey, -1):  # applied before a crash: it moved the watermark then too
@@ -417,10 +411,8 @@ class FeatureEngine:
         for a in accepted:
             by_topic[a[0].topic].append(a)
         for topic, mine in by_topic.items():  # columns in the declared order, whatever the records' key order
-            names = columns(self.topics[topic])  # the envelope's three at least: itemgetter gives tuples
-            rows = zip(*map(operator.itemgetter(*names), [row for _r, row, _k in mine]), strict=True)
             out.add_columns(bronze_table(topic), {
-                **{k: list(col) for k, col in zip(names, rows, strict=True)},
+                **{k: [row[k] for _r, row, _k in mine] for k in columns(self.topics[topic])},
                 "event_timestamp": [row["ts"] for _r, row, _k in mine], "ingested_at": [now_us] * len(mine),
                 **_origins(mine)})
 
@@ -439,8 +431,7 @@ class FeatureEngine:
                 self._field_label(m, r, row, key, out)
         for m in self.finalise_on.get(r.topic, ()):
             wm = self._watermark((m.label.topic, r.partition), get)
-            heap = self.due.get((m.name, r.partition))
-            if wm is not None and heap and heap[0][0] <= wm:  # (_finalise's first test, without its call)
+            if wm is not None:
                 self._finalise(m, r.partition, wm, r, cache, get, out)
 
     def _scored(self, m: ModelSpec, r: Record, row: dict[str, Any], key: str, st: dict[str, Any]) -> None:
