@@ -150,7 +150,10 @@ def _backlog(base: Settings, bootstrap: str, models: list[str], events: int, rat
         promote(s, producer, m, register_good(s, seed=1, model=m), reason="bench")
     users = 5000
     _fill(open_store(s), users, np.random.default_rng(2))  # every user of the backlog has online features
-    backlog = [(t, r) for t, r in synthetic_events(events, users=users, rate=rate, seed=3, start_us=now_us())
+    # stamped in the past: a prediction's time is its event time + latency, and the latency of an event
+    # stamped ahead of the scoring clock reads 0, which would put its prediction at its event time
+    start_us = now_us() - int(events / rate * 1e6) - 1_000_000
+    backlog = [(t, r) for t, r in synthetic_events(events, users=users, rate=rate, seed=3, start_us=start_us)
                if t == "events.impressions"]
     publish(s, backlog)
     return s, len(backlog)
