@@ -4,7 +4,8 @@ the tests. Both run the ads example (model ``ctr``, scored topic ``events.impres
 * serving: one serving process over a backlog of impressions whose users have online features
   (written to the online store first) → predictions/s including the feature lookup; then impressions
   at a fixed rate → p50/p99 event → prediction latency; its RSS. The same with the int8 copy of the
-  model (``int8_tolerance``), side by side; the pipe rate over the same backlog (median of 3); then the
+  model (``int8_tolerance``), side by side; the pipe rate over the same backlog (median of 3) and the pipe
+  latency at the same rate (records stamped, produced and consumed with no work: the broker's floor); then the
   backlog with three models declared on the topic (``ctr`` and two copies) → predictions/s of all three.
 * swap: impressions at a fixed rate while the champion alias moves ``--swaps`` times; afterwards every
   prediction is re-scored by the version it names, for the feature vector it carries.
@@ -27,7 +28,7 @@ from driftloop.app.producer import load_generator, produce, publish
 from driftloop.bench.common import broker, isolated, report, rss_mb, running
 from driftloop.bench.model_fixtures import register_good
 from driftloop.bench.online import _fill
-from driftloop.bench.pipe import pipe_rates
+from driftloop.bench.pipe import pipe_latency, pipe_rates
 from driftloop.core.contracts import now_us
 from driftloop.core.declarations import Declarations
 from driftloop.core.kafka import consumer_config, good_messages, make_producer
@@ -205,6 +206,8 @@ def run_serving(base: Settings, events: int = 100_000, rate: float = 10000.0, se
         print("pipe: the same backlog consumed and produced back with no work", flush=True)
         pipes = pipe_rates(s, [Declarations.load(s.declarations_file).model(MODEL).topic], fp32["events"])
         pipe = pipes["median"]
+        print(f"pipe latency: records stamped and produced at {rate:,.0f}/s, consumed with no work", flush=True)
+        floor = pipe_latency(s, rate, seconds)
         over = {"model_overrides": {MODEL: {"int8_tolerance": int8_tolerance}}}
         int8 = _one_model(base, bootstrap, events, rate, seconds, "int8", **over)
         int8.pop("settings")
@@ -215,9 +218,12 @@ def run_serving(base: Settings, events: int = 100_000, rate: float = 10000.0, se
     print(f"fp32 {fp32['predictions_per_s']:,.0f}/s = {fp32['predictions_per_s'] / pipe:.0%} of the pipe rate "
           f"{pipe:,.0f}/s (median of 3, {pipes['min']:,.0f}-{pipes['max']:,.0f}); "
           f"int8 {int8['predictions_per_s']:,.0f}/s; 3 models {throughput3:,.0f}/s", flush=True)
+    print(f"fp32 latency p99 {fp32['p99_latency_s']} s against the pipe's {floor['p99']} s at {rate:,.0f}/s "
+          "(the broker and clients alone)", flush=True)
     result = {**{k: v for k, v in fp32.items() if k != "events"}, "rate": rate,
               "pipe_events_per_s": round(pipe), "pipe_events_per_s_min": round(pipes["min"]),
               "pipe_events_per_s_max": round(pipes["max"]), "pipe_share": round(fp32["predictions_per_s"] / pipe, 3),
+              "pipe_p50_latency_s": floor["p50"], "pipe_p99_latency_s": floor["p99"],
               "int8": {k: v for k, v in int8.items() if k != "events"}, "int8_tolerance": int8_tolerance,
               "predictions_per_s_3_models": round(throughput3, 1), "backlog_predictions_3_models": n_preds3}
     report(result)
