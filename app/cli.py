@@ -370,6 +370,10 @@ def cmd_bench(a: argparse.Namespace, s: Settings) -> int:
 
         run(s, events=a.events, rate=a.rate, fresh_s=a.fresh_seconds, baseline_events=a.baseline_events,
             repeats=a.repeats)
+    elif a.what == "engine":
+        from driftloop.bench.engine import run as run_engine
+
+        run_engine(s, events=a.events, batch=a.batch, repeats=a.repeats)
     elif a.what == "serving":
         from driftloop.bench.serving import run_serving
 
@@ -516,6 +520,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--fresh-seconds", type=float, default=20.0)
     st.add_argument("--baseline-events", type=int, default=5000)
     st.add_argument("--repeats", type=int, default=3, help="backlogs drained, each by a fresh worker (median)")
+    en = bs.add_parser("engine", help="the streams feature engine alone, in process (no broker, no stores)")
+    en.add_argument("--events", type=int, default=100_000, help="scored events in the backlog (+20%% outcomes)")
+    en.add_argument("--batch", type=int, default=20_000, help="records per micro-batch")
+    en.add_argument("--repeats", type=int, default=3, help="fresh engines over the backlog (median)")
     sv = bs.add_parser("serving", help="serving throughput with feature lookup, and latency at a fixed rate")
     sv.add_argument("--events", type=int, default=100_000, help="scored events in the backlog (+20%% outcomes)")
     sv.add_argument("--rate", type=float, default=10000.0, help="scored events/s for the latency phase")
