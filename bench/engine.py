@@ -3,9 +3,9 @@ and no stores: the backlog ``driftloop bench streams`` drains (the example's 3 s
 label join), cut into the worker's micro-batches, each batch's state records kept for the next as the worker
 keeps them. Events/s and µs per event, median of ``repeats`` fresh engines.
 
-The streams worker's rate is bounded by this one core of Python per record; the figure moves with engine
-changes alone, not with the broker's or the machine's other load as the end-to-end bench does, so an engine
-change is measured here and confirmed there.
+The streams worker's rate is bounded by this one core of Python per record; with no broker or store in the
+way the figure moves far less than the end-to-end bench's, so an engine change is measured here (against runs
+taken right before it: the machine's speed still moves it) and confirmed there.
 """
 
 from __future__ import annotations
