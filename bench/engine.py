@@ -17,7 +17,6 @@ from collections import defaultdict
 from typing import Any
 
 import orjson
-from aiokafka.partitioner import murmur2
 
 from driftloop.bench.common import report, spread
 from driftloop.bench.streams import backlog_events
@@ -25,17 +24,18 @@ from driftloop.core.declarations import Declarations
 from driftloop.core.settings import Settings
 from driftloop.features import windows
 from driftloop.features.repo import apply
+from driftloop.streams.app import Router
 from driftloop.streams.engine import FeatureEngine, Record
 
 
-def records(events: list[tuple[str, dict]], decls: Declarations, partitions: int) -> list[Record]:
-    """The events as the worker's engine sees them: keyed by their topic's key, on murmur2's partition, with
-    offsets per topic-partition in send order."""
+def records(events: list[tuple[str, dict]], decls: Declarations, router: Router) -> list[Record]:
+    """The events as the worker's engine sees them: keyed by their topic's key, on the partition the worker's
+    router gives that key, with offsets per topic-partition in send order."""
     offsets: dict[tuple[str, int], int] = defaultdict(lambda: -1)
     out = []
     for topic, rec in events:
         key = str(rec[decls.topics[topic].key]).encode()
-        p = (murmur2(key) & 0x7FFFFFFF) % partitions
+        p = router.partition(key)
         offsets[(topic, p)] += 1
         out.append(Record(topic, p, offsets[(topic, p)], key, orjson.dumps(rec)))
     return out
@@ -60,7 +60,7 @@ def run(base: Settings, events: int = 100_000, batch: int = 20_000, repeats: int
     s = Settings(**{**base.model_dump(), "data_dir": base.root / "bench" / f"engine-{uuid.uuid4().hex[:6]}"})
     store, _plan, decls = apply(s)
     views = windows.specs_from_feast(store.list_stream_feature_views())
-    recs = records(backlog_events(events, seed=1), decls, s.partitions)
+    recs = records(backlog_events(events, seed=1), decls, Router(s, decls))
     print(f"{len(recs):,} events ({len(views)} views, models {', '.join(decls.models)}), batches of {batch:,}",
           flush=True)
     rates = []

@@ -76,7 +76,7 @@ def pipe_latency(settings: Settings, rate: float, seconds: float, join_timeout: 
             raise TimeoutError(f"pipe latency: no partitions assigned within {join_timeout:.0f}s")
         consumer.poll(0.1)
     full, sent = settings.topic(topic), [0]
-    failed: list[BaseException] = []
+    failed: list[Exception] = []
 
     def produce() -> None:
         producer, start = make_producer(settings), time.monotonic()
@@ -88,7 +88,7 @@ def pipe_latency(settings: Settings, rate: float, seconds: float, join_timeout: 
                 producer.poll(0)
                 time.sleep(0.02)
             flush_or_raise(producer)
-        except BaseException as e:  # noqa: BLE001 - re-raised by the caller
+        except Exception as e:  # re-raised by the caller
             failed.append(e)
 
     thread = threading.Thread(target=produce, name="pipe-latency", daemon=True)
