@@ -82,7 +82,7 @@ from driftloop.features import windows
 from driftloop.features.online_write import OnlineSink
 from driftloop.features.repo import declarations, open_store
 from driftloop.streams import faust_patches, seed
-from driftloop.streams.engine import LABELS_TABLE, WATERMARK_PREFIX, BatchOutput, FeatureEngine, Record
+from driftloop.streams.engine import LABELS_TABLE, BatchOutput, FeatureEngine, Record
 from driftloop.streams.sinks import LabelSink, OfflineSink
 
 log = logging.getLogger(__name__)
@@ -330,7 +330,8 @@ def create_app(settings: Settings) -> faust.App:
                              len(state.data), n)
                     engine.reset(state.data.items())
                     offline_sink.reset()
-                    await asyncio.get_running_loop().run_in_executor(None, labels_sink.reset, _label_ends(parts))
+                    floors = engine.label_floors(_owned(sorted(parts)), state.data.get)
+                    await asyncio.get_running_loop().run_in_executor(None, labels_sink.reset, floors)
                     await asyncio.get_running_loop().run_in_executor(None, _seed_new_views, sorted(parts))
                     fresh_assignment = False
                 await _process_batch(messages, done)
@@ -452,11 +453,11 @@ def create_app(settings: Settings) -> faust.App:
                 return False
         return True
 
-    def _label_ends(partitions: list[int]) -> dict[tuple[str, int], int]:
-        """The last offset the saved state vouches for, per label topic and (virtual) partition it owns."""
+    def _owned(partitions: list[int]) -> list[int]:
+        """The engine's partitions of these source partitions: each one and the virtual ones of its routed
+        copies."""
         n = router.n
-        return {(t, vp): (state.data.get(f"{WATERMARK_PREFIX}{t}|{vp}") or {}).get("e", -1)
-                for t in engine.label_topics for q in partitions for vp in (q, *(n * (1 + p) + q for p in range(n)))}
+        return [vp for q in partitions for vp in (q, *(n * (1 + p) + q for p in range(n)))]
 
     stores = {store: StoreHealth("streams", store, f"{store} store write failed (retrying; no offset is committed "
                                                    "until it succeeds)", f"{store} store writes succeed again", log)

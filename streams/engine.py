@@ -57,7 +57,8 @@ A label row in Delta carries the origin of the record that made it final (the ou
 watermark, the scored event itself, the batch's last record for a close by the scored topic's watermark, or
 the field record). A replay can close the same join on another record (other batch cuts, another interleaving
 of the two topics), so the labels sink is idempotent by (model, event id), not by that origin
-(``sinks.LabelSink``).
+(``sinks.LabelSink``): after a restart it reads back the rows this engine could emit again
+(``label_floors``).
 """
 
 from __future__ import annotations
@@ -213,6 +214,7 @@ class FeatureEngine:
         self.waiting: set[str] = set()  # entities with outcomes whose scored event has not arrived (pruned)
         self.newest: dict[tuple[str, str], tuple[int, dict[str, Any]]] = {}  # (entity, view) → the batch's
         # last event time and values (the online row's values when that event is the entity's newest)
+        self.open_since: dict[str, int] = {}  # model → the earliest scored time of a join open in the reset state
 
     def entity_key(self, topic: str, row: dict[str, Any]) -> str:
         k = self.topics[topic].key
@@ -229,6 +231,7 @@ class FeatureEngine:
         self.loaded.clear()
         self.due.clear()
         self.waiting.clear()
+        self.open_since.clear()
         for key, st in items:
             if key.startswith("_") or not st:
                 continue
@@ -240,10 +243,32 @@ class FeatureEngine:
                 for eid, e in joins.items():
                     if e[0] is not None:
                         self.due[(name, e[3])].append((e[0] + w, key, eid))
+                        self.open_since[name] = min(e[0], self.open_since.get(name, e[0]))
                     else:
                         self.waiting.add(key)
         for heap in self.due.values():
             heapq.heapify(heap)
+
+    def label_floors(self, partitions: Iterable[int], get: StateGet, now_us: int | None = None
+                     ) -> dict[tuple[str, int], int | None]:
+        """The earliest event time of a label this engine can still emit, per (model, partition) of
+        ``partitions`` (None: any), from the state given to ``reset``. A label is emitted again only if its
+        join is open in that state (``open_since``) or its record is applied again: the scored event (a field
+        label's record), whose time is at most its topic's lateness behind the saved watermark of its
+        topic-partition (none saved: any time)."""
+        now_us = now_us or time.time_ns() // 1000
+        floors: dict[tuple[str, int], int | None] = {}
+        for name, m in self.models.items():
+            topic = m.label.topic if m.label.kind == "field" else m.topic
+            for p in partitions:
+                wm = (get(f"{WATERMARK_PREFIX}{topic}|{p}") or {}).get("wm")
+                if wm is None:
+                    floors[(name, p)] = None
+                    continue
+                if self.max_future_us is not None:  # the watermark read is clamped to the clock's bound
+                    wm = min(wm, now_us + self.max_future_us)
+                floors[(name, p)] = min(wm - self.lateness_us[topic], self.open_since.get(name, wm))
+        return floors
 
     def process(self, records: list[Record], get: StateGet, now_us: int | None = None,
                 caught_up: CaughtUp | None = None) -> BatchOutput:

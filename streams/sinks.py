@@ -93,39 +93,37 @@ class LabelSink(OfflineSink):
     """The ``labels`` table, idempotent by (model, scored event id) rather than by origin offsets.
 
     A label row's origin is the record that made it final, and a replay can close the same join on another
-    record (another batch cut, or the scored and outcome topics fetched in another interleaving), possibly one
-    at or below offsets already recorded: an offset check would drop a label that was never written. Instead,
-    ``reset(ends)`` reads back the labels of batches whose state never became durable: rows whose origin is
-    above the last offset the saved state vouches for (``ends``, the engine's ``_wm`` records) and at most
-    the offset this sink recorded for that topic-partition. A replay that makes one of them final again skips
-    its row; any other label is new (its join was open in the durable state)."""
+    record (another batch cut, or the scored and outcome topics fetched in another interleaving), so neither
+    the origin nor the offsets a saved state covers say whether a row was written: a run that fetched the
+    outcomes first closes a join on its scored event and writes the row, a kill -9 loses its state, and the
+    next run saves a state with that join still open at a later offset. ``reset(floors)`` reads back the
+    (model, event id) of every row at or after the earliest event time the recovered engine can still emit a
+    label for (``FeatureEngine.label_floors``, per model and partition); a join that closes on one of them
+    again skips its row. Any other label is new."""
 
     def __init__(self, root: Path, app: str, table: str = "labels"):
         super().__init__(root, app)
         self.table = table
-        self.written: set[tuple[str, str]] = set()  # (model, event id) written by a batch lost in a crash
+        self.written: set[tuple[str, str]] = set()  # (model, event id) of rows a join may close again on
 
-    def reset(self, ends: dict[tuple[str, int], int] | None = None) -> None:
-        """After an assignment (``ends``: what the recovered state vouches for); without ``ends`` only the
-        cached table handles are dropped (a retry after a failed write)."""
+    def reset(self, floors: dict[tuple[str, int], int | None] | None = None) -> None:
+        """After an assignment (``floors``: (model, partition) → earliest event time, None for any); without
+        ``floors`` only the cached table handles are dropped (a retry after a failed write)."""
         super().reset()
-        if ends is None:
+        if floors is None:
             return
         self.written = set()
         dt = delta.open_table(self.root / self.table)
-        if dt is None or not ends:
-            return
-        ranges = [(t, p, e, v) for (t, p), e in ends.items()
-                  if (v := dt.transaction_version(self.txn_id(t, p))) is not None and v > e]
-        if not ranges:
+        if dt is None or not floors:
             return
         f = ds.field
-        where = reduce(operator.or_, [(f("_topic") == t) & (f("_partition") == p) & (f("_offset") > e)
-                                      & (f("_offset") <= v) for t, p, e, v in ranges])
+        where = reduce(operator.or_, [(f("model_name") == m) & (f("_partition") == p)
+                                      & (f("ts") >= lo if lo is not None else ds.scalar(True))
+                                      for (m, p), lo in floors.items()])
         got = dt.to_pyarrow_dataset().to_table(columns=["model_name", "event_id"], filter=where)
         self.written = set(zip(got["model_name"].to_pylist(), got["event_id"].to_pylist(), strict=True))
-        log.info("labels: %d rows written by batches lost in a crash (%s); their joins close again without a "
-                 "second row", len(self.written), ", ".join(f"{t}[{p}] {e + 1}..{v}" for t, p, e, v in ranges))
+        log.info("labels: %d rows already written whose joins may close again: they get no second row",
+                 len(self.written))
 
     def _fresh(self, cols: dict[str, list[Any]], ids: dict[str, int], done: dict[str, int]
                ) -> tuple[dict[str, list[Any]], dict[str, int]]:

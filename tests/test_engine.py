@@ -6,7 +6,7 @@ partly lost) followed by a replay of records already applied.
 
 The app's sinks are emulated as the app writes them: Delta tables keep a row only above the offsets recorded
 for its table (``OfflineSink``), the labels table a row unless a batch lost in the crash wrote its label
-(``LabelSink``: origin above the saved state's batch end, at most the recorded offset), the online store
+(``LabelSink``: at or after the restarted engine's label floor of its model and partition), the online store
 keeps the last row written per entity, the state table is a dict written after each batch (after a crash: a
 prefix of each changelog partition's records)."""
 
@@ -140,10 +140,9 @@ class Worker:
     def restart(self) -> None:
         self.engine = FeatureEngine(self.views, self.decls, max_future_s=BOUND_S)
         self.engine.reset(self.state.items())
-        done = self.done["labels"]
+        floors = self.engine.label_floors((0, 1), self.get, now_us=NOW)
         self.lost_labels = {(r["model_name"], r["event_id"]) for r in self.rows["labels"]
-                            if (self.state.get(f"_wm|{r['_topic']}|{r['_partition']}") or {}).get("e", -1)
-                            < r["_offset"] <= done.get((r["_topic"], r["_partition"]), -1)}
+                            if (lo := floors.get((r["model_name"], r["_partition"]), -1)) is None or r["ts"] >= lo}
 
     def get(self, key: str) -> dict[str, Any] | None:
         return copy.deepcopy(self.state.get(key))
